@@ -1,0 +1,124 @@
+//! The validated configuration: what the running daemon uses.
+//!
+//! Produced only by [`super::load`] (raw TOML → merged → validated), so every value here
+//! has already been checked: addresses parsed, zones normalised, upstream lists non-empty
+//! where they must be, durations positive.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Transport used towards an upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// UDP with retry over TCP when the answer is truncated.
+    Udp,
+    /// Persistent, pipelined TCP connections (RFC 7766).
+    Tcp,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub listen: Listen,
+    pub cluster: Cluster,
+    pub upstream: Upstream,
+    pub stubs: Vec<Stub>,
+    pub cache: Cache,
+    pub network: Network,
+    pub metrics: Metrics,
+    /// Files the config was read from, in merge order; empty for the embedded default.
+    pub sources: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Listen {
+    /// Addresses served on UDP and TCP; never empty.
+    pub addresses: Vec<IpAddr>,
+    pub port: u16,
+    /// UDP receive threads per address; 0 means one per CPU.
+    pub udp_threads: usize,
+    /// Receive buffer asked for each UDP socket, bytes.
+    pub udp_recv_buffer: usize,
+    /// A TCP client connection idle this long is closed (RFC 7766).
+    pub tcp_idle_timeout: Duration,
+    /// At most this many client TCP connections at once; more are refused.
+    pub tcp_max_connections: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cluster {
+    /// Cluster domain, lower case, no trailing dot, e.g. "cluster.local".
+    pub domain: String,
+    /// Zones sent to the cluster upstream besides the domain: lower case, no trailing dot.
+    pub reverse_zones: Vec<String>,
+    /// kube-dns-upstream Service addresses (port 53 when not given). May be empty:
+    /// then the cluster zones go to the default upstreams (a warning is logged).
+    pub upstream: Vec<SocketAddr>,
+    pub protocol: Protocol,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Upstream {
+    /// Default upstreams, after reading resolv.conf when `servers` was empty and after
+    /// dropping 127.0.0.53 and localdns's own listen addresses. Never empty.
+    pub servers: Vec<SocketAddr>,
+    pub protocol: Protocol,
+    /// Where `servers` came from, for humans: "config" or the resolv.conf path.
+    pub servers_from: String,
+    /// Time to wait for one attempt before trying the next server.
+    pub timeout: Duration,
+    /// Attempts per query across the list (servers are cycled when fewer).
+    pub attempts: usize,
+    /// Upstream queries in flight at most; over it a query gets SERVFAIL (counted).
+    pub max_in_flight: usize,
+    /// Consecutive failures that mark a server down.
+    pub down_after_failures: u32,
+    /// How long a down server is skipped before one query probes it again.
+    pub down_time: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stub {
+    /// Zone, lower case, no trailing dot.
+    pub zone: String,
+    pub servers: Vec<SocketAddr>,
+    pub protocol: Protocol,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cache {
+    /// Entries at most; the least recently used are evicted beyond it.
+    pub capacity: usize,
+    /// Cap on positive answers' TTL.
+    pub max_ttl: Duration,
+    /// Floor on positive answers' TTL.
+    pub min_ttl: Duration,
+    /// Cap on NXDOMAIN/NODATA TTL (from the SOA, RFC 2308).
+    pub negative_max_ttl: Duration,
+    /// How long a SERVFAIL from upstream is cached.
+    pub servfail_ttl: Duration,
+    /// How long past expiry an entry may be served when upstreams fail (RFC 8767); zero disables.
+    pub serve_stale: Duration,
+    /// TTL given to a stale answer.
+    pub stale_answer_ttl: Duration,
+    /// Refresh popular entries before they expire.
+    pub prefetch: bool,
+    /// Hits an entry needs before it is prefetched.
+    pub prefetch_min_hits: u32,
+    /// Prefetch when less than this percentage of the original TTL remains (1-99).
+    pub prefetch_percent: u8,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Network {
+    pub interface: String,
+    pub setup_interface: bool,
+    pub setup_rules: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Metrics {
+    /// Address of the HTTP endpoint (/metrics, /health); None disables it.
+    pub address: Option<SocketAddr>,
+}
