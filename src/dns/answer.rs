@@ -1,0 +1,456 @@
+//! Stored answers: an upstream response turned into something the hit path can replay.
+//!
+//! An [`Answer`] is immutable once built. It keeps the response as wire bytes without the
+//! upstream's OPT record (EDNS is hop-by-hop: each client gets its own), with every record's
+//! TTL already capped by policy and the offsets of those TTL fields recorded at insert, so
+//! serving is a copy plus a few 4-byte patches.
+
+use super::query::{Key, Query};
+use super::wire::{self, Header, Section, HEADER_LEN, TYPE_OPT, TYPE_SOA};
+
+/// The UDP payload size localdns advertises in its own OPT records, to clients and
+/// upstreams (DNS flag day 2020).
+pub const EDNS_UDP_SIZE: u16 = 1232;
+
+/// How an answer may be cached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// NOERROR with records in the answer section.
+    Positive,
+    /// NXDOMAIN or NODATA (RFC 2308).
+    Negative,
+    /// SERVFAIL from the upstream.
+    ServFail,
+    /// Anything else (REFUSED, NOTIMP, …): passed through, never cached.
+    Uncacheable,
+}
+
+/// TTL rules applied when an answer is stored, in seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TtlPolicy {
+    pub min_ttl: u32,
+    pub max_ttl: u32,
+    pub negative_max_ttl: u32,
+    pub servfail_ttl: u32,
+}
+
+/// Why an upstream response was not accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AnswerError {
+    #[error("malformed response")]
+    Malformed,
+    #[error("response does not match the query")]
+    Mismatch,
+    #[error("response truncated")]
+    Truncated,
+    #[error("OPT record is not the last record")]
+    OptNotLast,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    /// Header (ID zero) + question + records, OPT removed, TTLs capped.
+    wire: Box<[u8]>,
+    question_end: u16,
+    ttl_offsets: Box<[u16]>,
+    /// Seconds this answer is fresh after it was stored.
+    pub ttl: u32,
+    pub kind: Kind,
+}
+
+impl Answer {
+    /// Validate an upstream response to the query `id`/`key` and turn it into an answer.
+    pub fn from_upstream(
+        resp: &[u8],
+        id: u16,
+        key: &Key,
+        policy: &TtlPolicy,
+    ) -> Result<Answer, AnswerError> {
+        let h = Header::read(resp).ok_or(AnswerError::Malformed)?;
+        if h.id != id || h.flags & wire::FLAG_QR == 0 || h.qdcount != 1 {
+            return Err(AnswerError::Mismatch);
+        }
+        let qend = super::query::question_end(resp).ok_or(AnswerError::Malformed)?;
+        let question = &resp[HEADER_LEN..qend];
+        let (qname, qtail) = question.split_at(question.len() - 4);
+        if !wire::names_eq(qname, key.qname())
+            || wire::u16_at(qtail, 0) != Some(key.qtype())
+            || wire::u16_at(qtail, 2) != Some(key.qclass())
+        {
+            return Err(AnswerError::Mismatch);
+        }
+        if h.flags & wire::FLAG_TC != 0 {
+            return Err(AnswerError::Truncated);
+        }
+
+        let mut records = Vec::with_capacity(
+            h.ancount as usize + h.nscount as usize + h.arcount as usize,
+        );
+        let mut opt = None;
+        let end = wire::walk_records(resp, qend, &h, |section, r| {
+            if r.rtype == TYPE_OPT && section == Section::Additional {
+                opt = Some(*r);
+            } else {
+                records.push((section, *r));
+            }
+        })
+        .ok_or(AnswerError::Malformed)?;
+
+        let rcode = h.rcode();
+        let kind = match rcode {
+            wire::RCODE_NOERROR if h.ancount > 0 => Kind::Positive,
+            wire::RCODE_NOERROR | wire::RCODE_NXDOMAIN => Kind::Negative,
+            wire::RCODE_SERVFAIL => Kind::ServFail,
+            _ => Kind::Uncacheable,
+        };
+        // An extended RCODE (upper bits in OPT) cannot be replayed from our own OPT.
+        let kind = match opt {
+            Some(o) if o.ttl >> 24 != 0 => Kind::Uncacheable,
+            _ => kind,
+        };
+
+        let ttl = match kind {
+            Kind::Positive => records
+                .iter()
+                .map(|(_, r)| r.ttl.clamp(policy.min_ttl, policy.max_ttl.max(policy.min_ttl)))
+                .min()
+                .unwrap_or(0),
+            Kind::Negative => records
+                .iter()
+                .filter(|(s, r)| *s == Section::Authority && r.rtype == TYPE_SOA)
+                .filter_map(|(_, r)| {
+                    let minimum = wire::u32_at(resp, r.rdata + r.rdlen - 4)?;
+                    (r.rdlen >= 22).then_some(r.ttl.min(minimum))
+                })
+                .min()
+                .map_or(0, |t| t.min(policy.negative_max_ttl)),
+            Kind::ServFail => policy.servfail_ttl,
+            Kind::Uncacheable => 0,
+        };
+
+        // Copy without the OPT record; it must be last so no compression pointer moves.
+        let body_end = match opt {
+            Some(o) if o.end != end => return Err(AnswerError::OptNotLast),
+            Some(o) => o.start,
+            None => end,
+        };
+        let mut wire = resp[..body_end].to_vec().into_boxed_slice();
+        wire::put_u16(&mut wire, 0, 0);
+        let arcount = h.arcount - u16::from(opt.is_some());
+        wire::put_u16(&mut wire, 10, arcount);
+
+        let mut ttl_offsets = Vec::with_capacity(records.len());
+        for (_, r) in &records {
+            let off = r.ttl_offset();
+            let stored = match kind {
+                Kind::Positive => r.ttl.clamp(policy.min_ttl, policy.max_ttl.max(policy.min_ttl)),
+                _ => r.ttl.min(ttl),
+            };
+            wire::put_u32(&mut wire, off, stored);
+            ttl_offsets.push(off as u16);
+        }
+        Ok(Answer {
+            wire,
+            question_end: qend as u16,
+            ttl_offsets: ttl_offsets.into_boxed_slice(),
+            ttl,
+            kind,
+        })
+    }
+
+    pub fn rcode(&self) -> u8 {
+        self.wire[3] & 0x0f
+    }
+
+    /// Bytes held, for accounting.
+    pub fn size(&self) -> usize {
+        self.wire.len() + self.ttl_offsets.len() * 2
+    }
+
+    /// Write the answer for client query `q` into `out`.
+    ///
+    /// `ttl` says how TTLs are shown: `Ttl::Age(s)` counts every stored TTL down by `s`
+    /// seconds; `Ttl::Fixed(t)` shows `t` everywhere (serve-stale). The client's ID,
+    /// question (letter case included), RD and CD bits are echoed. When the result is
+    /// longer than `limit` a truncated answer (TC=1, question only) is written instead;
+    /// returns whether that happened.
+    pub fn render(&self, out: &mut Vec<u8>, q: &Query<'_>, ttl: Ttl, limit: usize) -> bool {
+        out.clear();
+        out.extend_from_slice(&self.wire[..HEADER_LEN]);
+        out.extend_from_slice(q.question);
+        out.extend_from_slice(&self.wire[self.question_end as usize..]);
+        wire::put_u16(out, 0, q.id);
+        let flags = wire::u16_at(out, 2).unwrap_or(0);
+        let echo = wire::FLAG_RD | wire::FLAG_CD;
+        wire::put_u16(out, 2, (flags & !echo) | (q.flags & echo) | wire::FLAG_RA);
+        for &off in self.ttl_offsets.iter() {
+            let off = off as usize;
+            let shown = match ttl {
+                Ttl::Age(age) => wire::u32_at(out, off).unwrap_or(0).saturating_sub(age),
+                Ttl::Fixed(t) => t,
+            };
+            wire::put_u32(out, off, shown);
+        }
+        finish(out, q, limit)
+    }
+}
+
+/// How TTLs are shown when an answer is replayed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ttl {
+    Age(u32),
+    Fixed(u32),
+}
+
+/// Append the client's OPT record if it sent one, then truncate to `limit` if needed.
+fn finish(out: &mut Vec<u8>, q: &Query<'_>, limit: usize) -> bool {
+    let truncated = out.len() + if q.edns.is_some() { 11 } else { 0 } > limit;
+    if truncated {
+        out.truncate(HEADER_LEN + q.question.len());
+        let flags = wire::u16_at(out, 2).unwrap_or(0);
+        wire::put_u16(out, 2, flags | wire::FLAG_TC);
+        out[6..12].fill(0);
+    }
+    if let Some(e) = q.edns {
+        push_opt(out, 0, e.dnssec_ok);
+        let ar = wire::u16_at(out, 10).unwrap_or(0);
+        wire::put_u16(out, 10, ar + 1);
+    }
+    truncated
+}
+
+/// Append an OPT record: our UDP size, the given extended RCODE bits, version 0, DO.
+fn push_opt(out: &mut Vec<u8>, ext_rcode: u8, dnssec_ok: bool) {
+    out.push(0);
+    out.extend_from_slice(&TYPE_OPT.to_be_bytes());
+    out.extend_from_slice(&EDNS_UDP_SIZE.to_be_bytes());
+    out.extend_from_slice(&[ext_rcode, 0, if dnssec_ok { 0x80 } else { 0 }, 0, 0, 0]);
+}
+
+/// Write a response with no records: `rcode` for the query with this ID and flags.
+/// The question is included when known. `ext_rcode` is the upper RCODE bits (BADVERS = 1),
+/// sent in an OPT record when the client used EDNS or the code needs it.
+pub fn write_error(
+    out: &mut Vec<u8>,
+    id: u16,
+    query_flags: u16,
+    rcode: u8,
+    q: Option<&Query<'_>>,
+    ext_rcode: u8,
+) {
+    out.clear();
+    out.extend_from_slice(&id.to_be_bytes());
+    let keep = query_flags & (0x7800 | wire::FLAG_RD | wire::FLAG_CD);
+    let flags = wire::FLAG_QR | keep | wire::FLAG_RA | rcode as u16 & 0xf;
+    out.extend_from_slice(&flags.to_be_bytes());
+    out.extend_from_slice(&[0, u8::from(q.is_some()), 0, 0, 0, 0, 0, 0]);
+    if let Some(q) = q {
+        out.extend_from_slice(q.question);
+    }
+    let edns = q.and_then(|q| q.edns);
+    if edns.is_some() || ext_rcode != 0 {
+        push_opt(out, ext_rcode, edns.is_some_and(|e| e.dnssec_ok));
+        out[11] = 1;
+    }
+}
+
+/// Write the query localdns sends upstream for `key` with this ID: RD set, CD as the
+/// client asked, EDNS with our UDP size and the client's DO bit.
+pub fn write_upstream_query(out: &mut Vec<u8>, id: u16, key: &Key) {
+    out.clear();
+    out.extend_from_slice(&id.to_be_bytes());
+    let mut flags = wire::FLAG_RD;
+    if key.checking_disabled() {
+        flags |= wire::FLAG_CD;
+    }
+    out.extend_from_slice(&flags.to_be_bytes());
+    out.extend_from_slice(&[0, 1, 0, 0, 0, 0, 0, 1]);
+    out.extend_from_slice(key.qname());
+    out.extend_from_slice(&key.qtype().to_be_bytes());
+    out.extend_from_slice(&key.qclass().to_be_bytes());
+    push_opt(out, 0, key.dnssec_ok());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::query::tests::query;
+    use super::*;
+
+    const POLICY: TtlPolicy = TtlPolicy {
+        min_ttl: 0,
+        max_ttl: 3600,
+        negative_max_ttl: 5,
+        servfail_ttl: 1,
+    };
+
+    /// A response to `q` (as from an upstream) with the given rcode and records
+    /// (section, type, ttl, rdata) whose owner is a pointer to the question name.
+    fn response(q: &[u8], rcode: u8, recs: &[(Section, u16, u32, Vec<u8>)], opt: bool) -> Vec<u8> {
+        let qend = super::super::query::question_end(q).unwrap();
+        let mut m = q[..qend].to_vec();
+        m[2] = 0x81;
+        m[3] = 0x80 | rcode;
+        let count = |s| recs.iter().filter(|r| r.0 == s).count() as u16;
+        wire::put_u16(&mut m, 6, count(Section::Answer));
+        wire::put_u16(&mut m, 8, count(Section::Authority));
+        wire::put_u16(&mut m, 10, count(Section::Additional) + u16::from(opt));
+        for (_, t, ttl, rdata) in recs {
+            m.extend_from_slice(&[0xc0, 12]);
+            m.extend_from_slice(&t.to_be_bytes());
+            m.extend_from_slice(&[0, 1]);
+            m.extend_from_slice(&ttl.to_be_bytes());
+            m.extend_from_slice(&(rdata.len() as u16).to_be_bytes());
+            m.extend_from_slice(rdata);
+        }
+        if opt {
+            push_opt(&mut m, 0, false);
+        }
+        m
+    }
+
+    fn soa(ttl_min: u32) -> Vec<u8> {
+        let mut r = vec![0, 0]; // mname ".", rname "."
+        for v in [1u32, 2, 3, 4, ttl_min] {
+            r.extend_from_slice(&v.to_be_bytes());
+        }
+        r
+    }
+
+    fn parse(pkt: &[u8]) -> Query<'_> {
+        Query::parse(pkt).unwrap()
+    }
+
+    #[test]
+    fn positive_ttl_is_smallest_and_capped() {
+        let q = query(10, "a.example", 1, Some((1232, false)));
+        let key = parse(&q).key();
+        let r = response(
+            &q,
+            0,
+            &[
+                (Section::Answer, 1, 300, vec![1, 2, 3, 4]),
+                (Section::Answer, 1, 60, vec![1, 2, 3, 5]),
+            ],
+            true,
+        );
+        let a = Answer::from_upstream(&r, 10, &key, &POLICY).unwrap();
+        assert_eq!((a.kind, a.ttl), (Kind::Positive, 60));
+        let capped = TtlPolicy { max_ttl: 30, ..POLICY };
+        assert_eq!(Answer::from_upstream(&r, 10, &key, &capped).unwrap().ttl, 30);
+        let floored = TtlPolicy { min_ttl: 100, ..POLICY };
+        assert_eq!(Answer::from_upstream(&r, 10, &key, &floored).unwrap().ttl, 100);
+    }
+
+    #[test]
+    fn render_echoes_id_case_and_counts_ttl_down() {
+        let q = query(10, "a.example", 1, None);
+        let key = parse(&q).key();
+        let r = response(&q, 0, &[(Section::Answer, 1, 300, vec![1, 2, 3, 4])], true);
+        let a = Answer::from_upstream(&r, 10, &key, &POLICY).unwrap();
+        let client = query(0x4242, "A.ExAmPlE", 1, Some((4096, true)));
+        let cq = parse(&client);
+        let mut out = Vec::new();
+        assert!(!a.render(&mut out, &cq, Ttl::Age(7), cq.udp_limit()));
+        assert_eq!(&out[..2], &[0x42, 0x42]);
+        assert_eq!(&out[12..12 + cq.question.len()], cq.question);
+        let rec = wire::read_record(&out, 12 + cq.question.len()).unwrap();
+        assert_eq!(rec.ttl, 293);
+        // OPT appended with DO echoed, ARCOUNT 1
+        let h = Header::read(&out).unwrap();
+        assert_eq!((h.ancount, h.arcount), (1, 1));
+        let opt = wire::read_record(&out, rec.end).unwrap();
+        assert_eq!(opt.rtype, TYPE_OPT);
+        assert_eq!(opt.ttl & 0x8000, 0x8000);
+        a.render(&mut out, &cq, Ttl::Fixed(30), 4096);
+        assert_eq!(wire::read_record(&out, 12 + cq.question.len()).unwrap().ttl, 30);
+        a.render(&mut out, &cq, Ttl::Age(400), 4096);
+        assert_eq!(wire::read_record(&out, 12 + cq.question.len()).unwrap().ttl, 0);
+    }
+
+    #[test]
+    fn negative_ttl_from_soa_capped() {
+        let q = query(1, "nope.example", 1, None);
+        let key = parse(&q).key();
+        for (rcode, min, expect) in [(3u8, 2u32, 2u32), (3, 3600, 5), (0, 1, 1)] {
+            let r = response(&q, rcode, &[(Section::Authority, TYPE_SOA, 900, soa(min))], false);
+            let a = Answer::from_upstream(&r, 1, &key, &POLICY).unwrap();
+            assert_eq!((a.kind, a.ttl), (Kind::Negative, expect));
+            let mut out = Vec::new();
+            a.render(&mut out, &parse(&q), Ttl::Age(0), 512);
+            // the SOA shows the negative TTL
+            assert_eq!(wire::read_record(&out, q.len()).unwrap().ttl, expect);
+        }
+        let no_soa = response(&q, 3, &[], false);
+        assert_eq!(Answer::from_upstream(&no_soa, 1, &key, &POLICY).unwrap().ttl, 0);
+    }
+
+    #[test]
+    fn servfail_and_refused() {
+        let q = query(1, "x.example", 1, None);
+        let key = parse(&q).key();
+        let sf = Answer::from_upstream(&response(&q, 2, &[], false), 1, &key, &POLICY).unwrap();
+        assert_eq!((sf.kind, sf.ttl), (Kind::ServFail, 1));
+        let rf = Answer::from_upstream(&response(&q, 5, &[], false), 1, &key, &POLICY).unwrap();
+        assert_eq!((rf.kind, rf.ttl), (Kind::Uncacheable, 0));
+    }
+
+    #[test]
+    fn mismatches_are_refused() {
+        let q = query(1, "x.example", 1, None);
+        let key = parse(&q).key();
+        let r = response(&q, 0, &[(Section::Answer, 1, 5, vec![1, 2, 3, 4])], false);
+        assert_eq!(Answer::from_upstream(&r, 2, &key, &POLICY), Err(AnswerError::Mismatch));
+        let other = parse(&query(1, "y.example", 1, None)).key();
+        assert_eq!(Answer::from_upstream(&r, 1, &other, &POLICY), Err(AnswerError::Mismatch));
+        let mut tc = r.clone();
+        tc[2] |= 0x02;
+        assert_eq!(Answer::from_upstream(&tc, 1, &key, &POLICY), Err(AnswerError::Truncated));
+        for n in 0..r.len() {
+            assert!(Answer::from_upstream(&r[..n], 1, &key, &POLICY).is_err());
+        }
+    }
+
+    #[test]
+    fn truncates_to_client_limit() {
+        let q = query(1, "big.example", 16, None);
+        let key = parse(&q).key();
+        let recs: Vec<_> = (0..10)
+            .map(|i| (Section::Answer, 16u16, 60u32, vec![99; 60 + i]))
+            .collect();
+        let a = Answer::from_upstream(&response(&q, 0, &recs, false), 1, &key, &POLICY).unwrap();
+        let mut out = Vec::new();
+        assert!(a.render(&mut out, &parse(&q), Ttl::Age(0), 512));
+        let h = Header::read(&out).unwrap();
+        assert_eq!(h.flags & wire::FLAG_TC, wire::FLAG_TC);
+        assert_eq!((h.ancount, h.arcount), (0, 0));
+        assert_eq!(out.len(), q.len());
+        let eq = query(1, "big.example", 16, Some((1232, false)));
+        assert!(!a.render(&mut out, &parse(&eq), Ttl::Age(0), 1232));
+        assert_eq!(Header::read(&out).unwrap().ancount, 10);
+    }
+
+    #[test]
+    fn error_responses() {
+        let q = query(77, "x.example", 1, Some((1232, false)));
+        let pq = parse(&q);
+        let mut out = Vec::new();
+        write_error(&mut out, 77, pq.flags, wire::RCODE_SERVFAIL, Some(&pq), 0);
+        let h = Header::read(&out).unwrap();
+        assert_eq!((h.id, h.rcode(), h.qdcount, h.arcount), (77, 2, 1, 1));
+        write_error(&mut out, 5, 0x0100, wire::RCODE_FORMERR, None, 0);
+        assert_eq!(out.len(), 12);
+        assert_eq!(Header::read(&out).unwrap().rcode(), 1);
+    }
+
+    #[test]
+    fn upstream_query_round_trips_through_parse() {
+        let client = query(1, "Mixed.Case", 28, Some((4096, true)));
+        let key = parse(&client).key();
+        let mut out = Vec::new();
+        write_upstream_query(&mut out, 999, &key);
+        let q = parse(&out);
+        assert_eq!(q.id, 999);
+        assert_eq!(q.key(), key);
+        assert_eq!(q.edns.unwrap().udp_size, EDNS_UDP_SIZE);
+    }
+}
