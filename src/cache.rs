@@ -1,0 +1,367 @@
+//! The answer store: sharded, bounded, with CLOCK eviction, expiry, a serve-stale window
+//! and prefetch marks.
+//!
+//! Invariants: entries are immutable once inserted (an [`Answer`] plus the time it was
+//! stored); only their hit counter and flags change, atomically, under a read lock. The
+//! hit path takes one shard read lock, renders straight from the stored bytes and never
+//! allocates. An entry stays in the table until `ttl + stale window` has passed or the
+//! CLOCK hand evicts it to make room.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::RwLock;
+
+use crate::dns::{Answer, Key};
+
+const SHARDS: usize = 64;
+
+/// A cached answer with its bookkeeping.
+#[derive(Debug)]
+pub struct Entry {
+    key: Box<[u8]>,
+    pub answer: Answer,
+    /// Milliseconds since the cache's epoch when the answer was stored.
+    stored_ms: u64,
+    hits: AtomicU32,
+    referenced: AtomicBool,
+    prefetching: AtomicBool,
+}
+
+impl Entry {
+    /// Whole seconds since the answer was stored, as of `now_ms`.
+    pub fn age_secs(&self, now_ms: u64) -> u32 {
+        (now_ms.saturating_sub(self.stored_ms) / 1000) as u32
+    }
+
+    pub fn is_fresh(&self, now_ms: u64) -> bool {
+        now_ms.saturating_sub(self.stored_ms) < u64::from(self.answer.ttl) * 1000
+    }
+
+    fn expired_beyond(&self, now_ms: u64, stale_ms: u64) -> bool {
+        now_ms.saturating_sub(self.stored_ms) >= u64::from(self.answer.ttl) * 1000 + stale_ms
+    }
+}
+
+/// When to refresh an entry before it expires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PrefetchPolicy {
+    pub enabled: bool,
+    pub min_hits: u32,
+    /// Refresh once less than this percentage of the TTL remains.
+    pub percent: u8,
+}
+
+/// The outcome of a hit-path lookup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hit<T> {
+    /// Fresh entry found; `prefetch` says the caller should refresh it now (the entry is
+    /// marked, so only one caller is told).
+    Fresh { value: T, prefetch: bool },
+    Miss,
+}
+
+pub struct Cache {
+    shards: Box<[RwLock<Shard>]>,
+    hasher: ahash::RandomState,
+    per_shard: usize,
+    stale_ms: u64,
+    prefetch: PrefetchPolicy,
+    epoch: Instant,
+}
+
+#[derive(Default)]
+struct Shard {
+    table: hashbrown::HashTable<u32>,
+    slots: Vec<Option<(u64, Arc<Entry>)>>,
+    free: Vec<u32>,
+    hand: usize,
+}
+
+impl Cache {
+    /// A cache holding at most about `capacity` entries (rounded up to a multiple of the
+    /// shard count), keeping expired entries for `stale_secs` for serve-stale.
+    pub fn new(capacity: usize, stale_secs: u64, prefetch: PrefetchPolicy) -> Cache {
+        let per_shard = capacity.div_ceil(SHARDS).max(1);
+        Cache {
+            shards: (0..SHARDS).map(|_| RwLock::new(Shard::default())).collect(),
+            hasher: ahash::RandomState::new(),
+            per_shard,
+            stale_ms: stale_secs * 1000,
+            prefetch,
+            epoch: Instant::now(),
+        }
+    }
+
+    /// Milliseconds on the cache's clock.
+    pub fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn locate(&self, key: &[u8]) -> (u64, &RwLock<Shard>) {
+        let hash = self.hasher.hash_one(key);
+        (hash, &self.shards[(hash >> 58) as usize % SHARDS])
+    }
+
+    /// The hit path: if a fresh entry exists, call `f` with it and its age under the shard's
+    /// read lock, and return what `f` returns.
+    pub fn with_fresh<T>(&self, key: &Key, f: impl FnOnce(&Entry, u32) -> T) -> Hit<T> {
+        let now = self.now_ms();
+        let (hash, shard) = self.locate(key.as_bytes());
+        let shard = shard.read();
+        let Some(entry) = shard.find(hash, key.as_bytes()) else {
+            return Hit::Miss;
+        };
+        if !entry.is_fresh(now) {
+            return Hit::Miss;
+        }
+        if !entry.referenced.load(Ordering::Relaxed) {
+            entry.referenced.store(true, Ordering::Relaxed);
+        }
+        let hits = entry.hits.fetch_add(1, Ordering::Relaxed) + 1;
+        let age = entry.age_secs(now);
+        let prefetch = self.prefetch.enabled
+            && hits >= self.prefetch.min_hits
+            && u64::from(entry.answer.ttl - age.min(entry.answer.ttl)) * 100
+                < u64::from(entry.answer.ttl) * u64::from(self.prefetch.percent)
+            && !entry.prefetching.swap(true, Ordering::Relaxed);
+        Hit::Fresh {
+            value: f(entry, age),
+            prefetch,
+        }
+    }
+
+    /// Any entry for `key` still inside its stale window (fresh or not).
+    pub fn get(&self, key: &Key) -> Option<Arc<Entry>> {
+        let now = self.now_ms();
+        let (hash, shard) = self.locate(key.as_bytes());
+        let shard = shard.read();
+        let idx = shard.index(hash, key.as_bytes())?;
+        let (_, entry) = shard.slots[idx as usize].as_ref()?;
+        (!entry.expired_beyond(now, self.stale_ms)).then(|| Arc::clone(entry))
+    }
+
+    /// Store an answer for `key`, replacing any previous one; evicts if the shard is full.
+    /// Answers with a zero TTL are not stored. Returns the stored entry.
+    pub fn insert(&self, key: &Key, answer: Answer) -> Option<Arc<Entry>> {
+        if answer.ttl == 0 {
+            return None;
+        }
+        let now = self.now_ms();
+        let entry = Arc::new(Entry {
+            key: key.as_bytes().into(),
+            answer,
+            stored_ms: now,
+            hits: AtomicU32::new(0),
+            referenced: AtomicBool::new(false),
+            prefetching: AtomicBool::new(false),
+        });
+        let (hash, shard) = self.locate(key.as_bytes());
+        let mut shard = shard.write();
+        if let Some(idx) = shard.index(hash, key.as_bytes()) {
+            shard.slots[idx as usize] = Some((hash, Arc::clone(&entry)));
+            return Some(entry);
+        }
+        if shard.table.len() >= self.per_shard {
+            shard.evict_one(now, self.stale_ms);
+        }
+        let idx = match shard.free.pop() {
+            Some(i) => i,
+            None => {
+                shard.slots.push(None);
+                (shard.slots.len() - 1) as u32
+            }
+        };
+        shard.slots[idx as usize] = Some((hash, Arc::clone(&entry)));
+        let Shard { table, slots, .. } = &mut *shard;
+        table.insert_unique(hash, idx, |&i| slot_hash(slots, i));
+        Some(entry)
+    }
+
+    /// Allow the entry for `key` to be prefetched again (after a failed refresh).
+    pub fn clear_prefetch_mark(&self, key: &Key) {
+        if let Some(e) = self.get(key) {
+            e.prefetching.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// Number of entries held (fresh and stale).
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.read().table.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Drop every entry.
+    pub fn clear(&self) {
+        for s in self.shards.iter() {
+            *s.write() = Shard::default();
+        }
+    }
+}
+
+fn slot_hash(slots: &[Option<(u64, Arc<Entry>)>], i: u32) -> u64 {
+    slots[i as usize].as_ref().map_or(0, |(h, _)| *h)
+}
+
+impl Shard {
+    fn index(&self, hash: u64, key: &[u8]) -> Option<u32> {
+        self.table
+            .find(hash, |&i| {
+                self.slots[i as usize]
+                    .as_ref()
+                    .is_some_and(|(_, e)| &*e.key == key)
+            })
+            .copied()
+    }
+
+    fn find(&self, hash: u64, key: &[u8]) -> Option<&Entry> {
+        let idx = self.index(hash, key)?;
+        self.slots[idx as usize].as_ref().map(|(_, e)| &**e)
+    }
+
+    /// CLOCK: sweep from the hand, giving referenced entries a second chance; entries past
+    /// their stale window go first. Bounded to two sweeps.
+    fn evict_one(&mut self, now: u64, stale_ms: u64) {
+        let n = self.slots.len();
+        for _ in 0..2 * n + 1 {
+            let at = self.hand % n.max(1);
+            self.hand = at + 1;
+            let Some((hash, entry)) = &self.slots[at] else {
+                continue;
+            };
+            if !entry.expired_beyond(now, stale_ms) && entry.referenced.swap(false, Ordering::Relaxed)
+            {
+                continue;
+            }
+            let hash = *hash;
+            if let Ok(found) = self.table.find_entry(hash, |&i| i as usize == at) {
+                found.remove();
+            }
+            self.slots[at] = None;
+            self.free.push(at as u32);
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dns::query::tests::query;
+    use crate::dns::{Query, TtlPolicy};
+
+    const POLICY: TtlPolicy = TtlPolicy {
+        min_ttl: 0,
+        max_ttl: 3600,
+        negative_max_ttl: 5,
+        servfail_ttl: 1,
+    };
+
+    fn answer(name: &str, ttl: u32) -> (Key, Answer) {
+        let q = query(1, name, 1, None);
+        let key = Query::parse(&q).unwrap().key();
+        let mut r = q.clone();
+        r[2] = 0x81;
+        r[3] = 0x80;
+        r[7] = 1;
+        r.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1]);
+        r.extend_from_slice(&ttl.to_be_bytes());
+        r.extend_from_slice(&[0, 4, 10, 0, 0, 1]);
+        (key, Answer::from_upstream(&r, 1, &key, &POLICY).unwrap())
+    }
+
+    const NO_PREFETCH: PrefetchPolicy = PrefetchPolicy {
+        enabled: false,
+        min_hits: 1,
+        percent: 10,
+    };
+
+    #[test]
+    fn insert_then_hit() {
+        let c = Cache::new(100, 0, NO_PREFETCH);
+        let (k, a) = answer("a.example", 60);
+        assert_eq!(c.with_fresh(&k, |_, _| ()), Hit::Miss);
+        c.insert(&k, a);
+        assert_eq!(
+            c.with_fresh(&k, |e, age| (e.answer.ttl, age)),
+            Hit::Fresh {
+                value: (60, 0),
+                prefetch: false
+            }
+        );
+        assert_eq!(c.len(), 1);
+        let (k2, _) = answer("b.example", 60);
+        assert_eq!(c.with_fresh(&k2, |_, _| ()), Hit::Miss);
+    }
+
+    #[test]
+    fn zero_ttl_not_stored_and_replace_keeps_one() {
+        let c = Cache::new(100, 0, NO_PREFETCH);
+        let (k, a) = answer("a.example", 0);
+        assert!(c.insert(&k, a).is_none());
+        assert!(c.is_empty());
+        let (k, a) = answer("a.example", 5);
+        c.insert(&k, a.clone());
+        c.insert(&k, a);
+        assert_eq!(c.len(), 1);
+    }
+
+    #[test]
+    fn capacity_is_bounded_and_referenced_entries_survive() {
+        let c = Cache::new(SHARDS * 4, 0, NO_PREFETCH);
+        let (hot, a) = answer("hot.example", 60);
+        c.insert(&hot, a);
+        for i in 0..5000 {
+            let (k, a) = answer(&format!("n{i}.example"), 60);
+            c.insert(&k, a);
+            // keep touching the hot name, as clients would
+            assert!(matches!(c.with_fresh(&hot, |_, _| ()), Hit::Fresh { .. }));
+        }
+        assert!(c.len() <= SHARDS * 4);
+    }
+
+    #[test]
+    fn prefetch_mark_given_once() {
+        let mut c = Cache::new(
+            100,
+            0,
+            PrefetchPolicy {
+                enabled: true,
+                min_hits: 2,
+                percent: 100,
+            },
+        );
+        let (k, a) = answer("p.example", 60);
+        c.insert(&k, a);
+        c.epoch -= std::time::Duration::from_secs(2);
+        let marks: Vec<bool> = (0..4)
+            .map(|_| match c.with_fresh(&k, |_, _| ()) {
+                Hit::Fresh { prefetch, .. } => prefetch,
+                Hit::Miss => panic!("miss"),
+            })
+            .collect();
+        assert_eq!(marks, [false, true, false, false]);
+        c.clear_prefetch_mark(&k);
+        assert!(matches!(
+            c.with_fresh(&k, |_, _| ()),
+            Hit::Fresh { prefetch: true, .. }
+        ));
+    }
+
+    #[test]
+    fn stale_window_keeps_expired_entries_for_get_only() {
+        // An entry stored "in the past": fake by building the cache and moving the epoch.
+        let mut c = Cache::new(100, 10, NO_PREFETCH);
+        let (k, a) = answer("s.example", 1);
+        c.insert(&k, a);
+        c.epoch -= std::time::Duration::from_millis(1500);
+        assert_eq!(c.with_fresh(&k, |_, _| ()), Hit::Miss);
+        assert!(c.get(&k).is_some_and(|e| !e.is_fresh(c.now_ms())));
+        c.epoch -= std::time::Duration::from_secs(10);
+        assert!(c.get(&k).is_none());
+    }
+}
