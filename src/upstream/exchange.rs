@@ -1,0 +1,79 @@
+//! One query, one answer: UDP from a fresh random port, and TCP on a fresh connection.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+
+use crate::dns::answer::write_upstream_query;
+use crate::dns::{Answer, AnswerError, Key, TtlPolicy};
+
+/// What went wrong with one attempt.
+#[derive(Debug, thiserror::Error)]
+pub enum ExchangeError {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("timed out")]
+    Timeout,
+    #[error("bad answer: {0}")]
+    Answer(#[from] AnswerError),
+    #[error("connection closed")]
+    Closed,
+}
+
+/// Send the query for `key` over UDP from a new socket on a kernel-chosen (random) port,
+/// connected to `server` so that only its datagrams are received. Datagrams that do not
+/// match the ID and question are ignored (spoofing or late answers). A truncated answer
+/// is reported as `AnswerError::Truncated` for the caller to retry over TCP.
+pub async fn udp(
+    server: SocketAddr,
+    key: &Key,
+    policy: &TtlPolicy,
+) -> Result<Answer, ExchangeError> {
+    let local: IpAddr = match server {
+        SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+        SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+    };
+    let sock = UdpSocket::bind((local, 0)).await?;
+    sock.connect(server).await?;
+    let id: u16 = rand::random();
+    let mut msg = Vec::with_capacity(64);
+    write_upstream_query(&mut msg, id, key);
+    sock.send(&msg).await?;
+    let mut buf = vec![0u8; 65535];
+    loop {
+        let n = sock.recv(&mut buf).await?;
+        match Answer::from_upstream(&buf[..n], id, key, policy) {
+            Err(AnswerError::Mismatch) | Err(AnswerError::Malformed) => continue,
+            other => return Ok(other?),
+        }
+    }
+}
+
+/// Send the query over a new TCP connection (used after a truncated UDP answer).
+pub async fn tcp(
+    server: SocketAddr,
+    key: &Key,
+    policy: &TtlPolicy,
+) -> Result<Answer, ExchangeError> {
+    let mut stream = TcpStream::connect(server).await?;
+    stream.set_nodelay(true)?;
+    let id: u16 = rand::random();
+    let mut msg = vec![0, 0];
+    let mut q = Vec::with_capacity(64);
+    write_upstream_query(&mut q, id, key);
+    msg[..2].copy_from_slice(&(q.len() as u16).to_be_bytes());
+    msg.extend_from_slice(&q);
+    stream.write_all(&msg).await?;
+    let resp = read_frame(&mut stream).await?;
+    Ok(Answer::from_upstream(&resp, id, key, policy)?)
+}
+
+/// Read one length-prefixed DNS message (RFC 1035 §4.2.2).
+pub async fn read_frame<R: AsyncReadExt + Unpin>(r: &mut R) -> io::Result<Vec<u8>> {
+    let len = r.read_u16().await? as usize;
+    let mut buf = vec![0u8; len];
+    r.read_exact(&mut buf).await?;
+    Ok(buf)
+}

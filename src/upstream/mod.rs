@@ -1,0 +1,221 @@
+//! Forwarding misses: routing by zone, upstream pools with failover and health, UDP and
+//! TCP exchanges, persistent pipelined TCP.
+//!
+//! A pool tries its servers in order (first healthy first, like resolv.conf), each attempt
+//! bounded by the pool's timeout. A server that fails `down_after_failures` times in a row
+//! is marked down and skipped for `down_time`; then exactly one query probes it (the mark
+//! is renewed when the probe is sent), and a success brings it back. When every server is
+//! down and none is due for a probe the pool fails at once, so callers can answer from
+//! stale entries without waiting for timeouts.
+
+pub mod exchange;
+pub mod pipeline;
+pub mod route;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::config::{self, Protocol};
+use crate::dns::answer::write_upstream_query;
+use crate::dns::{Answer, AnswerError, Key, TtlPolicy};
+use crate::metrics::{inc, Metrics};
+use exchange::ExchangeError;
+pub use route::Router;
+
+/// Why a pool gave no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("all upstream servers are marked down")]
+    AllDown,
+    #[error("upstream {server}: {source}")]
+    Failed {
+        server: SocketAddr,
+        source: ExchangeError,
+    },
+}
+
+/// Health of one server and, for TCP pools, its persistent connection.
+struct Server {
+    addr: SocketAddr,
+    failures: AtomicU32,
+    /// Milliseconds on the pool's clock until which the server is skipped; 0 = up.
+    down_until: AtomicU64,
+    pipeline: Option<pipeline::Pipeline>,
+}
+
+/// A list of equivalent servers for a set of zones.
+pub struct Pool {
+    /// "cluster", "default" or "stub:<zone>", for logs.
+    pub name: String,
+    servers: Vec<Server>,
+    protocol: Protocol,
+    timeout: Duration,
+    attempts: usize,
+    down_after: u32,
+    down_time: Duration,
+    epoch: Instant,
+}
+
+impl Pool {
+    pub fn new(name: String, servers: &[SocketAddr], protocol: Protocol, up: &config::Upstream) -> Pool {
+        Pool {
+            name,
+            servers: servers
+                .iter()
+                .map(|&addr| Server {
+                    addr,
+                    failures: AtomicU32::new(0),
+                    down_until: AtomicU64::new(0),
+                    pipeline: (protocol == Protocol::Tcp).then(|| pipeline::Pipeline::new(addr)),
+                })
+                .collect(),
+            protocol,
+            timeout: up.timeout,
+            attempts: up.attempts.max(1),
+            down_after: up.down_after_failures.max(1),
+            down_time: up.down_time,
+            epoch: Instant::now(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    /// Servers to try, in order: those up first, then at most one due for a probe (marked
+    /// so that concurrent queries do not all probe it).
+    fn candidates(&self) -> Vec<&Server> {
+        let now = self.now_ms();
+        let mut up: Vec<&Server> = Vec::with_capacity(self.servers.len());
+        let mut probe = None;
+        for s in &self.servers {
+            let until = s.down_until.load(Relaxed);
+            if until == 0 {
+                up.push(s);
+            } else if until <= now && probe.is_none() {
+                let next = now + self.down_time.as_millis() as u64;
+                if s.down_until.compare_exchange(until, next, Relaxed, Relaxed).is_ok() {
+                    probe = Some(s);
+                }
+            }
+        }
+        up.extend(probe);
+        up
+    }
+
+    fn succeeded(&self, s: &Server) {
+        s.failures.store(0, Relaxed);
+        if s.down_until.swap(0, Relaxed) != 0 {
+            tracing::info!(upstream = %s.addr, pool = %self.name, "upstream answers again, marked up");
+        }
+    }
+
+    fn failed(&self, s: &Server, err: &ExchangeError) {
+        let n = s.failures.fetch_add(1, Relaxed) + 1;
+        if n >= self.down_after && s.down_until.load(Relaxed) == 0 {
+            let until = self.now_ms() + self.down_time.as_millis() as u64;
+            s.down_until.store(until, Relaxed);
+            tracing::warn!(upstream = %s.addr, pool = %self.name, error = %err, failures = n,
+                "upstream marked down");
+        }
+    }
+
+    /// Resolve `key` through this pool with failover.
+    pub async fn query(&self, key: &Key, policy: &TtlPolicy, metrics: &Metrics) -> Result<Answer, UpstreamError> {
+        let order = self.candidates();
+        if order.is_empty() {
+            return Err(UpstreamError::AllDown);
+        }
+        let mut last = None;
+        for attempt in 0..self.attempts {
+            let server = order[attempt % order.len()];
+            inc(&metrics.upstream_queries);
+            let result = tokio::time::timeout(self.timeout, self.attempt(server, key, policy, metrics))
+                .await
+                .unwrap_or(Err(ExchangeError::Timeout));
+            match result {
+                Ok(answer) => {
+                    self.succeeded(server);
+                    return Ok(answer);
+                }
+                Err(e) => {
+                    inc(&metrics.upstream_failures);
+                    tracing::debug!(upstream = %server.addr, pool = %self.name, error = %e, "upstream attempt failed");
+                    self.failed(server, &e);
+                    last = Some((server.addr, e));
+                }
+            }
+        }
+        let (server, source) = last.expect("at least one attempt");
+        Err(UpstreamError::Failed { server, source })
+    }
+
+    async fn attempt(&self, s: &Server, key: &Key, policy: &TtlPolicy, metrics: &Metrics) -> Result<Answer, ExchangeError> {
+        if let Some(p) = &s.pipeline {
+            let id: u16 = rand::random();
+            let mut msg = Vec::with_capacity(64);
+            write_upstream_query(&mut msg, id, key);
+            let resp = p.exchange(msg).await?;
+            return Ok(Answer::from_upstream(&resp, id, key, policy)?);
+        }
+        match exchange::udp(s.addr, key, policy).await {
+            Err(ExchangeError::Answer(AnswerError::Truncated)) => {
+                inc(&metrics.upstream_tcp_retries);
+                exchange::tcp(s.addr, key, policy).await
+            }
+            other => other,
+        }
+    }
+
+    pub fn protocol(&self) -> Protocol {
+        self.protocol
+    }
+
+    /// (server, up?) for status reports.
+    pub fn health(&self) -> Vec<(SocketAddr, bool)> {
+        self.servers
+            .iter()
+            .map(|s| (s.addr, s.down_until.load(Relaxed) == 0))
+            .collect()
+    }
+}
+
+/// Every pool and the router that picks one per name.
+pub struct Upstreams {
+    router: Router,
+    pools: Vec<Arc<Pool>>,
+}
+
+impl Upstreams {
+    /// Pools from the config: 0 = default, 1 = cluster (when it has servers), then stubs.
+    pub fn from_config(cfg: &config::Config) -> Upstreams {
+        let up = &cfg.upstream;
+        let mut pools = vec![Arc::new(Pool::new("default".into(), &up.servers, up.protocol, up))];
+        let mut zones: Vec<(&str, usize)> = Vec::new();
+        if !cfg.cluster.upstream.is_empty() {
+            pools.push(Arc::new(Pool::new("cluster".into(), &cfg.cluster.upstream, cfg.cluster.protocol, up)));
+            let i = pools.len() - 1;
+            zones.push((&cfg.cluster.domain, i));
+            zones.extend(cfg.cluster.reverse_zones.iter().map(|z| (z.as_str(), i)));
+        }
+        for stub in &cfg.stubs {
+            pools.push(Arc::new(Pool::new(format!("stub:{}", stub.zone), &stub.servers, stub.protocol, up)));
+            zones.push((&stub.zone, pools.len() - 1));
+        }
+        Upstreams {
+            router: Router::new(zones, 0),
+            pools,
+        }
+    }
+
+    /// The pool for a lower-cased wire name.
+    pub fn route(&self, qname: &[u8]) -> &Arc<Pool> {
+        &self.pools[self.router.route(qname)]
+    }
+
+    pub fn pools(&self) -> &[Arc<Pool>] {
+        &self.pools
+    }
+}
