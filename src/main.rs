@@ -1,3 +1,12 @@
+//! Placeholder binary; the real CLI lives on the main branch.
+
 fn main() {
-    println!("Hello, world!");
+    let source = localdns::config::Source::default();
+    match localdns::config::load(&source) {
+        Ok(config) => print!("{}", localdns::config::render(&config)),
+        Err(e) => {
+            eprintln!("localdns: {e}");
+            std::process::exit(64);
+        }
+    }
 }
