@@ -109,7 +109,14 @@ impl Document {
             Err(e) => {
                 let mut key = KeyPath::from_serde(e.path());
                 let inner = e.into_inner();
-                let reason = inner.message().trim_end().to_owned();
+                // toml's syntax messages may span lines; keep the error on one line for the journal.
+                let reason: Vec<&str> = inner
+                    .message()
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .collect();
+                let reason = reason.join(": ");
                 // serde_path_to_error usually records the unknown key itself; make sure.
                 if let Some(field) = unknown_field(&reason) {
                     if key.0.last() != Some(&Seg::Key(field.to_owned())) {

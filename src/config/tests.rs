@@ -61,7 +61,10 @@ fn syntax_error_names_file_and_line() {
         (file.unwrap().to_str(), line, key),
         (Some("b.toml"), Some(3), None)
     );
-    assert!(text.starts_with("b.toml:3: "), "{text}");
+    assert!(
+        text.starts_with("b.toml:3: ") && !text.contains('\n'),
+        "{text}"
+    );
 }
 
 #[test]
