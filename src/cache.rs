@@ -58,7 +58,10 @@ pub struct PrefetchPolicy {
 pub enum Hit<T> {
     /// Fresh entry found; `prefetch` says the caller should refresh it now (the entry is
     /// marked, so only one caller is told).
-    Fresh { value: T, prefetch: bool },
+    Fresh {
+        value: T,
+        prefetch: bool,
+    },
     Miss,
 }
 
@@ -233,7 +236,8 @@ impl Shard {
             let Some((hash, entry)) = &self.slots[at] else {
                 continue;
             };
-            if !entry.expired_beyond(now, stale_ms) && entry.referenced.swap(false, Ordering::Relaxed)
+            if !entry.expired_beyond(now, stale_ms)
+                && entry.referenced.swap(false, Ordering::Relaxed)
             {
                 continue;
             }

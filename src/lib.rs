@@ -1,5 +1,23 @@
+//! localdns: a node-local DNS cache for Kubernetes nodes, run as a host systemd service
+//! started before kubelet, so that a node has DNS before its first pod and never loses
+//! it on crash, restart, upgrade or removal.
+//!
+//! # Layout
+//! - [`config`]: raw TOML → merged (`config.toml` + `conf.d/*.toml`) → validated [`config::Config`].
+//! - [`dns`]: the pure protocol core: query parsing, cache keys, stored answers, TTL rewriting.
+//! - [`cache`]: the bounded, sharded answer store with serve-stale and prefetch marks.
+//! - [`upstream`]: routing by zone, upstream pools with failover and health, UDP/TCP exchange.
+//! - [`server`]: listeners (UDP hit-path loops, TCP), the miss path, the HTTP endpoint.
+//! - [`metrics`]: counters and their Prometheus rendering.
+//! - [`systemd`]: sd_notify readiness and stop.
+//! - [`logging`]: journald or stderr.
+#![forbid(unsafe_code)]
+
 pub mod cache;
 pub mod config;
 pub mod dns;
+pub mod logging;
 pub mod metrics;
+pub mod server;
+pub mod systemd;
 pub mod upstream;

@@ -86,22 +86,77 @@ impl Metrics {
             "localdns_queries_total",
             "Queries received.",
             "counter",
-            &[("{transport=\"udp\"}", udp_q), ("{transport=\"tcp\"}", tcp_q)],
+            &[
+                ("{transport=\"udp\"}", udp_q),
+                ("{transport=\"tcp\"}", tcp_q),
+            ],
         );
         let counters: [(&str, &str, u64); 13] = [
-            ("localdns_cache_hits_total", "Queries answered from a fresh cache entry.", hits),
-            ("localdns_cache_misses_total", "Queries that needed an upstream answer.", l(&self.misses)),
-            ("localdns_coalesced_total", "Misses that joined an identical upstream query in flight.", l(&self.coalesced)),
-            ("localdns_stale_answers_total", "Answers served from expired entries because upstreams failed (RFC 8767).", l(&self.stale_answers)),
-            ("localdns_prefetches_total", "Entries refreshed before they expired.", l(&self.prefetches)),
-            ("localdns_upstream_queries_total", "Queries sent to upstream servers.", l(&self.upstream_queries)),
-            ("localdns_upstream_failures_total", "Upstream attempts that failed (timeout, error, bad answer).", l(&self.upstream_failures)),
-            ("localdns_upstream_tcp_retries_total", "Truncated upstream UDP answers retried over TCP.", l(&self.upstream_tcp_retries)),
-            ("localdns_servfail_total", "SERVFAIL answers localdns made itself (no upstream answer, no stale entry).", l(&self.servfail_sent)),
-            ("localdns_overload_total", "Queries refused with SERVFAIL because too many upstream queries were in flight.", l(&self.overload)),
-            ("localdns_truncated_total", "UDP answers sent with TC=1 because they did not fit.", l(&self.truncated)),
-            ("localdns_tcp_connections_total", "Client TCP connections accepted.", l(&self.tcp_connections)),
-            ("localdns_tcp_refused_total", "Client TCP connections closed at once because the cap was reached.", l(&self.tcp_refused)),
+            (
+                "localdns_cache_hits_total",
+                "Queries answered from a fresh cache entry.",
+                hits,
+            ),
+            (
+                "localdns_cache_misses_total",
+                "Queries that needed an upstream answer.",
+                l(&self.misses),
+            ),
+            (
+                "localdns_coalesced_total",
+                "Misses that joined an identical upstream query in flight.",
+                l(&self.coalesced),
+            ),
+            (
+                "localdns_stale_answers_total",
+                "Answers served from expired entries because upstreams failed (RFC 8767).",
+                l(&self.stale_answers),
+            ),
+            (
+                "localdns_prefetches_total",
+                "Entries refreshed before they expired.",
+                l(&self.prefetches),
+            ),
+            (
+                "localdns_upstream_queries_total",
+                "Queries sent to upstream servers.",
+                l(&self.upstream_queries),
+            ),
+            (
+                "localdns_upstream_failures_total",
+                "Upstream attempts that failed (timeout, error, bad answer).",
+                l(&self.upstream_failures),
+            ),
+            (
+                "localdns_upstream_tcp_retries_total",
+                "Truncated upstream UDP answers retried over TCP.",
+                l(&self.upstream_tcp_retries),
+            ),
+            (
+                "localdns_servfail_total",
+                "SERVFAIL answers localdns made itself (no upstream answer, no stale entry).",
+                l(&self.servfail_sent),
+            ),
+            (
+                "localdns_overload_total",
+                "Queries refused with SERVFAIL because too many upstream queries were in flight.",
+                l(&self.overload),
+            ),
+            (
+                "localdns_truncated_total",
+                "UDP answers sent with TC=1 because they did not fit.",
+                l(&self.truncated),
+            ),
+            (
+                "localdns_tcp_connections_total",
+                "Client TCP connections accepted.",
+                l(&self.tcp_connections),
+            ),
+            (
+                "localdns_tcp_refused_total",
+                "Client TCP connections closed at once because the cap was reached.",
+                l(&self.tcp_refused),
+            ),
         ];
         for (name, help, v) in counters {
             family(name, help, "counter", &[("", v)]);

@@ -83,9 +83,8 @@ impl Answer {
             return Err(AnswerError::Truncated);
         }
 
-        let mut records = Vec::with_capacity(
-            h.ancount as usize + h.nscount as usize + h.arcount as usize,
-        );
+        let mut records =
+            Vec::with_capacity(h.ancount as usize + h.nscount as usize + h.arcount as usize);
         let mut opt = None;
         let end = wire::walk_records(resp, qend, &h, |section, r| {
             if r.rtype == TYPE_OPT && section == Section::Additional {
@@ -112,7 +111,10 @@ impl Answer {
         let ttl = match kind {
             Kind::Positive => records
                 .iter()
-                .map(|(_, r)| r.ttl.clamp(policy.min_ttl, policy.max_ttl.max(policy.min_ttl)))
+                .map(|(_, r)| {
+                    r.ttl
+                        .clamp(policy.min_ttl, policy.max_ttl.max(policy.min_ttl))
+                })
                 .min()
                 .unwrap_or(0),
             Kind::Negative => records
@@ -143,7 +145,9 @@ impl Answer {
         for (_, r) in &records {
             let off = r.ttl_offset();
             let stored = match kind {
-                Kind::Positive => r.ttl.clamp(policy.min_ttl, policy.max_ttl.max(policy.min_ttl)),
+                Kind::Positive => r
+                    .ttl
+                    .clamp(policy.min_ttl, policy.max_ttl.max(policy.min_ttl)),
                 _ => r.ttl.min(ttl),
             };
             wire::put_u32(&mut wire, off, stored);
@@ -335,10 +339,22 @@ mod tests {
         );
         let a = Answer::from_upstream(&r, 10, &key, &POLICY).unwrap();
         assert_eq!((a.kind, a.ttl), (Kind::Positive, 60));
-        let capped = TtlPolicy { max_ttl: 30, ..POLICY };
-        assert_eq!(Answer::from_upstream(&r, 10, &key, &capped).unwrap().ttl, 30);
-        let floored = TtlPolicy { min_ttl: 100, ..POLICY };
-        assert_eq!(Answer::from_upstream(&r, 10, &key, &floored).unwrap().ttl, 100);
+        let capped = TtlPolicy {
+            max_ttl: 30,
+            ..POLICY
+        };
+        assert_eq!(
+            Answer::from_upstream(&r, 10, &key, &capped).unwrap().ttl,
+            30
+        );
+        let floored = TtlPolicy {
+            min_ttl: 100,
+            ..POLICY
+        };
+        assert_eq!(
+            Answer::from_upstream(&r, 10, &key, &floored).unwrap().ttl,
+            100
+        );
     }
 
     #[test]
@@ -362,9 +378,15 @@ mod tests {
         assert_eq!(opt.rtype, TYPE_OPT);
         assert_eq!(opt.ttl & 0x8000, 0x8000);
         a.render(&mut out, &cq, Ttl::Fixed(30), 4096);
-        assert_eq!(wire::read_record(&out, 12 + cq.question.len()).unwrap().ttl, 30);
+        assert_eq!(
+            wire::read_record(&out, 12 + cq.question.len()).unwrap().ttl,
+            30
+        );
         a.render(&mut out, &cq, Ttl::Age(400), 4096);
-        assert_eq!(wire::read_record(&out, 12 + cq.question.len()).unwrap().ttl, 0);
+        assert_eq!(
+            wire::read_record(&out, 12 + cq.question.len()).unwrap().ttl,
+            0
+        );
     }
 
     #[test]
@@ -372,7 +394,12 @@ mod tests {
         let q = query(1, "nope.example", 1, None);
         let key = parse(&q).key();
         for (rcode, min, expect) in [(3u8, 2u32, 2u32), (3, 3600, 5), (0, 1, 1)] {
-            let r = response(&q, rcode, &[(Section::Authority, TYPE_SOA, 900, soa(min))], false);
+            let r = response(
+                &q,
+                rcode,
+                &[(Section::Authority, TYPE_SOA, 900, soa(min))],
+                false,
+            );
             let a = Answer::from_upstream(&r, 1, &key, &POLICY).unwrap();
             assert_eq!((a.kind, a.ttl), (Kind::Negative, expect));
             let mut out = Vec::new();
@@ -381,7 +408,12 @@ mod tests {
             assert_eq!(wire::read_record(&out, q.len()).unwrap().ttl, expect);
         }
         let no_soa = response(&q, 3, &[], false);
-        assert_eq!(Answer::from_upstream(&no_soa, 1, &key, &POLICY).unwrap().ttl, 0);
+        assert_eq!(
+            Answer::from_upstream(&no_soa, 1, &key, &POLICY)
+                .unwrap()
+                .ttl,
+            0
+        );
     }
 
     #[test]
@@ -399,12 +431,21 @@ mod tests {
         let q = query(1, "x.example", 1, None);
         let key = parse(&q).key();
         let r = response(&q, 0, &[(Section::Answer, 1, 5, vec![1, 2, 3, 4])], false);
-        assert_eq!(Answer::from_upstream(&r, 2, &key, &POLICY), Err(AnswerError::Mismatch));
+        assert_eq!(
+            Answer::from_upstream(&r, 2, &key, &POLICY),
+            Err(AnswerError::Mismatch)
+        );
         let other = parse(&query(1, "y.example", 1, None)).key();
-        assert_eq!(Answer::from_upstream(&r, 1, &other, &POLICY), Err(AnswerError::Mismatch));
+        assert_eq!(
+            Answer::from_upstream(&r, 1, &other, &POLICY),
+            Err(AnswerError::Mismatch)
+        );
         let mut tc = r.clone();
         tc[2] |= 0x02;
-        assert_eq!(Answer::from_upstream(&tc, 1, &key, &POLICY), Err(AnswerError::Truncated));
+        assert_eq!(
+            Answer::from_upstream(&tc, 1, &key, &POLICY),
+            Err(AnswerError::Truncated)
+        );
         for n in 0..r.len() {
             assert!(Answer::from_upstream(&r[..n], 1, &key, &POLICY).is_err());
         }

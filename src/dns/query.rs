@@ -250,7 +250,11 @@ pub fn name_to_text(wire_name: &[u8]) -> String {
 /// Dotted zone name ("cluster.local", no trailing dot) to lower-cased wire form.
 pub fn text_to_wire(name: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(name.len() + 2);
-    for label in name.trim_end_matches('.').split('.').filter(|l| !l.is_empty()) {
+    for label in name
+        .trim_end_matches('.')
+        .split('.')
+        .filter(|l| !l.is_empty())
+    {
         out.push(label.len() as u8);
         out.extend(label.bytes().map(|c| c.to_ascii_lowercase()));
     }
@@ -301,7 +305,9 @@ pub(crate) mod tests {
     fn key_ignores_case_but_not_type_or_do() {
         let a = Query::parse(&query(1, "A.example", 1, None)).unwrap().key();
         let b = Query::parse(&query(2, "a.EXAMPLE", 1, None)).unwrap().key();
-        let c = Query::parse(&query(2, "a.example", 28, None)).unwrap().key();
+        let c = Query::parse(&query(2, "a.example", 28, None))
+            .unwrap()
+            .key();
         let d = Query::parse(&query(2, "a.example", 1, Some((512, true))))
             .unwrap()
             .key();

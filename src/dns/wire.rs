@@ -230,6 +230,9 @@ mod tests {
         assert_eq!(read_record(&r, 0), None);
         let ok = [0u8, 0, 1, 0, 1, 0, 0, 0, 5, 0, 4, 1, 2, 3, 4];
         let rec = read_record(&ok, 0).unwrap();
-        assert_eq!((rec.rtype, rec.ttl, rec.end, rec.ttl_offset()), (1, 5, 15, 5));
+        assert_eq!(
+            (rec.rtype, rec.ttl, rec.end, rec.ttl_offset()),
+            (1, 5, 15, 5)
+        );
     }
 }

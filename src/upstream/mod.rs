@@ -59,7 +59,12 @@ pub struct Pool {
 }
 
 impl Pool {
-    pub fn new(name: String, servers: &[SocketAddr], protocol: Protocol, up: &config::Upstream) -> Pool {
+    pub fn new(
+        name: String,
+        servers: &[SocketAddr],
+        protocol: Protocol,
+        up: &config::Upstream,
+    ) -> Pool {
         Pool {
             name,
             servers: servers
@@ -96,7 +101,10 @@ impl Pool {
                 up.push(s);
             } else if until <= now && probe.is_none() {
                 let next = now + self.down_time.as_millis() as u64;
-                if s.down_until.compare_exchange(until, next, Relaxed, Relaxed).is_ok() {
+                if s.down_until
+                    .compare_exchange(until, next, Relaxed, Relaxed)
+                    .is_ok()
+                {
                     probe = Some(s);
                 }
             }
@@ -123,7 +131,12 @@ impl Pool {
     }
 
     /// Resolve `key` through this pool with failover.
-    pub async fn query(&self, key: &Key, policy: &TtlPolicy, metrics: &Metrics) -> Result<Answer, UpstreamError> {
+    pub async fn query(
+        &self,
+        key: &Key,
+        policy: &TtlPolicy,
+        metrics: &Metrics,
+    ) -> Result<Answer, UpstreamError> {
         let order = self.candidates();
         if order.is_empty() {
             return Err(UpstreamError::AllDown);
@@ -132,9 +145,10 @@ impl Pool {
         for attempt in 0..self.attempts {
             let server = order[attempt % order.len()];
             inc(&metrics.upstream_queries);
-            let result = tokio::time::timeout(self.timeout, self.attempt(server, key, policy, metrics))
-                .await
-                .unwrap_or(Err(ExchangeError::Timeout));
+            let result =
+                tokio::time::timeout(self.timeout, self.attempt(server, key, policy, metrics))
+                    .await
+                    .unwrap_or(Err(ExchangeError::Timeout));
             match result {
                 Ok(answer) => {
                     self.succeeded(server);
@@ -152,7 +166,13 @@ impl Pool {
         Err(UpstreamError::Failed { server, source })
     }
 
-    async fn attempt(&self, s: &Server, key: &Key, policy: &TtlPolicy, metrics: &Metrics) -> Result<Answer, ExchangeError> {
+    async fn attempt(
+        &self,
+        s: &Server,
+        key: &Key,
+        policy: &TtlPolicy,
+        metrics: &Metrics,
+    ) -> Result<Answer, ExchangeError> {
         if let Some(p) = &s.pipeline {
             let id: u16 = rand::random();
             let mut msg = Vec::with_capacity(64);
@@ -192,16 +212,31 @@ impl Upstreams {
     /// Pools from the config: 0 = default, 1 = cluster (when it has servers), then stubs.
     pub fn from_config(cfg: &config::Config) -> Upstreams {
         let up = &cfg.upstream;
-        let mut pools = vec![Arc::new(Pool::new("default".into(), &up.servers, up.protocol, up))];
+        let mut pools = vec![Arc::new(Pool::new(
+            "default".into(),
+            &up.servers,
+            up.protocol,
+            up,
+        ))];
         let mut zones: Vec<(&str, usize)> = Vec::new();
         if !cfg.cluster.upstream.is_empty() {
-            pools.push(Arc::new(Pool::new("cluster".into(), &cfg.cluster.upstream, cfg.cluster.protocol, up)));
+            pools.push(Arc::new(Pool::new(
+                "cluster".into(),
+                &cfg.cluster.upstream,
+                cfg.cluster.protocol,
+                up,
+            )));
             let i = pools.len() - 1;
             zones.push((&cfg.cluster.domain, i));
             zones.extend(cfg.cluster.reverse_zones.iter().map(|z| (z.as_str(), i)));
         }
         for stub in &cfg.stubs {
-            pools.push(Arc::new(Pool::new(format!("stub:{}", stub.zone), &stub.servers, stub.protocol, up)));
+            pools.push(Arc::new(Pool::new(
+                format!("stub:{}", stub.zone),
+                &stub.servers,
+                stub.protocol,
+                up,
+            )));
             zones.push((&stub.zone, pools.len() - 1));
         }
         Upstreams {

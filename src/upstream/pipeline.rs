@@ -64,15 +64,15 @@ impl Pipeline {
 /// back with the caller's original ID. Ends (failing everything pending) on any error,
 /// on idle, or when every handle is gone.
 async fn run(server: SocketAddr, mut rx: mpsc::Receiver<Request>) {
-    let stream = match tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(server)).await
-    {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            tracing::debug!(upstream = %server, error = %e, "TCP connect failed");
-            return;
-        }
-        Err(_) => return,
-    };
+    let stream =
+        match tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(server)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::debug!(upstream = %server, error = %e, "TCP connect failed");
+                return;
+            }
+            Err(_) => return,
+        };
     let _ = stream.set_nodelay(true);
     let (reader, writer) = stream.into_split();
     let mut writer = BufWriter::new(writer);

@@ -1,0 +1,229 @@
+//! The miss path: coalescing identical misses, asking the upstream pool, filling the
+//! cache, serving stale on failure, prefetching, and answering every waiting client.
+//!
+//! Listeners call [`Resolver::miss`] from any thread; it never blocks. The first miss for a
+//! key starts one task; identical misses that arrive while it runs join its waiter list
+//! and are answered from the same upstream response, each with its own ID, letter case
+//! and EDNS. The number of keys being resolved at once is capped; over the cap a query
+//! gets SERVFAIL at once (counted), so a dead upstream cannot grow memory without bound.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use tokio::runtime::Handle;
+use tokio::sync::{mpsc, Notify};
+
+use crate::cache::{Cache, Entry};
+use crate::dns::answer::write_error;
+use crate::dns::{wire, Answer, Key, Kind, Query, Ttl, TtlPolicy};
+use crate::metrics::{inc, Metrics};
+use crate::upstream::Upstreams;
+
+/// Where an answer goes.
+pub enum ReplyTo {
+    Udp {
+        socket: Arc<UdpSocket>,
+        peer: SocketAddr,
+    },
+    /// A TCP connection's writer; messages are sent without the length prefix.
+    Tcp(mpsc::Sender<Vec<u8>>),
+}
+
+/// A client waiting for an answer: where to send it and its original query packet.
+pub struct Waiter {
+    pub reply: ReplyTo,
+    pub packet: Vec<u8>,
+}
+
+/// What the upstream exchange produced for a key.
+enum Outcome {
+    Cached(Arc<Entry>),
+    Uncached(Answer),
+    Stale(Arc<Entry>),
+    Fail,
+}
+
+pub struct Resolver {
+    pub cache: Arc<Cache>,
+    pub upstreams: Upstreams,
+    pub policy: TtlPolicy,
+    pub stale_answer_ttl: u32,
+    pub metrics: Arc<Metrics>,
+    max_in_flight: usize,
+    in_flight: AtomicUsize,
+    idle: Notify,
+    waiting: Mutex<HashMap<Key, Vec<Waiter>>>,
+    runtime: Handle,
+}
+
+impl Resolver {
+    pub fn new(
+        cache: Arc<Cache>,
+        upstreams: Upstreams,
+        policy: TtlPolicy,
+        stale_answer_ttl: u32,
+        max_in_flight: usize,
+        metrics: Arc<Metrics>,
+        runtime: Handle,
+    ) -> Resolver {
+        Resolver {
+            cache,
+            upstreams,
+            policy,
+            stale_answer_ttl,
+            metrics,
+            max_in_flight,
+            in_flight: AtomicUsize::new(0),
+            idle: Notify::new(),
+            waiting: Mutex::new(HashMap::new()),
+            runtime,
+        }
+    }
+
+    /// A client query missed the cache: resolve it and answer the client. Never blocks.
+    pub fn miss(self: &Arc<Self>, key: Key, waiter: Waiter) {
+        inc(&self.metrics.misses);
+        let mut waiting = self.waiting.lock();
+        if let Some(list) = waiting.get_mut(&key) {
+            list.push(waiter);
+            inc(&self.metrics.coalesced);
+            return;
+        }
+        if self.in_flight.load(Relaxed) >= self.max_in_flight {
+            drop(waiting);
+            inc(&self.metrics.overload);
+            self.respond(waiter, &Outcome::Fail);
+            return;
+        }
+        waiting.insert(key, vec![waiter]);
+        drop(waiting);
+        self.start(key, false);
+    }
+
+    /// Refresh `key` before it expires, unless it is already being resolved.
+    pub fn prefetch(self: &Arc<Self>, key: Key) {
+        let mut waiting = self.waiting.lock();
+        if waiting.contains_key(&key) || self.in_flight.load(Relaxed) >= self.max_in_flight {
+            return;
+        }
+        waiting.insert(key, Vec::new());
+        drop(waiting);
+        inc(&self.metrics.prefetches);
+        self.start(key, true);
+    }
+
+    fn start(self: &Arc<Self>, key: Key, prefetch: bool) {
+        self.in_flight.fetch_add(1, Relaxed);
+        let this = Arc::clone(self);
+        self.runtime.spawn(async move {
+            let outcome = this.fetch(&key).await;
+            if prefetch && !matches!(outcome, Outcome::Cached(_)) {
+                this.cache.clear_prefetch_mark(&key);
+            }
+            let waiters = this.waiting.lock().remove(&key).unwrap_or_default();
+            for w in waiters {
+                this.respond(w, &outcome);
+            }
+            if this.in_flight.fetch_sub(1, Relaxed) == 1 {
+                this.idle.notify_waiters();
+            }
+        });
+    }
+
+    async fn fetch(&self, key: &Key) -> Outcome {
+        let pool = self.upstreams.route(key.qname());
+        match pool.query(key, &self.policy, &self.metrics).await {
+            Ok(answer) if answer.kind == Kind::ServFail => match self.stale(key) {
+                Some(entry) => Outcome::Stale(entry),
+                None => self.store(key, answer),
+            },
+            Ok(answer) => self.store(key, answer),
+            Err(e) => {
+                tracing::debug!(name = %key.name_text(), pool = %pool.name, error = %e, "no upstream answer");
+                match self.stale(key) {
+                    Some(entry) => Outcome::Stale(entry),
+                    None => Outcome::Fail,
+                }
+            }
+        }
+    }
+
+    fn store(&self, key: &Key, answer: Answer) -> Outcome {
+        if answer.ttl == 0 || answer.kind == Kind::Uncacheable {
+            return Outcome::Uncached(answer);
+        }
+        match self.cache.insert(key, answer.clone()) {
+            Some(entry) => Outcome::Cached(entry),
+            None => Outcome::Uncached(answer),
+        }
+    }
+
+    fn stale(&self, key: &Key) -> Option<Arc<Entry>> {
+        self.cache
+            .get(key)
+            .filter(|e| e.answer.kind != Kind::ServFail)
+    }
+
+    fn respond(&self, w: Waiter, outcome: &Outcome) {
+        let Ok(q) = Query::parse(&w.packet) else {
+            return;
+        };
+        let limit = match w.reply {
+            ReplyTo::Udp { .. } => q.udp_limit(),
+            ReplyTo::Tcp(_) => u16::MAX as usize,
+        };
+        let mut out = Vec::with_capacity(512);
+        let truncated = match outcome {
+            Outcome::Cached(e) => {
+                let age = e.age_secs(self.cache.now_ms());
+                e.answer.render(&mut out, &q, Ttl::Age(age), limit)
+            }
+            Outcome::Uncached(a) => a.render(&mut out, &q, Ttl::Age(0), limit),
+            Outcome::Stale(e) => {
+                inc(&self.metrics.stale_answers);
+                e.answer
+                    .render(&mut out, &q, Ttl::Fixed(self.stale_answer_ttl), limit)
+            }
+            Outcome::Fail => {
+                inc(&self.metrics.servfail_sent);
+                write_error(&mut out, q.id, q.flags, wire::RCODE_SERVFAIL, Some(&q), 0);
+                false
+            }
+        };
+        if truncated {
+            inc(&self.metrics.truncated);
+        }
+        send(&self.metrics, w.reply, out);
+    }
+
+    /// Wait until no upstream query is in flight (for a graceful stop).
+    pub async fn drained(&self) {
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.in_flight.load(Relaxed) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Relaxed)
+    }
+}
+
+/// Send an answer; errors are counted, never fatal.
+pub fn send(metrics: &Metrics, to: ReplyTo, msg: Vec<u8>) {
+    let ok = match to {
+        ReplyTo::Udp { socket, peer } => socket.send_to(&msg, peer).is_ok(),
+        ReplyTo::Tcp(tx) => tx.try_send(msg).is_ok(),
+    };
+    if !ok {
+        inc(&metrics.send_errors);
+    }
+}

@@ -1,0 +1,119 @@
+//! TCP listeners (RFC 7766): several queries per connection, answered as they are ready
+//! (out of order allowed), idle timeout, a cap on connections.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+
+use super::resolve::{ReplyTo, Resolver, Waiter};
+use super::{handle, Action};
+use crate::metrics::inc;
+
+/// Answers queued per connection before its reader waits.
+const QUEUED_ANSWERS: usize = 64;
+
+/// Bind a listening TCP socket (free bind, address reuse).
+pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    sock.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(true)?;
+        sock.set_freebind_ipv6(true)?;
+    } else {
+        sock.set_freebind(true)?;
+    }
+    sock.set_nodelay(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(1024)?;
+    sock.set_nonblocking(true)?;
+    Ok(sock.into())
+}
+
+/// Accept connections until the task is dropped.
+pub async fn serve(
+    listener: TcpListener,
+    resolver: Arc<Resolver>,
+    idle: Duration,
+    max_connections: usize,
+) {
+    let slots = Arc::new(Semaphore::new(max_connections));
+    loop {
+        let (stream, _peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "TCP accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+            inc(&resolver.metrics.tcp_refused);
+            drop(stream);
+            continue;
+        };
+        inc(&resolver.metrics.tcp_connections);
+        let resolver = Arc::clone(&resolver);
+        tokio::spawn(async move {
+            let _ = connection(stream, resolver, idle).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn connection(stream: TcpStream, resolver: Arc<Resolver>, idle: Duration) -> io::Result<()> {
+    let _ = stream.set_nodelay(true);
+    let (mut reader, writer) = stream.into_split();
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(QUEUED_ANSWERS);
+    let write = tokio::spawn(async move {
+        let mut writer = BufWriter::new(writer);
+        while let Some(msg) = rx.recv().await {
+            writer.write_all(&(msg.len() as u16).to_be_bytes()).await?;
+            writer.write_all(&msg).await?;
+            if rx.is_empty() {
+                writer.flush().await?;
+            }
+        }
+        writer.shutdown().await
+    });
+    let mut out = Vec::with_capacity(4096);
+    loop {
+        let len = match tokio::time::timeout(idle, reader.read_u16()).await {
+            Ok(Ok(len)) => len as usize,
+            _ => break,
+        };
+        let mut pkt = vec![0u8; len];
+        match tokio::time::timeout(idle, reader.read_exact(&mut pkt)).await {
+            Ok(Ok(_)) => {}
+            _ => break,
+        }
+        inc(&resolver.metrics.tcp.queries);
+        match handle(&resolver, &pkt, &mut out, true) {
+            action @ (Action::Hit | Action::Reply) => {
+                if matches!(action, Action::Hit) {
+                    inc(&resolver.metrics.tcp.hits);
+                }
+                if tx.send(out.clone()).await.is_err() {
+                    break;
+                }
+            }
+            Action::Miss(key) => resolver.miss(
+                key,
+                Waiter {
+                    reply: ReplyTo::Tcp(tx.clone()),
+                    packet: pkt,
+                },
+            ),
+            // RFC 7766 §8: a message that cannot be parsed at all ends the connection.
+            Action::Drop => break,
+        }
+    }
+    drop(tx);
+    // Answers still being resolved hold their own sender; the writer ends after the last.
+    write.await.unwrap_or(Ok(()))
+}
