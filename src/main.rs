@@ -12,8 +12,9 @@ use localdns::{config, logging, metrics::Metrics, server::Server, systemd};
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
+    /// What to do; `run` when omitted.
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand)]
@@ -24,7 +25,7 @@ enum Command {
     CheckConfig(ConfigArgs),
 }
 
-#[derive(Args)]
+#[derive(Args, Default)]
 struct ConfigArgs {
     /// Config file; `*.toml` in `conf.d/` beside it are merged in name order.
     /// Without this flag and without any file, an embedded default is used.
@@ -40,7 +41,8 @@ const EX_CONFIG: u8 = 64;
 fn main() -> ExitCode {
     logging::init();
     let cli = Cli::parse();
-    let (Command::Run(args) | Command::CheckConfig(args)) = &cli.command;
+    let command = cli.command.unwrap_or(Command::Run(ConfigArgs::default()));
+    let (Command::Run(args) | Command::CheckConfig(args)) = &command;
     let source = config::Source {
         explicit: args.config.is_some(),
         path: args
@@ -56,7 +58,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EX_CONFIG);
         }
     };
-    match cli.command {
+    match command {
         Command::CheckConfig(_) => {
             print!("{}", config::render(&cfg));
             ExitCode::SUCCESS

@@ -22,6 +22,8 @@ pub enum ExchangeError {
     Closed,
 }
 
+const UDP_BUFFER: usize = 4096;
+
 /// Send the query for `key` over UDP from a new socket on a kernel-chosen (random) port,
 /// connected to `server` so that only its datagrams are received. Datagrams that do not
 /// match the ID and question are ignored (spoofing or late answers). A truncated answer
@@ -41,9 +43,14 @@ pub async fn udp(
     let mut msg = Vec::with_capacity(64);
     write_upstream_query(&mut msg, id, key);
     sock.send(&msg).await?;
-    let mut buf = vec![0u8; 65535];
+    // We advertise 1232 bytes, so a well-behaved server never sends more; a datagram that
+    // fills the buffer was cut by the kernel and is treated as truncated (retry over TCP).
+    let mut buf = vec![0u8; UDP_BUFFER];
     loop {
         let n = sock.recv(&mut buf).await?;
+        if n == buf.len() {
+            return Err(AnswerError::Truncated.into());
+        }
         match Answer::from_upstream(&buf[..n], id, key, policy) {
             Err(AnswerError::Mismatch) | Err(AnswerError::Malformed) => continue,
             other => return Ok(other?),
