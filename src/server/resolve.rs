@@ -29,7 +29,7 @@ pub enum ReplyTo {
         peer: SocketAddr,
     },
     /// A TCP connection's writer; messages are sent without the length prefix.
-    Tcp(mpsc::Sender<Vec<u8>>),
+    Tcp(mpsc::UnboundedSender<Vec<u8>>),
 }
 
 /// A client waiting for an answer: where to send it and its original query packet.
@@ -221,7 +221,7 @@ impl Resolver {
 pub fn send(metrics: &Metrics, to: ReplyTo, msg: Vec<u8>) {
     let ok = match to {
         ReplyTo::Udp { socket, peer } => socket.send_to(&msg, peer).is_ok(),
-        ReplyTo::Tcp(tx) => tx.try_send(msg).is_ok(),
+        ReplyTo::Tcp(tx) => tx.send(msg).is_ok(),
     };
     if !ok {
         inc(&metrics.send_errors);

@@ -15,8 +15,9 @@ use super::resolve::{ReplyTo, Resolver, Waiter};
 use super::{handle, Action};
 use crate::metrics::inc;
 
-/// Answers queued per connection before its reader waits.
-const QUEUED_ANSWERS: usize = 64;
+/// Queries per connection read but not yet answered; beyond it the reader waits, so a
+/// client that pipelines without reading cannot grow memory.
+const MAX_PENDING: usize = 64;
 
 /// Bind a listening TCP socket (free bind, address reuse).
 pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
@@ -69,7 +70,9 @@ pub async fn serve(
 async fn connection(stream: TcpStream, resolver: Arc<Resolver>, idle: Duration) -> io::Result<()> {
     let _ = stream.set_nodelay(true);
     let (mut reader, writer) = stream.into_split();
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(QUEUED_ANSWERS);
+    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    let pending = Arc::new(Semaphore::new(MAX_PENDING));
+    let answered = Arc::clone(&pending);
     let write = tokio::spawn(async move {
         let mut writer = BufWriter::new(writer);
         while let Some(msg) = rx.recv().await {
@@ -78,6 +81,7 @@ async fn connection(stream: TcpStream, resolver: Arc<Resolver>, idle: Duration) 
             if rx.is_empty() {
                 writer.flush().await?;
             }
+            answered.add_permits(1);
         }
         writer.shutdown().await
     });
@@ -87,6 +91,10 @@ async fn connection(stream: TcpStream, resolver: Arc<Resolver>, idle: Duration) 
             Ok(Ok(len)) => len as usize,
             _ => break,
         };
+        match pending.acquire().await {
+            Ok(permit) => permit.forget(),
+            Err(_) => break,
+        }
         let mut pkt = vec![0u8; len];
         match tokio::time::timeout(idle, reader.read_exact(&mut pkt)).await {
             Ok(Ok(_)) => {}
@@ -98,7 +106,7 @@ async fn connection(stream: TcpStream, resolver: Arc<Resolver>, idle: Duration) 
                 if matches!(action, Action::Hit) {
                     inc(&resolver.metrics.tcp.hits);
                 }
-                if tx.send(out.clone()).await.is_err() {
+                if tx.send(out.clone()).is_err() {
                     break;
                 }
             }
@@ -112,6 +120,8 @@ async fn connection(stream: TcpStream, resolver: Arc<Resolver>, idle: Duration) 
             // RFC 7766 §8: a message that cannot be parsed at all ends the connection.
             Action::Drop => break,
         }
+        // Every query read is answered through `tx` (the resolver answers misses, even
+        // on failure), which gives its permit back.
     }
     drop(tx);
     // Answers still being resolved hold their own sender; the writer ends after the last.

@@ -1,6 +1,11 @@
 //! UDP listeners: one blocking receive loop per socket, several `SO_REUSEPORT` sockets per
-//! address (one per core), so the hit path is a plain loop with no task, no channel and
-//! no allocation: receive, parse the question, look up, copy, patch, send.
+//! address (one per core), so the hit path is a plain loop with no task and no channel:
+//! receive a batch, parse each question, look up, copy, patch, send the batch.
+//!
+//! Chosen by measurement (shared/bench, server pinned to one core, same run): cache hits
+//! cost 4.18-4.23 µs of server CPU per query with recvmmsg/sendmmsg batching, 4.24-4.67
+//! with a plain recv_from/send_to loop, against 4.40-4.52 for the do-nothing floor and
+//! 5.3 for unbound.
 //!
 //! Misses are handed to the resolver on the tokio runtime, which answers through a
 //! clone of the same socket.
@@ -48,55 +53,108 @@ fn set_recv_buffer(sock: &Socket, bytes: usize) {
     }
 }
 
-/// The receive loop. Returns when `stop` is set (within [`WAKE`]).
+/// Datagrams received (and answers sent) per system call.
+const BATCH: usize = 32;
+
+/// The receive loop with batching: `recvmmsg` takes every datagram waiting (up to
+/// [`BATCH`], blocking only for the first), cache hits are answered together with one
+/// `sendmmsg`. Returns when `stop` is set (within [`WAKE`]).
 pub fn serve(
     socket: Arc<UdpSocket>,
     resolver: Arc<Resolver>,
     hot: Arc<Hot>,
     stop: Arc<AtomicBool>,
 ) {
-    let mut buf = vec![0u8; MAX_QUERY];
-    let mut out = Vec::with_capacity(4096);
+    use nix::sys::socket::{recvmmsg, sendmmsg, MsgFlags, MultiHeaders, SockaddrStorage};
+    use std::io::{IoSlice, IoSliceMut};
+    use std::os::fd::AsRawFd;
+
+    let fd = socket.as_raw_fd();
+    let mut bufs = vec![[0u8; MAX_QUERY]; BATCH];
+    let mut outs: Vec<Vec<u8>> = (0..BATCH).map(|_| Vec::with_capacity(4096)).collect();
+    let mut recv_headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
+    let mut send_headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
+    let mut got: Vec<(usize, Option<SockaddrStorage>)> = Vec::with_capacity(BATCH);
+    let mut replies: Vec<Option<SockaddrStorage>> = Vec::with_capacity(BATCH);
     while !stop.load(Ordering::Relaxed) {
-        let (n, peer) = match socket.recv_from(&mut buf) {
-            Ok(r) => r,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                        | io::ErrorKind::Interrupted
-                ) =>
-            {
-                continue
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "UDP receive failed");
-                continue;
-            }
-        };
-        Hot::add(&hot.queries);
-        let pkt = &buf[..n];
-        match handle(&resolver, pkt, &mut out, false) {
-            action @ (Action::Hit | Action::Reply) => {
-                if matches!(action, Action::Hit) {
-                    Hot::add(&hot.hits);
-                }
-                if socket.send_to(&out, peer).is_err() {
-                    inc(&resolver.metrics.send_errors);
+        got.clear();
+        {
+            let mut iovs: Vec<[IoSliceMut<'_>; 1]> = bufs
+                .iter_mut()
+                .map(|b| [IoSliceMut::new(&mut b[..])])
+                .collect();
+            match recvmmsg(
+                fd,
+                &mut recv_headers,
+                iovs.iter_mut(),
+                MsgFlags::MSG_WAITFORONE,
+                None,
+            ) {
+                Ok(results) => got.extend(results.map(|r| (r.bytes, r.address))),
+                Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "UDP receive failed");
+                    continue;
                 }
             }
-            Action::Miss(key) => resolver.miss(
-                key,
-                Waiter {
-                    reply: ReplyTo::Udp {
-                        socket: Arc::clone(&socket),
-                        peer,
-                    },
-                    packet: pkt.to_vec(),
-                },
-            ),
-            Action::Drop => {}
+        }
+        replies.clear();
+        for (i, &(n, addr)) in got.iter().enumerate() {
+            Hot::add(&hot.queries);
+            let pkt = &bufs[i][..n.min(MAX_QUERY)];
+            let out = &mut outs[replies.len()];
+            match handle(&resolver, pkt, out, false) {
+                action @ (Action::Hit | Action::Reply) => {
+                    if matches!(action, Action::Hit) {
+                        Hot::add(&hot.hits);
+                    }
+                    replies.push(addr);
+                }
+                Action::Miss(key) => {
+                    let peer = addr.and_then(|a| to_socket_addr(&a));
+                    if let Some(peer) = peer {
+                        resolver.miss(
+                            key,
+                            Waiter {
+                                reply: ReplyTo::Udp {
+                                    socket: Arc::clone(&socket),
+                                    peer,
+                                },
+                                packet: pkt.to_vec(),
+                            },
+                        );
+                    }
+                }
+                Action::Drop => {}
+            }
+        }
+        if replies.is_empty() {
+            continue;
+        }
+        let slices: Vec<[IoSlice<'_>; 1]> = outs[..replies.len()]
+            .iter()
+            .map(|o| [IoSlice::new(o)])
+            .collect();
+        let sent = sendmmsg(
+            fd,
+            &mut send_headers,
+            slices.iter(),
+            &replies[..],
+            [],
+            MsgFlags::MSG_DONTWAIT,
+        )
+        .map(|r| r.count())
+        .unwrap_or(0);
+        for _ in sent..replies.len() {
+            inc(&resolver.metrics.send_errors);
         }
     }
+}
+
+fn to_socket_addr(a: &nix::sys::socket::SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = a.as_sockaddr_in() {
+        return Some(SocketAddr::from((v4.ip(), v4.port())));
+    }
+    a.as_sockaddr_in6()
+        .map(|v6| SocketAddr::from((v6.ip(), v6.port())))
 }
