@@ -15,7 +15,12 @@ use nix::unistd::Pid;
 
 use super::upstream::bind_pair;
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_localdns");
+/// The binary under test. `LOCALDNS_TEST_BIN` runs the suite against another executable with
+/// the same command line (used to check the harness itself with a stand-in).
+pub fn bin() -> String {
+    std::env::var("LOCALDNS_TEST_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_localdns").to_string())
+}
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The knobs of the config file the tests turn. `Config::to(up)` sends everything (cluster
@@ -192,7 +197,7 @@ impl Daemon {
 
         let stdout = std::fs::File::create(dir.path().join("stdout.log")).expect("log");
         let stderr = std::fs::File::create(dir.path().join("stderr.log")).expect("log");
-        let child = Command::new(BIN)
+        let child = Command::new(bin())
             .arg("run")
             .arg("--config")
             .arg(&config_path)
@@ -204,7 +209,7 @@ impl Daemon {
             .stdout(stdout)
             .stderr(stderr)
             .spawn()
-            .unwrap_or_else(|e| panic!("spawn {BIN}: {e}"));
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", bin()));
         let mut d = Daemon {
             child,
             dns,
@@ -296,11 +301,11 @@ impl Drop for Daemon {
 
 /// `localdns check-config --config PATH`.
 pub fn check_config(path: &Path) -> Output {
-    Command::new(BIN)
+    Command::new(bin())
         .arg("check-config")
         .arg("--config")
         .arg(path)
         .stdin(Stdio::null())
         .output()
-        .unwrap_or_else(|e| panic!("spawn {BIN}: {e}"))
+        .unwrap_or_else(|e| panic!("spawn {}: {e}", bin()))
 }
