@@ -402,6 +402,25 @@ fn truncated_over_udp_then_full_over_tcp() {
         g.stdout
     );
     assert!(up.count("medium.example.com", RecordType::TXT) >= 1);
+    // If localdns asked the upstream over UDP with room for less than the whole answer, the
+    // upstream set TC and localdns must have retried over TCP.
+    let full = dig(up.addr, &["+bufsize=4096", "big.example.com", "TXT"])
+        .msg_size()
+        .unwrap();
+    let asked: Vec<_> = up
+        .seen()
+        .into_iter()
+        .filter(|s| s.name == "big.example.com")
+        .collect();
+    let truncated_upstream = asked
+        .iter()
+        .any(|s| s.transport == Transport::Udp && s.edns_size.map(usize::from).unwrap_or(0) < full);
+    if truncated_upstream {
+        assert!(
+            asked.iter().any(|s| s.transport == Transport::Tcp),
+            "upstream answered TC but localdns never retried over TCP: {asked:?}"
+        );
+    }
     let m = scrape(d.metrics);
     assert!(m.value("localdns_truncated_total", &[]) >= 2.0);
     assert!(m.value("localdns_queries_total", &[("transport", "tcp")]) >= 1.0);
@@ -484,6 +503,12 @@ fn queries_are_routed_by_zone() {
         1
     );
     assert_eq!(cluster.total(), 2, "cluster saw {:?}", cluster.seen());
+    let conns: std::collections::HashSet<_> = cluster.seen().iter().map(|s| s.src).collect();
+    assert_eq!(
+        conns.len(),
+        1,
+        "cluster queries did not share one persistent TCP connection"
+    );
     assert_eq!(stub.count("www.corp.example", A), 1);
     assert_eq!(stub.total(), 1, "stub saw {:?}", stub.seen());
     assert_eq!(default.count_over("www.example.com", A, Transport::Udp), 1);

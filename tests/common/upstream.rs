@@ -46,6 +46,8 @@ pub struct Seen {
     pub transport: Transport,
     /// The EDNS UDP size the sender advertised, if it sent an OPT record.
     pub edns_size: Option<u16>,
+    /// Source address: TCP queries from one connection share it.
+    pub src: SocketAddr,
 }
 
 /// SOA sent with negative answers (and answerable as a record).
@@ -175,6 +177,7 @@ impl RequestHandler for Handler {
             qtype,
             transport,
             edns_size,
+            src: request.src(),
         });
 
         if self.0.silent.load(Ordering::SeqCst) {
