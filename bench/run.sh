@@ -91,9 +91,9 @@ function g(k,w,f){ return ((k,w,f) in V)? V[k,w,f] : "-" }
   if($15 ~ /^[0-9]+$/) LOST[k]+=$15
   if($26 ~ /^[0-9]+$/ && $26+0>PEAK[k]) PEAK[k]=$26 }
 END{
-  printf "%-9s %8s %9s %9s %9s %9s %9s %9s %9s %9s %10s %7s %8s\n", "server", "hit_us/q", "hit_qps", "steady_us", "steady_p99", "miss_us", "miss_p99", "recheck_us", "nxcold_us", "nxhot_us", "nxhot_upq", "lost", "peakMiB"
+  printf "%-9s %9s %9s %10s %10s %9s %9s %10s %10s %9s %10s %6s %8s\n", "server", "hit_us/q", "hit_qps", "steady_us", "steady_p99", "miss_us", "miss_p99", "recheck_us", "nxcold_us", "nxhot_us", "nxhot_upq", "lost", "peakMiB"
   for(i=1;i<=n;i++){ k=order[i]; hu[k]=med(HU[k])
-    printf "%-9s %8s %9s %9s %9s %9s %9s %9s %9s %9s %10s %7d %8.1f\n", k, hu[k], (HQ[k]==""?"-":sprintf("%.0f",med(HQ[k]))),
+    printf "%-9s %9s %9s %10s %10s %9s %9s %10s %10s %9s %10s %6d %8.1f\n", k, hu[k], (HQ[k]==""?"-":sprintf("%.0f",med(HQ[k]))),
       g(k,"steady",21), g(k,"steady",12), g(k,"miss",21), g(k,"miss",12), g(k,"miss-recheck",21), g(k,"nx-cold",21), g(k,"nx-hot",21),
       g(k,"nx-hot",19), LOST[k], PEAK[k]/1024 }
   print ""
