@@ -1,0 +1,765 @@
+//! The integration tests: the real `localdns` binary against real (in-process) upstream DNS
+//! servers, on loopback, unprivileged.
+//!
+//! Every test starts its own upstreams and daemon on random ports with its own temp dir, so
+//! the tests run in parallel. Waits happen only where time is the thing under test (TTLs,
+//! timeouts); readiness is the daemon's sd_notify `READY=1`.
+//!
+//! `upstream_self_test` and `metrics_parser` check the harness itself without localdns.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Barrier};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use common::client::{self, query, with_edns};
+use common::daemon::{check_config, Config, Daemon};
+use common::dig::dig;
+use common::metrics::{self, scrape};
+use common::upstream::{closed_port, Transport, Upstream};
+use hickory_proto::op::{MessageType, OpCode, ResponseCode};
+use hickory_proto::rr::RecordType;
+
+const A: RecordType = RecordType::A;
+
+/// An upstream serving a few ordinary names under example.com with a 1 s negative TTL.
+fn example_upstream() -> Upstream {
+    let up = Upstream::start();
+    up.zone("example.com")
+        .soa_times(1, 1)
+        .a("www.example.com", 300, "192.0.2.1")
+        .a("example.com", 300, "192.0.2.2")
+        .a("short.example.com", 1, "192.0.2.3")
+        .a("nodata.example.com", 300, "192.0.2.4")
+        .cname("alias.example.com", 300, "www.example.com")
+        // ~800 bytes: over 512, under 1232.
+        .big_txt("medium.example.com", 300, 8, 90)
+        // ~2500 bytes: over 1232, under 4096.
+        .big_txt("big.example.com", 300, 20, 110);
+    up
+}
+
+fn daemon_for(up: &Upstream) -> Daemon {
+    Daemon::start(&Config::to(up.addr))
+}
+
+fn ok(server: SocketAddr, name: &str, qtype: RecordType) -> hickory_proto::op::Message {
+    let r =
+        client::udp(server, &query(name, qtype)).unwrap_or_else(|e| panic!("{name} {qtype}: {e}"));
+    assert_eq!(
+        r.response_code(),
+        ResponseCode::NoError,
+        "{name} {qtype}: {r:?}"
+    );
+    r
+}
+
+// ---------------------------------------------------------------- the harness alone
+
+#[test]
+fn upstream_self_test() {
+    let mut up = example_upstream();
+    let d = dig(up.addr, &["www.example.com", "A"]);
+    assert_eq!(d.status().as_deref(), Some("NOERROR"), "{}", d.stdout);
+    assert_eq!(d.answers()[0].rdata, "192.0.2.1");
+    assert!(d.flags().contains(&"aa".to_string()), "{:?}", d.flags());
+
+    let d = dig(up.addr, &["nx.example.com", "A"]);
+    assert_eq!(d.status().as_deref(), Some("NXDOMAIN"), "{}", d.stdout);
+    let soa = &d.authority()[0];
+    assert_eq!(
+        (soa.name.as_str(), soa.rtype.as_str(), soa.ttl),
+        ("example.com.", "SOA", 1)
+    );
+
+    let d = dig(up.addr, &["nodata.example.com", "AAAA"]);
+    assert_eq!(d.status().as_deref(), Some("NOERROR"));
+    assert!(
+        d.answers().is_empty() && d.authority()[0].rtype == "SOA",
+        "{}",
+        d.stdout
+    );
+
+    // CNAME chased inside the zone; case of the question echoed.
+    let d = dig(up.addr, &["AlIaS.example.com", "A"]);
+    let ans = d.answers();
+    assert_eq!(ans.len(), 2, "{}", d.stdout);
+    assert_eq!(ans[0].rtype, "CNAME");
+    assert!(d.stdout.contains(";AlIaS.example.com."), "{}", d.stdout);
+
+    // Truncation by size: 512 without EDNS, the EDNS size with it; dig retries over TCP.
+    let d = dig(up.addr, &["+noedns", "medium.example.com", "TXT"]);
+    assert!(
+        d.retried_over_tcp() && d.answered_over_tcp(),
+        "{}",
+        d.stdout
+    );
+    assert_eq!(d.answers().len(), 8);
+    let d = dig(up.addr, &["+bufsize=1232", "medium.example.com", "TXT"]);
+    assert!(
+        !d.retried_over_tcp() && d.msg_size().unwrap() > 512,
+        "{}",
+        d.stdout
+    );
+    let d = dig(up.addr, &["+bufsize=1232", "big.example.com", "TXT"]);
+    assert!(d.retried_over_tcp(), "{}", d.stdout);
+    let d = dig(up.addr, &["+bufsize=4096", "big.example.com", "TXT"]);
+    assert!(
+        !d.retried_over_tcp() && d.msg_size().unwrap() > 1232,
+        "{}",
+        d.stdout
+    );
+    assert_eq!(d.answers().len(), 20);
+
+    // The Rust client, raw TC bit, and TCP pipelining against the fake.
+    let r = client::udp(up.addr, &query("big.example.com", RecordType::TXT)).unwrap();
+    assert!(r.truncated() && r.answers().is_empty());
+    let r = client::udp(
+        up.addr,
+        &with_edns(query("big.example.com", RecordType::TXT), 4096),
+    )
+    .unwrap();
+    assert!(!r.truncated() && r.answers().len() == 20);
+    let qs = [
+        query("www.example.com", A),
+        query("example.com", A),
+        query("nx.example.com", A),
+    ];
+    let rs = client::tcp_pipelined(up.addr, &qs).unwrap();
+    for q in &qs {
+        assert!(
+            rs.iter().any(|r| r.id() == q.id()),
+            "no answer for id {}",
+            q.id()
+        );
+    }
+
+    // Counters: per lower-cased (name, type) and per transport.
+    assert_eq!(up.count("WWW.EXAMPLE.COM", A), 2);
+    assert_eq!(up.count_over("www.example.com", A, Transport::Tcp), 1);
+    assert_eq!(up.count("alias.example.com", A), 1);
+    assert_eq!(
+        up.count_over("medium.example.com", RecordType::TXT, Transport::Tcp),
+        1
+    );
+    assert_eq!(
+        up.seen()
+            .iter()
+            .filter(|s| s.edns_size == Some(4096))
+            .count(),
+        2
+    );
+    assert!(up.count_transport(Transport::Udp) >= 10);
+
+    // Silent: counted, not answered.
+    up.set_silent(true);
+    let before = up.total();
+    assert!(client::udp_timeout(
+        up.addr,
+        &query("www.example.com", A),
+        Duration::from_millis(300)
+    )
+    .is_err());
+    assert_eq!(up.total(), before + 1);
+    up.set_silent(false);
+
+    // Delay.
+    up.set_delay(Duration::from_millis(200));
+    let t = Instant::now();
+    ok(up.addr, "www.example.com", A);
+    assert!(t.elapsed() >= Duration::from_millis(200));
+    up.set_delay(Duration::ZERO);
+
+    // Shutdown closes the port: TCP refuses.
+    let addr = up.addr;
+    up.shutdown();
+    assert!(std::net::TcpStream::connect(addr).is_err());
+    assert!(client::udp_timeout(
+        addr,
+        &query("www.example.com", A),
+        Duration::from_millis(300)
+    )
+    .is_err());
+}
+
+#[test]
+fn metrics_parser() {
+    let m = metrics::parse(
+        "# HELP localdns_queries_total Queries.\n# TYPE localdns_queries_total counter\n\
+         localdns_queries_total{transport=\"udp\"} 7\nlocaldns_queries_total{transport=\"tcp\"} 2\n\
+         localdns_bad_queries_total{kind=\"formerr\", x=\"a,b\"} 1 1700000000\nlocaldns_cache_entries 3e1\n",
+    );
+    assert_eq!(
+        m.get("localdns_queries_total", &[("transport", "udp")]),
+        Some(7.0)
+    );
+    assert_eq!(m.get("localdns_queries_total", &[]), Some(9.0));
+    assert_eq!(
+        m.get(
+            "localdns_bad_queries_total",
+            &[("kind", "formerr"), ("x", "a,b")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(m.get("localdns_cache_entries", &[]), Some(30.0));
+    assert_eq!(m.get("localdns_nope", &[]), None);
+}
+
+// ---------------------------------------------------------------- localdns
+
+#[test]
+fn positive_answers_are_cached() {
+    let up = example_upstream();
+    let d = daemon_for(&up);
+    for _ in 0..10 {
+        let r = ok(d.dns, "www.example.com", A);
+        assert_eq!(client::addrs(&r), ["192.0.2.1"]);
+    }
+    assert_eq!(
+        up.count("www.example.com", A),
+        1,
+        "upstream saw {:?}",
+        up.seen()
+    );
+    let m = scrape(d.metrics);
+    assert_eq!(m.value("localdns_cache_hits_total", &[]), 9.0);
+    assert_eq!(m.value("localdns_cache_misses_total", &[]), 1.0);
+    assert_eq!(
+        m.value("localdns_queries_total", &[("transport", "udp")]),
+        10.0
+    );
+    assert!(m.value("localdns_cache_entries", &[]) >= 1.0);
+    assert!(m.value("localdns_upstream_queries_total", &[]) >= 1.0);
+    // A CNAME chain is cached too.
+    for _ in 0..3 {
+        let r = ok(d.dns, "alias.example.com", A);
+        assert_eq!(client::addrs(&r), ["192.0.2.1"]);
+    }
+    assert_eq!(up.count("alias.example.com", A), 1);
+}
+
+/// Prefetch is off here: with 1 s TTLs a prefetch could legitimately add upstream queries.
+fn negative_cache(name: &str, qtype: RecordType, rcode: ResponseCode) {
+    let up = example_upstream();
+    let mut cfg = Config::to(up.addr);
+    cfg.prefetch = false;
+    let d = Daemon::start(&cfg);
+    for _ in 0..5 {
+        let r = client::udp(d.dns, &query(name, qtype)).unwrap();
+        assert_eq!(r.response_code(), rcode);
+        assert!(r.answers().is_empty());
+        assert!(client::has_soa(&r), "negative answer without SOA: {r:?}");
+    }
+    assert_eq!(
+        up.count(name, qtype),
+        1,
+        "negative answer not cached: {:?}",
+        up.seen()
+    );
+    // SOA TTL and minimum are 1 s: after that the entry must be gone.
+    sleep(Duration::from_millis(2100));
+    let r = client::udp(d.dns, &query(name, qtype)).unwrap();
+    assert_eq!(r.response_code(), rcode);
+    assert_eq!(
+        up.count(name, qtype),
+        2,
+        "negative entry outlived its SOA TTL"
+    );
+}
+
+#[test]
+fn nxdomain_is_cached_per_soa() {
+    negative_cache("nx.example.com", A, ResponseCode::NXDomain);
+}
+
+#[test]
+fn nodata_is_cached_per_soa() {
+    negative_cache(
+        "nodata.example.com",
+        RecordType::AAAA,
+        ResponseCode::NoError,
+    );
+}
+
+#[test]
+fn negative_ttl_is_capped() {
+    // SOA says one hour; negative_max_ttl = 1s must win.
+    let up = Upstream::start();
+    up.zone("example.com").soa_times(3600, 3600);
+    let mut cfg = Config::to(up.addr);
+    cfg.negative_max_ttl = "1s".into();
+    cfg.prefetch = false;
+    let d = Daemon::start(&cfg);
+    let r = client::udp(d.dns, &query("gone.example.com", A)).unwrap();
+    assert_eq!(r.response_code(), ResponseCode::NXDomain);
+    let soa_ttl = r.name_servers().iter().map(|r| r.ttl()).max().unwrap_or(0);
+    assert!(
+        soa_ttl <= 1,
+        "negative answer TTL {soa_ttl} above the 1s cap"
+    );
+    sleep(Duration::from_millis(2100));
+    client::udp(d.dns, &query("gone.example.com", A)).unwrap();
+    assert_eq!(up.count("gone.example.com", A), 2);
+}
+
+#[test]
+fn ttl_counts_down_on_hits() {
+    let up = example_upstream();
+    let d = daemon_for(&up);
+    let first = client::ttls(&ok(d.dns, "www.example.com", A));
+    assert!(first[0] <= 300 && first[0] >= 299, "{first:?}");
+    sleep(Duration::from_millis(1500));
+    let second = client::ttls(&ok(d.dns, "www.example.com", A));
+    assert!(
+        second[0] < first[0],
+        "TTL did not count down: {first:?} then {second:?}"
+    );
+    assert!(second[0] >= 297, "TTL dropped too far: {second:?}");
+    assert_eq!(up.count("www.example.com", A), 1);
+}
+
+#[test]
+fn question_case_and_id_are_echoed() {
+    let up = example_upstream();
+    let d = daemon_for(&up);
+    // First on a miss, then on a hit of the entry the lower-case query created.
+    for name in ["ExAmPlE.CoM", "example.com", "EXAMPLE.com", "ExAmPlE.CoM"] {
+        let mut q = query(name, A);
+        q.set_id(0xBEEF);
+        let wire = client::encode(&q);
+        let ans = client::udp_bytes(d.dns, &q).unwrap();
+        assert_eq!(&ans[..2], &[0xBE, 0xEF], "ID not echoed for {name}");
+        assert_eq!(
+            client::question_bytes(&ans),
+            client::question_bytes(&wire),
+            "question not echoed byte for byte for {name}"
+        );
+        let r = hickory_proto::op::Message::from_vec(&ans).unwrap();
+        assert_eq!(client::addrs(&r), ["192.0.2.2"]);
+    }
+    assert_eq!(
+        up.count("example.com", A),
+        1,
+        "case variants must share one cache entry"
+    );
+}
+
+#[test]
+fn truncated_over_udp_then_full_over_tcp() {
+    let up = example_upstream();
+    let d = daemon_for(&up);
+    // No EDNS: 512 bytes. The ~800-byte answer must come back with TC=1.
+    let r = client::udp(d.dns, &query("medium.example.com", RecordType::TXT)).unwrap();
+    assert!(
+        r.truncated(),
+        "TC not set on an 800-byte answer without EDNS"
+    );
+    let raw = client::udp_bytes(d.dns, &query("medium.example.com", RecordType::TXT)).unwrap();
+    assert!(
+        raw.len() <= 512,
+        "UDP answer of {} bytes without EDNS",
+        raw.len()
+    );
+    // dig does what stub resolvers do: retry over TCP, get everything.
+    let g = dig(d.dns, &["+noedns", "medium.example.com", "TXT"]);
+    assert!(
+        g.retried_over_tcp() && g.answered_over_tcp(),
+        "{}",
+        g.stdout
+    );
+    assert_eq!(g.status().as_deref(), Some("NOERROR"));
+    assert_eq!(g.answers().len(), 8, "{}", g.stdout);
+    // EDNS 1232 fits the medium answer.
+    let r = client::udp(
+        d.dns,
+        &with_edns(query("medium.example.com", RecordType::TXT), 1232),
+    )
+    .unwrap();
+    assert!(!r.truncated() && r.answers().len() == 8);
+    // The ~2500-byte answer: TC at 1232, fits at 4096 (localdns had to fetch it whole).
+    let r = client::udp(
+        d.dns,
+        &with_edns(query("big.example.com", RecordType::TXT), 1232),
+    )
+    .unwrap();
+    assert!(r.truncated());
+    let r = client::udp(
+        d.dns,
+        &with_edns(query("big.example.com", RecordType::TXT), 4096),
+    )
+    .unwrap();
+    assert!(
+        !r.truncated(),
+        "2500-byte answer truncated although the client allows 4096"
+    );
+    assert_eq!(r.answers().len(), 20);
+    let g = dig(d.dns, &["+bufsize=4096", "big.example.com", "TXT"]);
+    assert!(
+        !g.retried_over_tcp() && g.answers().len() == 20,
+        "{}",
+        g.stdout
+    );
+    assert!(up.count("medium.example.com", RecordType::TXT) >= 1);
+    // If localdns asked the upstream over UDP with room for less than the whole answer, the
+    // upstream set TC and localdns must have retried over TCP.
+    let full = dig(up.addr, &["+bufsize=4096", "big.example.com", "TXT"])
+        .msg_size()
+        .unwrap();
+    let asked: Vec<_> = up
+        .seen()
+        .into_iter()
+        .filter(|s| s.name == "big.example.com")
+        .collect();
+    let truncated_upstream = asked
+        .iter()
+        .any(|s| s.transport == Transport::Udp && s.edns_size.map(usize::from).unwrap_or(0) < full);
+    if truncated_upstream {
+        assert!(
+            asked.iter().any(|s| s.transport == Transport::Tcp),
+            "upstream answered TC but localdns never retried over TCP: {asked:?}"
+        );
+    }
+    let m = scrape(d.metrics);
+    assert!(m.value("localdns_truncated_total", &[]) >= 2.0);
+    assert!(m.value("localdns_queries_total", &[("transport", "tcp")]) >= 1.0);
+}
+
+#[test]
+fn several_queries_on_one_tcp_connection() {
+    let up = example_upstream();
+    let d = daemon_for(&up);
+    ok(d.dns, "www.example.com", A); // one of the three is a cache hit
+    let qs = [
+        query("www.example.com", A),
+        query("example.com", A),
+        query("nx.example.com", A),
+    ];
+    let rs = client::tcp_pipelined(d.dns, &qs).expect("three answers on one connection");
+    let by_id = |id| {
+        rs.iter()
+            .find(|r| r.id() == id)
+            .unwrap_or_else(|| panic!("no answer for id {id}"))
+    };
+    assert_eq!(client::addrs(by_id(qs[0].id())), ["192.0.2.1"]);
+    assert_eq!(client::addrs(by_id(qs[1].id())), ["192.0.2.2"]);
+    assert_eq!(by_id(qs[2].id()).response_code(), ResponseCode::NXDomain);
+    // The connection stays usable for a fourth, sequential query.
+    let mut s = client::tcp_connect(d.dns).unwrap();
+    for name in ["www.example.com", "example.com"] {
+        use std::io::Write;
+        let q = query(name, A);
+        s.write_all(&client::tcp_frame(&q)).unwrap();
+        assert_eq!(client::tcp_read(&mut s).unwrap().id(), q.id());
+    }
+    let m = scrape(d.metrics);
+    assert!(m.value("localdns_queries_total", &[("transport", "tcp")]) >= 5.0);
+}
+
+#[test]
+fn queries_are_routed_by_zone() {
+    // The same names on every upstream, each answering with its own address, so both the
+    // counters and the answer show who was asked.
+    let serve = |ip: &str| {
+        let up = Upstream::start();
+        up.a("kubernetes.default.svc.cluster.local", 300, ip)
+            .ptr(
+                "1.0.96.10.in-addr.arpa",
+                300,
+                "kubernetes.default.svc.cluster.local",
+            )
+            .a("www.corp.example", 300, ip)
+            .a("www.example.com", 300, ip);
+        up
+    };
+    let (cluster, default, stub) = (serve("10.0.0.1"), serve("10.0.0.2"), serve("10.0.0.3"));
+    let mut cfg = Config::to(default.addr);
+    cfg.cluster = vec![cluster.addr];
+    cfg.cluster_protocol = "tcp".into();
+    cfg.stubs = vec![("corp.example".into(), vec![stub.addr])];
+    let d = Daemon::start(&cfg);
+
+    let svc = "kubernetes.default.svc.cluster.local";
+    assert_eq!(client::addrs(&ok(d.dns, svc, A)), ["10.0.0.1"]);
+    assert_eq!(
+        client::addrs(&ok(d.dns, "www.corp.example", A)),
+        ["10.0.0.3"]
+    );
+    assert_eq!(
+        client::addrs(&ok(d.dns, "www.example.com", A)),
+        ["10.0.0.2"]
+    );
+    let r = ok(d.dns, "1.0.96.10.in-addr.arpa", RecordType::PTR);
+    assert_eq!(r.answers().len(), 1);
+
+    assert_eq!(
+        cluster.count_over(svc, A, Transport::Tcp),
+        1,
+        "cluster upstream must be asked over TCP"
+    );
+    assert_eq!(
+        cluster.count_over("1.0.96.10.in-addr.arpa", RecordType::PTR, Transport::Tcp),
+        1
+    );
+    assert_eq!(cluster.total(), 2, "cluster saw {:?}", cluster.seen());
+    let conns: std::collections::HashSet<_> = cluster.seen().iter().map(|s| s.src).collect();
+    assert_eq!(
+        conns.len(),
+        1,
+        "cluster queries did not share one persistent TCP connection"
+    );
+    assert_eq!(stub.count("www.corp.example", A), 1);
+    assert_eq!(stub.total(), 1, "stub saw {:?}", stub.seen());
+    assert_eq!(default.count_over("www.example.com", A, Transport::Udp), 1);
+    assert_eq!(default.total(), 1, "default saw {:?}", default.seen());
+}
+
+#[test]
+fn failover_from_a_closed_port() {
+    let up = Upstream::start();
+    for i in 0..6 {
+        up.a(&format!("n{i}.example.com"), 300, "192.0.2.9");
+    }
+    let mut cfg = Config::to(up.addr);
+    cfg.servers = vec![closed_port(), up.addr];
+    cfg.timeout = "500ms".into();
+    let d = Daemon::start(&cfg);
+    for i in 0..6 {
+        let r = client::udp(d.dns, &query(&format!("n{i}.example.com"), A)).unwrap();
+        assert_eq!(
+            client::addrs(&r),
+            ["192.0.2.9"],
+            "query {i} not answered by the live second upstream"
+        );
+    }
+    assert_eq!(up.total(), 6);
+    assert!(scrape(d.metrics).value("localdns_upstream_failures_total", &[]) >= 1.0);
+}
+
+#[test]
+fn failover_marks_a_black_hole_down() {
+    let hole = Upstream::start();
+    hole.set_silent(true);
+    let up = Upstream::start();
+    for i in 0..20 {
+        up.a(&format!("n{i}.example.com"), 300, "192.0.2.9");
+    }
+    let mut cfg = Config::to(up.addr);
+    cfg.servers = vec![hole.addr, up.addr];
+    cfg.timeout = "400ms".into();
+    cfg.down_after_failures = 3;
+    cfg.down_time = "60s".into();
+    let d = Daemon::start(&cfg);
+
+    // Warm-up: every query is answered from the second upstream, the first times out.
+    for i in 0..8 {
+        let r = client::udp(d.dns, &query(&format!("n{i}.example.com"), A)).unwrap();
+        assert_eq!(client::addrs(&r), ["192.0.2.9"], "query {i}");
+    }
+    let tried = hole.total();
+    assert!(tried >= 1, "the first upstream was never tried");
+    // Now it is down: not asked again, and answers no longer wait for its timeout.
+    for i in 8..16 {
+        let t = Instant::now();
+        let r = client::udp(d.dns, &query(&format!("n{i}.example.com"), A)).unwrap();
+        assert_eq!(client::addrs(&r), ["192.0.2.9"]);
+        assert!(
+            t.elapsed() < Duration::from_millis(300),
+            "query {i} took {:?}: dead upstream still tried",
+            t.elapsed()
+        );
+    }
+    assert_eq!(
+        hole.total(),
+        tried,
+        "a server marked down was still queried"
+    );
+    assert!(
+        tried <= 3 * 3,
+        "black hole asked {tried} times before being marked down"
+    );
+}
+
+#[test]
+fn serves_stale_when_the_upstream_dies() {
+    let mut up = example_upstream();
+    // Short timeout: a dead UDP upstream may only show as timeouts, and the client waits 5 s.
+    let mut cfg = Config::to(up.addr);
+    cfg.timeout = "300ms".into();
+    let d = Daemon::start(&cfg);
+    let r = ok(d.dns, "short.example.com", A);
+    assert_eq!(client::ttls(&r), [1]);
+    up.shutdown();
+    sleep(Duration::from_millis(2100));
+    let r = client::udp(d.dns, &query("short.example.com", A)).unwrap();
+    assert_eq!(
+        r.response_code(),
+        ResponseCode::NoError,
+        "expired entry not served stale: {r:?}"
+    );
+    assert_eq!(client::addrs(&r), ["192.0.2.3"]);
+    assert_eq!(
+        client::ttls(&r),
+        [30],
+        "stale answers carry stale_answer_ttl"
+    );
+    assert!(scrape(d.metrics).value("localdns_stale_answers_total", &[]) >= 1.0);
+}
+
+#[test]
+fn identical_concurrent_misses_share_one_upstream_query() {
+    let up = example_upstream();
+    up.set_delay(Duration::from_millis(300));
+    let d = daemon_for(&up);
+    let n = 20;
+    let barrier = Arc::new(Barrier::new(n));
+    let dns = d.dns;
+    let threads: Vec<_> = (0..n)
+        .map(|_| {
+            let b = barrier.clone();
+            std::thread::spawn(move || {
+                let q = query("www.example.com", A);
+                b.wait();
+                client::udp(dns, &q)
+            })
+        })
+        .collect();
+    for t in threads {
+        let r = t.join().unwrap().expect("answer");
+        assert_eq!(client::addrs(&r), ["192.0.2.1"]);
+    }
+    assert_eq!(
+        up.count("www.example.com", A),
+        1,
+        "upstream saw {:?}",
+        up.seen()
+    );
+    let m = scrape(d.metrics);
+    assert!(m.value("localdns_coalesced_total", &[]) >= 1.0);
+}
+
+#[test]
+fn garbage_is_answered_or_dropped_correctly() {
+    let up = example_upstream();
+    let d = daemon_for(&up);
+    let wait = Duration::from_millis(700);
+
+    // Random bytes (fixed seed for reproducibility): whatever happens, no crash, and never a
+    // NOERROR; if the header looked like a query the answer carries its ID.
+    let mut x: u32 = 0x1234_5678;
+    let junk: Vec<u8> = (0..100)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect();
+    if let Some(ans) = client::udp_raw(d.dns, &junk, wait).unwrap() {
+        assert_eq!(&ans[..2], &junk[..2]);
+        assert_ne!(ans[3] & 0x0F, 0, "random bytes answered NOERROR");
+    }
+
+    // A readable header announcing one question that is not there: FORMERR, same ID.
+    let hdr = [0xAB, 0xCD, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    let ans = client::udp_raw(d.dns, &hdr, Duration::from_secs(3))
+        .unwrap()
+        .expect("FORMERR expected");
+    assert_eq!(&ans[..2], &[0xAB, 0xCD]);
+    assert_eq!(ans[2] & 0x80, 0x80, "QR not set");
+    assert_eq!(
+        ans[3] & 0x0F,
+        1,
+        "rcode {} instead of FORMERR",
+        ans[3] & 0x0F
+    );
+
+    // Shorter than a header: nothing comes back.
+    assert_eq!(
+        client::udp_raw(d.dns, &[1, 2, 3, 4, 5], wait).unwrap(),
+        None
+    );
+
+    // A STATUS opcode: NOTIMP, same ID.
+    let mut q = query("www.example.com", A);
+    q.set_op_code(OpCode::Status);
+    let r = client::udp(d.dns, &q).unwrap();
+    assert_eq!(r.id(), q.id());
+    assert_eq!(r.message_type(), MessageType::Response);
+    assert_eq!(r.response_code(), ResponseCode::NotImp);
+
+    // Still serving.
+    assert_eq!(
+        client::addrs(&ok(d.dns, "www.example.com", A)),
+        ["192.0.2.1"]
+    );
+    assert_eq!(
+        up.count("www.example.com", A),
+        1,
+        "the STATUS query must not reach the upstream"
+    );
+    let m = scrape(d.metrics);
+    assert!(m.value("localdns_bad_queries_total", &[("kind", "formerr")]) >= 1.0);
+    assert!(m.value("localdns_bad_queries_total", &[("kind", "notimp")]) >= 1.0);
+    assert!(m.value("localdns_bad_queries_total", &[("kind", "dropped")]) >= 1.0);
+}
+
+#[test]
+fn check_config_reports_file_line_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[listen]\naddresses = [\"127.0.0.1\"]\nport = \"fifty-three\"\n",
+    )
+    .unwrap();
+    let out = check_config(&bad);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "stderr: {err}");
+    let path = bad.display().to_string();
+    assert!(err.contains(&path), "file not named: {err}");
+    assert!(
+        err.contains(&format!("{path}:3")) || err.contains("line 3"),
+        "line not named: {err}"
+    );
+    assert!(err.contains("port"), "key not named: {err}");
+
+    let unknown = dir.path().join("unknown.toml");
+    std::fs::write(&unknown, "[cache]\ncapacity = 10\ncapacty = 5\n").unwrap();
+    let out = check_config(&unknown);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "stderr: {err}");
+    assert!(err.contains("capacty"), "unknown key not named: {err}");
+
+    let good = dir.path().join("good.toml");
+    let up: SocketAddr = "127.0.0.1:10053".parse().unwrap();
+    std::fs::write(
+        &good,
+        Config::to(up).render("127.0.0.1:15353".parse().unwrap(), ""),
+    )
+    .unwrap();
+    let out = check_config(&good);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown.contains("15353") && shown.contains("127.0.0.1:10053"),
+        "effective config: {shown}"
+    );
+}
+
+#[test]
+fn health_then_sigterm_exits_zero() {
+    let up = example_upstream();
+    let d = daemon_for(&up);
+    let (code, _) = metrics::http_get(d.metrics, "/health").unwrap();
+    assert_eq!(code, 200);
+    ok(d.dns, "www.example.com", A);
+    let status = d.terminate(Duration::from_secs(10));
+    assert!(status.success(), "exit after SIGTERM: {status}");
+}
