@@ -7,7 +7,7 @@
 //! allocates. An entry stays in the table until `ttl + stale window` has passed or the
 //! CLOCK hand evicts it to make room.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -53,6 +53,16 @@ pub struct PrefetchPolicy {
     pub percent: u8,
 }
 
+impl From<&crate::config::Cache> for PrefetchPolicy {
+    fn from(c: &crate::config::Cache) -> PrefetchPolicy {
+        PrefetchPolicy {
+            enabled: c.prefetch,
+            min_hits: c.prefetch_min_hits,
+            percent: c.prefetch_percent,
+        }
+    }
+}
+
 /// The outcome of a hit-path lookup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Hit<T> {
@@ -68,9 +78,12 @@ pub enum Hit<T> {
 pub struct Cache {
     shards: Box<[RwLock<Shard>]>,
     hasher: ahash::RandomState,
-    per_shard: usize,
-    stale_ms: u64,
-    prefetch: PrefetchPolicy,
+    // Limits are atomics so that a reload can change them in place.
+    per_shard: AtomicUsize,
+    stale_ms: AtomicU64,
+    prefetch_enabled: AtomicBool,
+    prefetch_min_hits: AtomicU32,
+    prefetch_percent: AtomicU8,
     epoch: Instant,
 }
 
@@ -86,15 +99,57 @@ impl Cache {
     /// A cache holding at most about `capacity` entries (rounded up to a multiple of the
     /// shard count), keeping expired entries for `stale_secs` for serve-stale.
     pub fn new(capacity: usize, stale_secs: u64, prefetch: PrefetchPolicy) -> Cache {
-        let per_shard = capacity.div_ceil(SHARDS).max(1);
-        Cache {
+        let cache = Cache {
             shards: (0..SHARDS).map(|_| RwLock::new(Shard::default())).collect(),
             hasher: ahash::RandomState::new(),
-            per_shard,
-            stale_ms: stale_secs * 1000,
-            prefetch,
+            per_shard: AtomicUsize::new(1),
+            stale_ms: AtomicU64::new(0),
+            prefetch_enabled: AtomicBool::new(false),
+            prefetch_min_hits: AtomicU32::new(0),
+            prefetch_percent: AtomicU8::new(0),
             epoch: Instant::now(),
+        };
+        cache.set(capacity, stale_secs, prefetch);
+        cache
+    }
+
+    /// Change capacity, stale window and prefetch policy in place. A smaller capacity
+    /// takes effect as entries are inserted.
+    pub fn set(&self, capacity: usize, stale_secs: u64, prefetch: PrefetchPolicy) {
+        let r = Ordering::Relaxed;
+        self.per_shard.store(capacity.div_ceil(SHARDS).max(1), r);
+        self.stale_ms.store(stale_secs.saturating_mul(1000), r);
+        self.prefetch_enabled.store(prefetch.enabled, r);
+        self.prefetch_min_hits.store(prefetch.min_hits, r);
+        self.prefetch_percent.store(prefetch.percent, r);
+    }
+
+    /// [`Cache::set`] from the `[cache]` config section.
+    pub fn set_limits(&self, c: &crate::config::Cache) {
+        self.set(c.capacity, c.serve_stale.as_secs(), PrefetchPolicy::from(c));
+    }
+
+    /// Keep only the entries whose key satisfies `keep`; returns how many were dropped.
+    pub fn retain(&self, mut keep: impl FnMut(&Key) -> bool) -> usize {
+        let mut dropped = 0;
+        for shard in self.shards.iter() {
+            let mut shard = shard.write();
+            let doomed: Vec<usize> = shard
+                .slots
+                .iter()
+                .enumerate()
+                .filter_map(|(i, s)| {
+                    let (_, e) = s.as_ref()?;
+                    let key = Key::from_bytes(&e.key)?;
+                    (!keep(&key)).then_some(i)
+                })
+                .collect();
+            for i in doomed {
+                shard.remove_slot(i);
+                dropped += 1;
+            }
         }
+        dropped
     }
 
     /// Milliseconds on the cache's clock.
@@ -124,10 +179,11 @@ impl Cache {
         }
         let hits = entry.hits.fetch_add(1, Ordering::Relaxed) + 1;
         let age = entry.age_secs(now);
-        let prefetch = self.prefetch.enabled
-            && hits >= self.prefetch.min_hits
+        let r = Ordering::Relaxed;
+        let prefetch = self.prefetch_enabled.load(r)
+            && hits >= self.prefetch_min_hits.load(r)
             && u64::from(entry.answer.ttl - age.min(entry.answer.ttl)) * 100
-                < u64::from(entry.answer.ttl) * u64::from(self.prefetch.percent)
+                < u64::from(entry.answer.ttl) * u64::from(self.prefetch_percent.load(r))
             && !entry.prefetching.swap(true, Ordering::Relaxed);
         Hit::Fresh {
             value: f(entry, age),
@@ -142,7 +198,8 @@ impl Cache {
         let shard = shard.read();
         let idx = shard.index(hash, key.as_bytes())?;
         let (_, entry) = shard.slots[idx as usize].as_ref()?;
-        (!entry.expired_beyond(now, self.stale_ms)).then(|| Arc::clone(entry))
+        (!entry.expired_beyond(now, self.stale_ms.load(Ordering::Relaxed)))
+            .then(|| Arc::clone(entry))
     }
 
     /// Store an answer for `key`, replacing any previous one; evicts if the shard is full.
@@ -166,9 +223,11 @@ impl Cache {
             shard.slots[idx as usize] = Some((hash, Arc::clone(&entry)));
             return Some(entry);
         }
-        if shard.table.len() >= self.per_shard {
-            shard.evict_one(now, self.stale_ms);
-        }
+        let (limit, stale_ms) = (
+            self.per_shard.load(Ordering::Relaxed),
+            self.stale_ms.load(Ordering::Relaxed),
+        );
+        while shard.table.len() >= limit && shard.evict_one(now, stale_ms) {}
         let idx = match shard.free.pop() {
             Some(i) => i,
             None => {
@@ -228,12 +287,12 @@ impl Shard {
 
     /// CLOCK: sweep from the hand, giving referenced entries a second chance; entries past
     /// their stale window go first. Bounded to two sweeps.
-    fn evict_one(&mut self, now: u64, stale_ms: u64) {
+    fn evict_one(&mut self, now: u64, stale_ms: u64) -> bool {
         let n = self.slots.len();
         for _ in 0..2 * n + 1 {
             let at = self.hand % n.max(1);
             self.hand = at + 1;
-            let Some((hash, entry)) = &self.slots[at] else {
+            let Some((_, entry)) = &self.slots[at] else {
                 continue;
             };
             if !entry.expired_beyond(now, stale_ms)
@@ -241,14 +300,20 @@ impl Shard {
             {
                 continue;
             }
-            let hash = *hash;
-            if let Ok(found) = self.table.find_entry(hash, |&i| i as usize == at) {
-                found.remove();
-            }
-            self.slots[at] = None;
-            self.free.push(at as u32);
-            return;
+            self.remove_slot(at);
+            return true;
         }
+        false
+    }
+
+    fn remove_slot(&mut self, at: usize) {
+        let Some((hash, _)) = self.slots[at].take() else {
+            return;
+        };
+        if let Ok(found) = self.table.find_entry(hash, |&i| i as usize == at) {
+            found.remove();
+        }
+        self.free.push(at as u32);
     }
 }
 

@@ -11,7 +11,8 @@
 //! - [`metrics`]: counters and their Prometheus rendering.
 //! - [`systemd`]: sd_notify readiness and stop.
 //! - [`logging`]: journald or stderr.
-#![forbid(unsafe_code)]
+// One audited exception: adopting the descriptors systemd passes (`systemd::adopt`).
+#![deny(unsafe_code)]
 
 pub mod cache;
 pub mod config;

@@ -63,7 +63,7 @@ fn main() -> ExitCode {
             print!("{}", config::render(&cfg));
             ExitCode::SUCCESS
         }
-        Command::Run(_) => match run(cfg) {
+        Command::Run(_) => match run(cfg, source) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!("{e:#}");
@@ -73,21 +73,21 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cfg: config::Config) -> anyhow::Result<()> {
+fn run(cfg: config::Config, source: config::Source) -> anyhow::Result<()> {
     if cfg.sources.is_empty() {
         tracing::info!("no config file found, using the embedded default");
     }
+    // Before any thread starts: this reads and unsets LISTEN_FDS.
+    let mut kept = systemd::Inherited::receive();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("localdns-rt")
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let server = Server::bind(cfg, Arc::new(Metrics::default()))?;
-        let status = "serving";
-        server
-            .run(|| systemd::ready(status), shutdown_signal())
-            .await?;
+        let server = Server::bind(cfg, Arc::new(Metrics::default()), &mut kept)?;
+        kept.release_rest();
+        server.run(Some(source), shutdown_signal()).await?;
         Ok(())
     })
 }
@@ -106,5 +106,4 @@ async fn shutdown_signal() {
         _ = term.recv() => {},
         _ = int.recv() => {},
     }
-    systemd::stopping();
 }

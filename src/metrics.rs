@@ -16,6 +16,9 @@ use parking_lot::Mutex;
 pub struct Hot {
     pub queries: AtomicU64,
     pub hits: AtomicU64,
+    /// Milliseconds (on the server's clock) when the worker last went round its loop;
+    /// the watchdog pings systemd only while every worker keeps this fresh.
+    pub heartbeat: AtomicU64,
 }
 
 impl Hot {

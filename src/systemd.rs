@@ -1,17 +1,133 @@
-//! The daemon's side of the systemd contract: readiness and stop notifications.
+//! The daemon's side of the systemd contract: readiness, status, watchdog, reload and stop
+//! notifications, and the file-descriptor store that keeps the listening sockets open
+//! across restarts and crashes.
+//!
 //! Every call is a no-op when `NOTIFY_SOCKET` is not set, so localdns runs fine without
 //! systemd (tests set `NOTIFY_SOCKET` themselves to wait for readiness).
+//!
+//! Why the fd store: systemd keeps every socket localdns hands it (`FDSTORE=1`) while the
+//! service restarts, manually or after a crash with `Restart=always`, and passes them back
+//! in `LISTEN_FDS`. Queries that arrive in the gap wait in the kept socket's receive buffer
+//! (raised with `SO_RCVBUFFORCE`) and are answered by the next process instead of being
+//! dropped; the iptables socket match keeps intercepting because a socket stays open.
+//! A `systemctl stop` empties the store, which closes the sockets: then traffic to the
+//! Service IP fails open to kube-proxy.
+
+use std::collections::HashMap;
+use std::os::fd::{BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::time::Duration;
 
 use sd_notify::NotifyState;
 
-/// Tell systemd every listener is bound and serving.
+/// Sockets handed to us by systemd (`LISTEN_FDS` with `LISTEN_FDNAMES`), by name.
+#[derive(Default)]
+pub struct Inherited {
+    fds: HashMap<String, OwnedFd>,
+}
+
+impl Inherited {
+    /// Take the descriptors systemd passed, and unset the variables so that nothing started
+    /// later sees them. Must run before any thread is started (it changes the environment).
+    pub fn receive() -> Inherited {
+        let received = match libsystemd::activation::receive_descriptors_with_names(true) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "ignoring LISTEN_FDS");
+                return Inherited::default();
+            }
+        };
+        let fds = received
+            .into_iter()
+            .map(|(fd, name)| (name, adopt(fd.into_raw_fd())))
+            .collect();
+        Inherited { fds }
+    }
+
+    /// Take the descriptor stored under `name`, if any.
+    pub fn take(&mut self, name: &str) -> Option<OwnedFd> {
+        self.fds.remove(name)
+    }
+
+    pub fn len(&self) -> usize {
+        self.fds.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.fds.is_empty()
+    }
+
+    /// Ask systemd to forget (and close) every descriptor not taken, then close ours.
+    pub fn release_rest(self) {
+        for (name, fd) in self.fds {
+            tracing::info!(name = %name, "dropping a kept socket the config no longer uses");
+            notify(&[NotifyState::FdStoreRemove, NotifyState::FdName(&name)]);
+            drop(fd);
+        }
+    }
+}
+
+/// Own a descriptor received from systemd.
+#[allow(unsafe_code)]
+fn adopt(fd: std::os::fd::RawFd) -> OwnedFd {
+    // SAFETY: `fd` comes from LISTEN_FDS, validated and marked close-on-exec by libsystemd;
+    // systemd opened it for this process and nothing else here owns it: the variables were
+    // unset as they were read, so it is adopted exactly once.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+/// Hand a socket to systemd's fd store under `name`, so it survives a restart.
+pub fn store(name: &str, fd: BorrowedFd<'_>) {
+    if let Err(e) = sd_notify::notify_with_fds(
+        false,
+        &[NotifyState::FdStore, NotifyState::FdName(name)],
+        &[fd],
+    ) {
+        tracing::warn!(error = %e, name, "cannot hand a socket to systemd's fd store");
+    }
+}
+
+/// Store every socket in `sockets` under its name.
+pub fn store_all<'a>(sockets: impl IntoIterator<Item = (&'a str, BorrowedFd<'a>)>) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    for (name, fd) in sockets {
+        store(name, fd);
+    }
+}
+
+/// Tell systemd every listener is bound and the node setup is in place.
 pub fn ready(status: &str) {
     notify(&[NotifyState::Ready, NotifyState::Status(status)]);
+}
+
+/// A reload has begun (`READY=1` follows when it is over, good or bad).
+pub fn reloading() {
+    notify(&[
+        NotifyState::Reloading,
+        NotifyState::Status("reloading configuration"),
+    ]);
+}
+
+/// Update the one-line status shown by `systemctl status`.
+pub fn status(status: &str) {
+    notify(&[NotifyState::Status(status)]);
 }
 
 /// Tell systemd a stop has begun.
 pub fn stopping() {
     notify(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
+}
+
+/// Keep-alive for `WatchdogSec=`.
+pub fn watchdog() {
+    notify(&[NotifyState::Watchdog]);
+}
+
+/// The watchdog interval systemd expects pings within, if enabled for this process.
+pub fn watchdog_interval() -> Option<Duration> {
+    let mut usec = 0u64;
+    sd_notify::watchdog_enabled(false, &mut usec).then(|| Duration::from_micros(usec))
 }
 
 fn notify(states: &[NotifyState<'_>]) {

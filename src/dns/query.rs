@@ -176,6 +176,19 @@ impl Key {
         }
     }
 
+    /// Rebuild a key from [`Key::as_bytes`] output.
+    pub fn from_bytes(b: &[u8]) -> Option<Key> {
+        if b.len() < 6 || b.len() > 262 {
+            return None;
+        }
+        let mut bytes = [0u8; 262];
+        bytes[..b.len()].copy_from_slice(b);
+        Some(Key {
+            len: b.len() as u16,
+            bytes,
+        })
+    }
+
     pub fn as_bytes(&self) -> &[u8] {
         &self.bytes[..self.len as usize]
     }

@@ -7,23 +7,25 @@
 //! and returns.
 
 pub mod http;
+pub mod reload;
 pub mod resolve;
 pub mod tcp;
 pub mod udp;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicBool;
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::cache::{Cache, Hit, PrefetchPolicy};
-use crate::config::Config;
+use crate::config::{Config, Source};
 use crate::dns::answer::write_error;
-use crate::dns::{wire, Key, Query, Reject, Ttl, TtlPolicy};
+use crate::dns::{wire, Key, Query, Reject, Ttl};
 use crate::metrics::{inc, Metrics};
-use crate::upstream::Upstreams;
-use resolve::Resolver;
+use crate::systemd::{self, Inherited};
+use resolve::{Resolver, Settings};
 
 /// What to do with a received packet after the hit path looked at it.
 // Returned by value once per packet and never stored: boxing the key would only add an
@@ -96,8 +98,8 @@ pub fn handle(resolver: &Arc<Resolver>, pkt: &[u8], out: &mut Vec<u8>, tcp: bool
 pub struct Server {
     config: Config,
     resolver: Arc<Resolver>,
-    udp: Vec<Arc<std::net::UdpSocket>>,
-    tcp: Vec<std::net::TcpListener>,
+    udp: Vec<(String, Arc<std::net::UdpSocket>)>,
+    tcp: Vec<(String, std::net::TcpListener)>,
     http: Option<std::net::TcpListener>,
 }
 
@@ -110,33 +112,49 @@ pub struct BindError {
     source: std::io::Error,
 }
 
+/// The name a socket is kept under in systemd's fd store (no ':' allowed there).
+fn socket_name(proto: &str, addr: SocketAddr, index: Option<usize>) -> String {
+    let ip = addr.ip().to_string().replace(':', "_");
+    match index {
+        Some(i) => format!("{proto}-{ip}-{}-{i}", addr.port()),
+        None => format!("{proto}-{ip}-{}", addr.port()),
+    }
+}
+
+/// Check that a socket handed back by systemd is of `kind` and bound to `addr`.
+fn check_kept(
+    sock: &socket2::Socket,
+    kind: socket2::Type,
+    addr: SocketAddr,
+) -> std::io::Result<()> {
+    let local = sock.local_addr()?.as_socket();
+    if sock.r#type()? != kind || local != Some(addr) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("kept socket is bound to {local:?}, not {addr}"),
+        ));
+    }
+    Ok(())
+}
+
 impl Server {
-    /// Build the cache, pools and resolver and bind every listener. Must be called inside
-    /// the tokio runtime that will run the miss path.
-    pub fn bind(config: Config, metrics: Arc<Metrics>) -> Result<Server, BindError> {
+    /// Build the cache, pools and resolver and bind every listener, taking sockets kept by
+    /// systemd across a restart where there are some, and handing new ones to its fd
+    /// store. Must be called inside the tokio runtime that will run the miss path.
+    pub fn bind(
+        config: Config,
+        metrics: Arc<Metrics>,
+        kept: &mut Inherited,
+    ) -> Result<Server, BindError> {
         let c = &config.cache;
-        let secs = |d: Duration| d.as_secs().min(u32::MAX as u64) as u32;
         let cache = Arc::new(Cache::new(
             c.capacity,
             c.serve_stale.as_secs(),
-            PrefetchPolicy {
-                enabled: c.prefetch,
-                min_hits: c.prefetch_min_hits,
-                percent: c.prefetch_percent,
-            },
+            PrefetchPolicy::from(c),
         ));
-        let policy = TtlPolicy {
-            min_ttl: secs(c.min_ttl),
-            max_ttl: secs(c.max_ttl),
-            negative_max_ttl: secs(c.negative_max_ttl),
-            servfail_ttl: secs(c.servfail_ttl),
-        };
         let resolver = Arc::new(Resolver::new(
             cache,
-            Upstreams::from_config(&config),
-            policy,
-            secs(c.stale_answer_ttl),
-            config.upstream.max_in_flight,
+            Settings::from_config(&config, None),
             metrics,
             tokio::runtime::Handle::current(),
         ));
@@ -147,22 +165,52 @@ impl Server {
         };
         let mut udp = Vec::new();
         let mut tcp = Vec::new();
+        let mut reused = 0;
         for &ip in &l.addresses {
             let addr = SocketAddr::new(ip, l.port);
-            for _ in 0..threads {
-                let s = udp::bind(addr, l.udp_recv_buffer).map_err(|source| BindError {
-                    proto: "udp",
-                    addr,
-                    source,
-                })?;
-                udp.push(Arc::new(s));
+            for i in 0..threads {
+                let name = socket_name("udp", addr, Some(i));
+                let fresh = || udp::bind(addr, l.udp_recv_buffer);
+                let sock = match kept.take(&name).map(|fd| udp::adopt(fd, addr, l.udp_recv_buffer)) {
+                    Some(Ok(s)) => {
+                        reused += 1;
+                        Ok(s)
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(name = %name, error = %e, "kept socket unusable, binding a new one");
+                        fresh()
+                    }
+                    None => fresh(),
+                }
+                .map_err(|source| BindError { proto: "udp", addr, source })?;
+                udp.push((name, Arc::new(sock)));
             }
-            tcp.push(tcp::bind(addr).map_err(|source| BindError {
+            let name = socket_name("tcp", addr, None);
+            let listener = match kept.take(&name).map(|fd| tcp::adopt(fd, addr)) {
+                Some(Ok(s)) => {
+                    reused += 1;
+                    Ok(s)
+                }
+                _ => tcp::bind(addr),
+            }
+            .map_err(|source| BindError {
                 proto: "tcp",
                 addr,
                 source,
-            })?);
+            })?;
+            tcp.push((name, listener));
         }
+        if reused > 0 {
+            tracing::info!(
+                reused,
+                "took back the sockets kept by systemd across the restart"
+            );
+        }
+        systemd::store_all(
+            udp.iter()
+                .map(|(n, s)| (n.as_str(), s.as_fd()))
+                .chain(tcp.iter().map(|(n, s)| (n.as_str(), s.as_fd()))),
+        );
         let http = match config.metrics.address {
             Some(addr) => Some(
                 std::net::TcpListener::bind(addr)
@@ -188,21 +236,26 @@ impl Server {
         &self.resolver
     }
 
-    /// Serve until `shutdown` completes; `ready` is called once everything listens.
+    /// Serve until `shutdown` completes, reloading from `source` (when given) on SIGHUP
+    /// and on config file changes. Tells systemd READY once everything listens.
     pub async fn run(
         self,
-        ready: impl FnOnce(),
+        source: Option<Source>,
         shutdown: impl Future<Output = ()>,
     ) -> std::io::Result<()> {
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
-        for (i, sock) in self.udp.iter().enumerate() {
+        let mut workers = Vec::new();
+        for (i, (_, sock)) in self.udp.iter().enumerate() {
             let (sock, resolver, stop) = (
                 Arc::clone(sock),
                 Arc::clone(&self.resolver),
                 Arc::clone(&stop),
             );
             let hot = self.resolver.metrics.udp_worker();
+            hot.heartbeat
+                .store(self.resolver.cache.now_ms(), Ordering::Relaxed);
+            workers.push(Arc::clone(&hot));
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("udp-{i}"))
@@ -211,7 +264,7 @@ impl Server {
         }
         let mut tasks = tokio::task::JoinSet::new();
         let l = &self.config.listen;
-        for listener in self.tcp {
+        for (_, listener) in self.tcp {
             let listener = tokio::net::TcpListener::from_std(listener)?;
             tasks.spawn(tcp::serve(
                 listener,
@@ -231,18 +284,52 @@ impl Server {
             .iter()
             .map(|a| SocketAddr::new(*a, l.port).to_string())
             .collect();
+        let reloads = Arc::new(reload::ReloadState::default());
+        let status = {
+            let (resolver, reloads, addrs) = (
+                Arc::clone(&self.resolver),
+                Arc::clone(&reloads),
+                addrs.join(", "),
+            );
+            move || status_line(&addrs, &resolver, &reloads)
+        };
+        if let Some(interval) = systemd::watchdog_interval() {
+            tasks.spawn(watchdog(interval, workers, Arc::clone(&self.resolver)));
+        }
+        if let Some(source) = source {
+            tasks.spawn(reload::watch(
+                source,
+                Arc::clone(&self.resolver),
+                self.config.clone(),
+                Arc::clone(&reloads),
+                status.clone(),
+            ));
+        }
+        {
+            let status = status.clone();
+            tasks.spawn(async move {
+                loop {
+                    tokio::time::sleep(STATUS_EVERY).await;
+                    systemd::status(&status());
+                }
+            });
+        }
+        let up = &self.config.upstream;
         tracing::info!(
             listen = %addrs.join(","),
             udp_sockets = self.udp.len(),
-            upstreams = %self.config.upstream.servers.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(","),
+            upstreams = %up.servers.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(","),
+            upstreams_from = %up.servers_from,
             cluster_upstreams = %self.config.cluster.upstream.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(","),
+            stub_zones = %self.config.stubs.iter().map(|s| s.zone.as_str()).collect::<Vec<_>>().join(","),
             "serving"
         );
-        ready();
+        systemd::ready(&status());
         shutdown.await;
 
+        systemd::stopping();
         tracing::info!("stopping: no new queries, answering those in flight");
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        stop.store(true, Ordering::Relaxed);
         tasks.abort_all();
         let joined = tokio::task::spawn_blocking(move || {
             for t in threads {
@@ -253,5 +340,58 @@ impl Server {
         let _ = tokio::time::timeout(Duration::from_secs(3), self.resolver.drained()).await;
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// How often `STATUS=` is refreshed.
+const STATUS_EVERY: Duration = Duration::from_secs(5);
+
+/// The line `systemctl status localdns` shows.
+fn status_line(addrs: &str, resolver: &Resolver, reloads: &reload::ReloadState) -> String {
+    let settings = resolver.settings();
+    let (mut up, mut total) = (0, 0);
+    for pool in settings.upstreams.pools() {
+        for (_, healthy) in pool.health() {
+            total += 1;
+            up += usize::from(healthy);
+        }
+    }
+    let mut line = format!(
+        "serving {addrs}; {} cached; upstreams {up}/{total} up",
+        resolver.cache.len()
+    );
+    if let Some(err) = reloads.error.lock().as_deref() {
+        line.push_str(&format!(
+            "; CONFIG REFUSED (previous config serving): {err}"
+        ));
+    }
+    line
+}
+
+/// Ping systemd's watchdog at half its interval, but only while every UDP worker goes
+/// round its loop (they wake at least every 200 ms) and this runtime runs tasks: a wedged
+/// server stops pinging and systemd restarts it.
+async fn watchdog(
+    interval: Duration,
+    workers: Vec<Arc<crate::metrics::Hot>>,
+    resolver: Arc<Resolver>,
+) {
+    let every = interval / 2;
+    let stale_after = (every.as_millis() as u64).max(2000);
+    loop {
+        let now = resolver.cache.now_ms();
+        let stuck = workers
+            .iter()
+            .filter(|w| now.saturating_sub(w.heartbeat.load(Ordering::Relaxed)) > stale_after)
+            .count();
+        if stuck == 0 {
+            systemd::watchdog();
+        } else {
+            tracing::error!(
+                stuck,
+                "UDP workers stopped going round their loop; not pinging the watchdog"
+            );
+        }
+        tokio::time::sleep(every).await;
     }
 }

@@ -12,11 +12,13 @@ use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, Notify};
 
 use crate::cache::{Cache, Entry};
+use crate::config::Config;
 use crate::dns::answer::write_error;
 use crate::dns::{wire, Answer, Key, Kind, Query, Ttl, TtlPolicy};
 use crate::metrics::{inc, Metrics};
@@ -46,13 +48,41 @@ enum Outcome {
     Fail,
 }
 
-pub struct Resolver {
-    pub cache: Arc<Cache>,
+/// What a reload may change on the miss path, swapped as a whole.
+pub struct Settings {
     pub upstreams: Upstreams,
     pub policy: TtlPolicy,
     pub stale_answer_ttl: u32,
+    pub max_in_flight: usize,
+}
+
+impl Settings {
+    /// Settings for `cfg`, reusing the pools of `previous` that did not change (so their
+    /// health and connections survive a reload).
+    pub fn from_config(cfg: &Config, previous: Option<&Settings>) -> Settings {
+        let c = &cfg.cache;
+        Settings {
+            upstreams: Upstreams::from_config(cfg, previous.map(|p| &p.upstreams)),
+            policy: TtlPolicy {
+                min_ttl: secs(c.min_ttl),
+                max_ttl: secs(c.max_ttl),
+                negative_max_ttl: secs(c.negative_max_ttl),
+                servfail_ttl: secs(c.servfail_ttl),
+            },
+            stale_answer_ttl: secs(c.stale_answer_ttl),
+            max_in_flight: cfg.upstream.max_in_flight,
+        }
+    }
+}
+
+fn secs(d: std::time::Duration) -> u32 {
+    d.as_secs().min(u32::MAX as u64) as u32
+}
+
+pub struct Resolver {
+    pub cache: Arc<Cache>,
+    settings: ArcSwap<Settings>,
     pub metrics: Arc<Metrics>,
-    max_in_flight: usize,
     in_flight: AtomicUsize,
     idle: Notify,
     waiting: Mutex<HashMap<Key, Vec<Waiter>>>,
@@ -62,20 +92,14 @@ pub struct Resolver {
 impl Resolver {
     pub fn new(
         cache: Arc<Cache>,
-        upstreams: Upstreams,
-        policy: TtlPolicy,
-        stale_answer_ttl: u32,
-        max_in_flight: usize,
+        settings: Settings,
         metrics: Arc<Metrics>,
         runtime: Handle,
     ) -> Resolver {
         Resolver {
             cache,
-            upstreams,
-            policy,
-            stale_answer_ttl,
+            settings: ArcSwap::from_pointee(settings),
             metrics,
-            max_in_flight,
             in_flight: AtomicUsize::new(0),
             idle: Notify::new(),
             waiting: Mutex::new(HashMap::new()),
@@ -92,7 +116,7 @@ impl Resolver {
             inc(&self.metrics.coalesced);
             return;
         }
-        if self.in_flight.load(Relaxed) >= self.max_in_flight {
+        if self.in_flight.load(Relaxed) >= self.settings.load().max_in_flight {
             drop(waiting);
             inc(&self.metrics.overload);
             self.respond(waiter, &Outcome::Fail);
@@ -106,7 +130,9 @@ impl Resolver {
     /// Refresh `key` before it expires, unless it is already being resolved.
     pub fn prefetch(self: &Arc<Self>, key: Key) {
         let mut waiting = self.waiting.lock();
-        if waiting.contains_key(&key) || self.in_flight.load(Relaxed) >= self.max_in_flight {
+        if waiting.contains_key(&key)
+            || self.in_flight.load(Relaxed) >= self.settings.load().max_in_flight
+        {
             return;
         }
         waiting.insert(key, Vec::new());
@@ -134,8 +160,9 @@ impl Resolver {
     }
 
     async fn fetch(&self, key: &Key) -> Outcome {
-        let pool = self.upstreams.route(key.qname());
-        match pool.query(key, &self.policy, &self.metrics).await {
+        let settings = self.settings.load_full();
+        let pool = Arc::clone(settings.upstreams.route(key.qname()));
+        match pool.query(key, &settings.policy, &self.metrics).await {
             Ok(answer) if answer.kind == Kind::ServFail => match self.stale(key) {
                 Some(entry) => Outcome::Stale(entry),
                 None => self.store(key, answer),
@@ -176,6 +203,7 @@ impl Resolver {
             ReplyTo::Tcp(_) => u16::MAX as usize,
         };
         let mut out = Vec::with_capacity(512);
+        let stale_ttl = self.settings.load().stale_answer_ttl;
         let truncated = match outcome {
             Outcome::Cached(e) => {
                 let age = e.age_secs(self.cache.now_ms());
@@ -184,8 +212,7 @@ impl Resolver {
             Outcome::Uncached(a) => a.render(&mut out, &q, Ttl::Age(0), limit),
             Outcome::Stale(e) => {
                 inc(&self.metrics.stale_answers);
-                e.answer
-                    .render(&mut out, &q, Ttl::Fixed(self.stale_answer_ttl), limit)
+                e.answer.render(&mut out, &q, Ttl::Fixed(stale_ttl), limit)
             }
             Outcome::Fail => {
                 inc(&self.metrics.servfail_sent);
@@ -209,6 +236,32 @@ impl Resolver {
                 return;
             }
             notified.await;
+        }
+    }
+
+    /// The current settings.
+    pub fn settings(&self) -> Arc<Settings> {
+        self.settings.load_full()
+    }
+
+    /// Swap in the settings of a new config. Cached answers stay, except those whose
+    /// name is now routed to different servers: they are dropped so that no answer from
+    /// the old routing is served after a reload.
+    pub fn apply(&self, cfg: &Config) {
+        let old = self.settings.load_full();
+        let new = Settings::from_config(cfg, Some(&old));
+        let dropped = self.cache.retain(|key| {
+            old.upstreams
+                .route(key.qname())
+                .same_servers(new.upstreams.route(key.qname()))
+        });
+        self.cache.set_limits(&cfg.cache);
+        self.settings.store(Arc::new(new));
+        if dropped > 0 {
+            tracing::info!(
+                dropped,
+                "routing changed: dropped the cached answers it affects"
+            );
         }
     }
 

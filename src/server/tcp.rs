@@ -36,6 +36,16 @@ pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     Ok(sock.into())
 }
 
+/// Take over a listening TCP socket kept by systemd across a restart; connections that
+/// waited in its backlog are accepted first thing.
+pub fn adopt(fd: std::os::fd::OwnedFd, addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let sock = Socket::from(fd);
+    super::check_kept(&sock, Type::STREAM, addr)?;
+    sock.listen(1024)?;
+    sock.set_nonblocking(true)?;
+    Ok(sock.into())
+}
+
 /// Accept connections until the task is dropped.
 pub async fn serve(
     listener: TcpListener,

@@ -46,6 +46,22 @@ pub fn bind(addr: SocketAddr, recv_buffer: usize) -> io::Result<UdpSocket> {
     Ok(sock)
 }
 
+/// Take over a UDP socket kept by systemd across a restart, after checking it is what
+/// `addr` needs. Datagrams queued in it during the restart are answered first thing.
+pub fn adopt(
+    fd: std::os::fd::OwnedFd,
+    addr: SocketAddr,
+    recv_buffer: usize,
+) -> io::Result<UdpSocket> {
+    let sock = Socket::from(fd);
+    super::check_kept(&sock, Type::DGRAM, addr)?;
+    set_recv_buffer(&sock, recv_buffer);
+    sock.set_nonblocking(false)?;
+    let sock: UdpSocket = sock.into();
+    sock.set_read_timeout(Some(WAKE))?;
+    Ok(sock)
+}
+
 fn set_recv_buffer(sock: &Socket, bytes: usize) {
     use nix::sys::socket::{setsockopt, sockopt::RcvBufForce};
     if setsockopt(sock, RcvBufForce, &bytes).is_err() {
@@ -77,6 +93,8 @@ pub fn serve(
     let mut got: Vec<(usize, Option<SockaddrStorage>)> = Vec::with_capacity(BATCH);
     let mut replies: Vec<Option<SockaddrStorage>> = Vec::with_capacity(BATCH);
     while !stop.load(Ordering::Relaxed) {
+        hot.heartbeat
+            .store(resolver.cache.now_ms(), Ordering::Relaxed);
         got.clear();
         {
             let mut iovs: Vec<[IoSliceMut<'_>; 1]> = bufs

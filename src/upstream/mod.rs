@@ -37,6 +37,7 @@ pub enum UpstreamError {
 }
 
 /// Health of one server and, for TCP pools, its persistent connection.
+#[derive(Debug)]
 struct Server {
     addr: SocketAddr,
     failures: AtomicU32,
@@ -46,6 +47,7 @@ struct Server {
 }
 
 /// A list of equivalent servers for a set of zones.
+#[derive(Debug)]
 pub struct Pool {
     /// "cluster", "default" or "stub:<zone>", for logs.
     pub name: String,
@@ -189,6 +191,29 @@ impl Pool {
         }
     }
 
+    /// Same servers, transport and timing: a reload may keep this pool as it is.
+    fn same_settings(&self, other: &Pool) -> bool {
+        self.name == other.name
+            && self.same_servers(other)
+            && (self.timeout, self.attempts, self.down_after, self.down_time)
+                == (
+                    other.timeout,
+                    other.attempts,
+                    other.down_after,
+                    other.down_time,
+                )
+    }
+
+    /// Same servers and transport: answers from one are as good as from the other.
+    pub fn same_servers(&self, other: &Pool) -> bool {
+        self.protocol == other.protocol
+            && self
+                .servers
+                .iter()
+                .map(|s| s.addr)
+                .eq(other.servers.iter().map(|s| s.addr))
+    }
+
     pub fn protocol(&self) -> Protocol {
         self.protocol
     }
@@ -210,33 +235,34 @@ pub struct Upstreams {
 
 impl Upstreams {
     /// Pools from the config: 0 = default, 1 = cluster (when it has servers), then stubs.
-    pub fn from_config(cfg: &config::Config) -> Upstreams {
+    /// Pools of `previous` with the same settings are kept, with their health and
+    /// connections.
+    pub fn from_config(cfg: &config::Config, previous: Option<&Upstreams>) -> Upstreams {
         let up = &cfg.upstream;
-        let mut pools = vec![Arc::new(Pool::new(
-            "default".into(),
-            &up.servers,
-            up.protocol,
-            up,
-        ))];
+        let make = |name: String, servers: &[SocketAddr], protocol| {
+            let fresh = Pool::new(name, servers, protocol, up);
+            previous
+                .and_then(|p| p.pools.iter().find(|old| old.same_settings(&fresh)))
+                .map_or_else(|| Arc::new(fresh), Arc::clone)
+        };
+        let mut pools = vec![make("default".into(), &up.servers, up.protocol)];
         let mut zones: Vec<(&str, usize)> = Vec::new();
         if !cfg.cluster.upstream.is_empty() {
-            pools.push(Arc::new(Pool::new(
+            pools.push(make(
                 "cluster".into(),
                 &cfg.cluster.upstream,
                 cfg.cluster.protocol,
-                up,
-            )));
+            ));
             let i = pools.len() - 1;
             zones.push((&cfg.cluster.domain, i));
             zones.extend(cfg.cluster.reverse_zones.iter().map(|z| (z.as_str(), i)));
         }
         for stub in &cfg.stubs {
-            pools.push(Arc::new(Pool::new(
+            pools.push(make(
                 format!("stub:{}", stub.zone),
                 &stub.servers,
                 stub.protocol,
-                up,
-            )));
+            ));
             zones.push((&stub.zone, pools.len() - 1));
         }
         Upstreams {

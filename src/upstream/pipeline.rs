@@ -25,6 +25,7 @@ struct Request {
 }
 
 /// Handle on the (lazily opened) connection to one server.
+#[derive(Debug)]
 pub struct Pipeline {
     server: SocketAddr,
     conn: Mutex<Option<mpsc::Sender<Request>>>,
