@@ -452,6 +452,36 @@ mod tests {
     }
 
     #[test]
+    fn never_panics_on_corrupted_responses() {
+        let q = query(9, "noise.example", 1, Some((1232, true)));
+        let key = parse(&q).key();
+        let r = response(
+            &q,
+            0,
+            &[
+                (Section::Answer, 1, 60, vec![1, 2, 3, 4]),
+                (Section::Authority, TYPE_SOA, 60, soa(5)),
+            ],
+            true,
+        );
+        let client = parse(&q);
+        let mut out = Vec::new();
+        let mut seed = 0x9e37_79b9u32;
+        for _ in 0..20000 {
+            let mut p = r.clone();
+            for _ in 0..4 {
+                seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                let i = (seed as usize >> 8) % p.len();
+                p[i] = (seed >> 16) as u8;
+            }
+            if let Ok(a) = Answer::from_upstream(&p, 9, &key, &POLICY) {
+                a.render(&mut out, &client, Ttl::Age(1), 512);
+                assert!(out.len() <= 512);
+            }
+        }
+    }
+
+    #[test]
     fn truncates_to_client_limit() {
         let q = query(1, "big.example", 16, None);
         let key = parse(&q).key();
