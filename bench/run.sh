@@ -10,7 +10,9 @@
 #   PEERS         which servers, in order [floor unbound dnsmasq localdns]
 #   HIT_REPEATS   max-throughput cache-hit repeats per server [3]
 #   OUT           TSV the rows are appended to [target/bench/results-DATE.tsv]
-# Needs root (apt-get, taskset) and loopback only. Takes about 2-3 minutes per server.
+# Needs root (apt-get, taskset) and loopback only. Takes about 2-4 minutes per server (longer
+# when other processes keep the machine busy: the harness waits for quiet). Do not run two
+# benchmarks at once (also not the shared harness by hand): they share /tmp/bench and the CPUs.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -21,6 +23,10 @@ OUT=${OUT:-$ROOT/target/bench/results-$(date +%Y%m%d-%H%M%S).tsv}
 B=/tmp/bench                        # the harness runs from this copy (its configs expect it)
 FLOOR_TARGET=/tmp/floor-target
 mkdir -p "$(dirname "$OUT")"
+
+# Two benchmarks at once share /tmp/bench, the addresses and the CPUs: both would be wrong.
+exec 9>/tmp/bench-run.lock
+flock -n 9 || { echo "# another bench/run.sh is running; waiting for it" >&2; flock 9; }
 
 # ---------- tools ----------
 need=()
@@ -38,6 +44,8 @@ fi
 mkdir -p "$B" && cp -rf "$SHARED_BENCH"/. "$B"/ && chmod -R u+w "$B"
 case " $PEERS " in *" floor "*)
   echo "# building the floor" >&2
+  # Its own workspace root, so cargo does not look for one in the folders above /tmp/bench.
+  grep -q '^\[workspace\]' "$B/floor/Cargo.toml" || printf '\n[workspace]\n' >> "$B/floor/Cargo.toml"
   cargo build --release --quiet --manifest-path "$B/floor/Cargo.toml" --target-dir "$FLOOR_TARGET" >&2 ;;
 esac
 case " $PEERS " in *" localdns "*)

@@ -607,6 +607,46 @@ fn serves_stale_when_the_upstream_dies() {
     assert!(scrape(d.metrics).value("localdns_stale_answers_total", &[]) >= 1.0);
 }
 
+/// Prefetch knobs beyond the brief's contract (`prefetch_min_hits`, `prefetch_percent`) are
+/// the ones the README documents. TTL 4 s and 75 %: a hit at 2.3 s is inside the prefetch
+/// window whether the daemon measures age in milliseconds (< 3 s left) or whole seconds
+/// (age 2, 2 s left), and the first hits at ~0 s are outside it either way.
+#[test]
+fn hot_entries_are_prefetched_before_expiry() {
+    let up = Upstream::start();
+    up.a("hot.example.com", 4, "192.0.2.7");
+    let mut cfg = Config::to(up.addr);
+    cfg.cache_extra = "prefetch_min_hits = 2\nprefetch_percent = 75\n".into();
+    let d = Daemon::start(&cfg);
+    let t0 = Instant::now();
+    for _ in 0..3 {
+        ok(d.dns, "hot.example.com", A);
+    }
+    assert_eq!(up.count("hot.example.com", A), 1);
+    sleep(Duration::from_millis(2300).saturating_sub(t0.elapsed()));
+    ok(d.dns, "hot.example.com", A);
+    // The refresh runs in the background: poll for it (bounded).
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while up.count("hot.example.com", A) < 2 && Instant::now() < deadline {
+        sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        up.count("hot.example.com", A),
+        2,
+        "no prefetch inside the window"
+    );
+    // Past the original expiry the refreshed entry answers: no miss.
+    sleep(Duration::from_millis(4400).saturating_sub(t0.elapsed()));
+    let r = ok(d.dns, "hot.example.com", A);
+    assert_eq!(client::addrs(&r), ["192.0.2.7"]);
+    assert_eq!(
+        up.count("hot.example.com", A),
+        2,
+        "the prefetched entry was not used"
+    );
+    assert!(scrape(d.metrics).value("localdns_prefetches_total", &[]) >= 1.0);
+}
+
 #[test]
 fn identical_concurrent_misses_share_one_upstream_query() {
     let up = example_upstream();

@@ -41,6 +41,8 @@ pub struct Config {
     pub servfail_ttl: String,
     pub serve_stale: String,
     pub prefetch: bool,
+    /// Raw TOML lines added to the `[cache]` table.
+    pub cache_extra: String,
     /// Raw TOML appended at the end (extra tables such as more `[[stub]]`s).
     pub extra: String,
 }
@@ -62,6 +64,7 @@ impl Config {
             servfail_ttl: "1s".into(),
             serve_stale: "1h".into(),
             prefetch: true,
+            cache_extra: String::new(),
             extra: String::new(),
         }
     }
@@ -123,7 +126,7 @@ negative_max_ttl = "{neg}"
 servfail_ttl = "{sf}"
 serve_stale = "{stale}"
 prefetch = {prefetch}
-
+{cache_extra}
 [network]
 setup_interface = false
 setup_rules = false
@@ -135,6 +138,7 @@ address = "{metrics}"
             sf = self.servfail_ttl,
             stale = self.serve_stale,
             prefetch = self.prefetch,
+            cache_extra = self.cache_extra,
             extra = self.extra,
         );
         s
