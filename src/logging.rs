@@ -2,6 +2,8 @@
 //! (`JOURNAL_STREAM`, as systemd sets it), else human-readable lines on stderr.
 //! Level from `LOCALDNS_LOG` (e.g. `debug`, `localdns=trace`), default `info`.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::prelude::*;
 use tracing_subscriber::EnvFilter;
 
@@ -20,6 +22,7 @@ pub fn init() {
         .with(
             tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal())
                 .with_target(false),
         )
         .init();

@@ -803,3 +803,156 @@ fn health_then_sigterm_exits_zero() {
     let status = d.terminate(Duration::from_secs(10));
     assert!(status.success(), "exit after SIGTERM: {status}");
 }
+
+// ---------------------------------------------------------------- overload and reload
+
+#[test]
+fn upstream_concurrency_cap_answers_servfail_and_counts() {
+    let up = example_upstream();
+    for i in 0..6 {
+        up.a(&format!("slow{i}.example.com"), 300, "192.0.2.9");
+    }
+    up.set_delay(Duration::from_millis(800));
+    let mut cfg = Config::to(up.addr);
+    cfg.upstream_extra = "max_in_flight = 2".into();
+    let d = Daemon::start(&cfg);
+    let server = d.dns;
+    let answers: Vec<_> = (0..6)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let started = Instant::now();
+                let r = client::udp_timeout(
+                    server,
+                    &query(&format!("slow{i}.example.com"), A),
+                    Duration::from_secs(3),
+                )
+                .expect("answer");
+                (r.response_code(), started.elapsed())
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|t| t.join().expect("thread"))
+        .collect();
+    let refused: Vec<_> = answers
+        .iter()
+        .filter(|(rc, _)| *rc == ResponseCode::ServFail)
+        .collect();
+    let answered = answers
+        .iter()
+        .filter(|(rc, _)| *rc == ResponseCode::NoError)
+        .count();
+    assert!(answered >= 2, "{answers:?}");
+    assert!(
+        refused.len() >= 2,
+        "over the cap must get SERVFAIL: {answers:?}"
+    );
+    // Refused at once, not after waiting for the upstream.
+    assert!(
+        refused.iter().all(|(_, t)| *t < Duration::from_millis(500)),
+        "{answers:?}"
+    );
+    let m = scrape(d.metrics);
+    assert_eq!(
+        m.value("localdns_overload_total", &[]),
+        refused.len() as f64
+    );
+}
+
+#[test]
+fn reload_applies_a_good_drop_in_and_refuses_a_bad_one() {
+    let up = example_upstream();
+    let corp = Upstream::start();
+    corp.zone("corp.example")
+        .a("db.corp.example", 300, "10.1.1.1");
+    let d = daemon_for(&up);
+    let conf_d = d.config_path.parent().expect("dir").join("conf.d");
+    std::fs::create_dir_all(&conf_d).expect("mkdir");
+    // Before: corp.example goes to the default upstream, which does not know it.
+    let before = client::udp(d.dns, &query("db.corp.example", A)).expect("answer");
+    assert_ne!(before.response_code(), ResponseCode::NoError);
+
+    // A DaemonSet drops a stub zone in conf.d: picked up without a signal.
+    let stub = format!(
+        "[[stub]]\nzone = \"corp.example\"\nservers = [\"{}\"]\n",
+        corp.addr
+    );
+    std::fs::write(conf_d.join("50-corp.toml"), stub).expect("write");
+    d.wait_notify("RELOADING=1", Duration::from_secs(5));
+    let ready = d.wait_notify("READY=1", Duration::from_secs(5));
+    assert!(!ready.contains("REFUSED"), "{ready}");
+    let after = ok(d.dns, "db.corp.example", A);
+    assert_eq!(client::addrs(&after), ["10.1.1.1"]);
+    assert_eq!(corp.count("db.corp.example", A), 1);
+
+    // A bad file changes nothing and says why: file, line, key, in the journal and STATUS.
+    std::fs::write(conf_d.join("60-bad.toml"), "[cache]\nmax_ttl = \"soon\"\n").expect("write");
+    d.wait_notify("RELOADING=1", Duration::from_secs(5));
+    let refused = d.wait_notify("READY=1", Duration::from_secs(5));
+    assert!(refused.contains("CONFIG REFUSED"), "{refused}");
+    assert!(refused.contains("60-bad.toml:2"), "{refused}");
+    let log = d.stderr();
+    assert!(
+        log.contains("60-bad.toml:2") && log.contains("cache.max_ttl"),
+        "{log}"
+    );
+    // The previous config keeps serving: the stub still routes, cached answers stay.
+    let cached = ok(d.dns, "db.corp.example", A);
+    assert_eq!(client::addrs(&cached), ["10.1.1.1"]);
+    assert_eq!(
+        corp.count("db.corp.example", A),
+        1,
+        "the cache survived the refused reload"
+    );
+    ok(d.dns, "www.example.com", A);
+
+    // Fix the file and reload with SIGHUP: accepted again.
+    std::fs::remove_file(conf_d.join("60-bad.toml")).expect("rm");
+    d.wait_notify("READY=1", Duration::from_secs(5));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(d.pid() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .expect("SIGHUP");
+    d.wait_notify("RELOADING=1", Duration::from_secs(5));
+    let ready = d.wait_notify("READY=1", Duration::from_secs(5));
+    assert!(!ready.contains("REFUSED"), "{ready}");
+    assert!(d.stderr().contains("reason=\"SIGHUP\""), "{}", d.stderr());
+}
+
+#[test]
+fn reload_drops_only_answers_whose_routing_changed() {
+    let up = example_upstream();
+    let corp = Upstream::start();
+    corp.zone("corp.example")
+        .a("db.corp.example", 300, "10.1.1.1");
+    let corp2 = Upstream::start();
+    corp2
+        .zone("corp.example")
+        .a("db.corp.example", 300, "10.2.2.2");
+    let mut cfg = Config::to(up.addr);
+    cfg.stubs = vec![("corp.example".into(), vec![corp.addr])];
+    let d = Daemon::start(&cfg);
+    ok(d.dns, "www.example.com", A);
+    assert_eq!(
+        client::addrs(&ok(d.dns, "db.corp.example", A)),
+        ["10.1.1.1"]
+    );
+
+    let conf_d = d.config_path.parent().expect("dir").join("conf.d");
+    std::fs::create_dir_all(&conf_d).expect("mkdir");
+    let moved = format!(
+        "[[stub]]\nzone = \"corp.example\"\nservers = [\"{}\"]\n",
+        corp2.addr
+    );
+    std::fs::write(conf_d.join("50-corp.toml"), moved).expect("write");
+    d.wait_notify("RELOADING=1", Duration::from_secs(5));
+    d.wait_notify("READY=1", Duration::from_secs(5));
+    // The moved zone is asked of its new server; the untouched name stays cached.
+    assert_eq!(
+        client::addrs(&ok(d.dns, "db.corp.example", A)),
+        ["10.2.2.2"]
+    );
+    ok(d.dns, "www.example.com", A);
+    assert_eq!(up.count("www.example.com", A), 1);
+}

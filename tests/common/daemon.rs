@@ -43,6 +43,8 @@ pub struct Config {
     pub prefetch: bool,
     /// Raw TOML lines added to the `[cache]` table.
     pub cache_extra: String,
+    /// Raw TOML lines added to the `[upstream]` table.
+    pub upstream_extra: String,
     /// Raw TOML appended at the end (extra tables such as more `[[stub]]`s).
     pub extra: String,
 }
@@ -65,6 +67,7 @@ impl Config {
             serve_stale: "1h".into(),
             prefetch: true,
             cache_extra: String::new(),
+            upstream_extra: String::new(),
             extra: String::new(),
         }
     }
@@ -96,6 +99,7 @@ timeout = "{timeout}"
 attempts = {attempts}
 down_after_failures = {daf}
 down_time = "{down_time}"
+{upstream_extra}
 "#,
             ip = listen.ip(),
             port = listen.port(),
@@ -108,6 +112,7 @@ down_time = "{down_time}"
             attempts = self.attempts,
             daf = self.down_after_failures,
             down_time = self.down_time,
+            upstream_extra = self.upstream_extra,
         );
         for (zone, servers) in &self.stubs {
             let _ = write!(
@@ -151,6 +156,8 @@ pub struct Daemon {
     pub dns: SocketAddr,
     pub metrics: SocketAddr,
     pub config_path: PathBuf,
+    /// The sd_notify socket the daemon reports to (READY, RELOADING, STATUS).
+    notify: UnixDatagram,
     dir: tempfile::TempDir,
 }
 
@@ -219,6 +226,7 @@ impl Daemon {
             dns,
             metrics,
             config_path,
+            notify,
             dir,
         };
 
@@ -226,7 +234,7 @@ impl Daemon {
         let mut buf = [0u8; 4096];
         let mut got = Vec::new();
         loop {
-            match notify.recv(&mut buf) {
+            match d.notify.recv(&mut buf) {
                 Ok(n) => {
                     let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
                     if msg.lines().any(|l| l.trim() == "READY=1") {
@@ -256,6 +264,27 @@ impl Daemon {
                 ));
             }
         }
+    }
+
+    /// Read sd_notify messages until one has a line equal to `line`; returns that message.
+    /// Panics after `timeout`.
+    pub fn wait_notify(&self, line: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        let mut buf = [0u8; 4096];
+        let mut got = Vec::new();
+        while Instant::now() < deadline {
+            if let Ok(n) = self.notify.recv(&mut buf) {
+                let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                if msg.lines().any(|l| l.trim() == line) {
+                    return msg;
+                }
+                got.push(msg);
+            }
+        }
+        panic!(
+            "no {line} within {timeout:?}; got {got:?}; stderr:\n{}",
+            self.stderr()
+        );
     }
 
     pub fn pid(&self) -> u32 {
