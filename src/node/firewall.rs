@@ -31,8 +31,47 @@ fn read_all(t: &dyn Tables) -> Result<Snapshot, RulesError> {
 }
 
 /// Makes the backend hold exactly localdns's rules for `addresses` (a family without
-/// addresses holds none) and returns what it then holds.
+/// addresses holds none) and returns what it then holds. Another agent changing the
+/// rules between the write and the read-back is caught by [`complete`] and the install
+/// is repeated.
 pub fn install(t: &dyn Tables, addresses: &[IpAddr], port: u16) -> Result<Snapshot, RulesError> {
+    for _ in 0..3 {
+        write(t, addresses, port)?;
+        let snapshot = read_all(t)?;
+        if complete(&snapshot, addresses, port) {
+            return Ok(snapshot);
+        }
+    }
+    Err(RulesError::Unstable)
+}
+
+/// Whether `snapshot` holds every chain, rule and jump wanted for `addresses` (and
+/// nothing of localdns's in a family without addresses).
+pub fn complete(snapshot: &Snapshot, addresses: &[IpAddr], port: u16) -> bool {
+    snapshot.0.iter().all(|(family, table, ours)| {
+        let hooks = rules::HOOKS.iter().filter(|h| h.table == *table);
+        if !addresses.iter().any(|ip| Family::of(ip) == *family) {
+            return ours.is_empty();
+        }
+        hooks.into_iter().all(|h| {
+            let jumps = ours
+                .jumps
+                .iter()
+                .filter(|l| {
+                    l.starts_with(&format!("-A {} ", h.builtin))
+                        && l.ends_with(&format!("-j {}", h.chain))
+                })
+                .count();
+            let prefix = format!("-A {} ", h.chain);
+            let rules = ours.rules.iter().filter(|l| l.starts_with(&prefix)).count();
+            jumps == 1
+                && ours.chains.iter().any(|c| c == h.chain)
+                && rules == rules::chain_rules(h, *family, addresses, port).len()
+        })
+    })
+}
+
+fn write(t: &dyn Tables, addresses: &[IpAddr], port: u16) -> Result<(), RulesError> {
     for family in Family::ALL {
         let wanted = addresses.iter().any(|ip| Family::of(ip) == family);
         let mut input = String::new();
@@ -49,7 +88,7 @@ pub fn install(t: &dyn Tables, addresses: &[IpAddr], port: u16) -> Result<Snapsh
             t.restore(family, &input)?;
         }
     }
-    read_all(t)
+    Ok(())
 }
 
 /// Whether the backend still holds exactly `snapshot`.
@@ -115,7 +154,7 @@ mod tests {
     fn install_writes_one_input_per_family_with_addresses() {
         let fake = Fake::default();
         let addrs: Vec<IpAddr> = vec!["10.96.0.10".parse().unwrap()];
-        install(&fake, &addrs, 53).unwrap();
+        write(&fake, &addrs, 53).unwrap();
         let restored = fake.restored.lock().unwrap();
         assert_eq!(restored.len(), 1, "no IPv6 address: IPv6 untouched");
         let (family, input) = &restored[0];
@@ -132,7 +171,7 @@ mod tests {
             (Family::V6, "filter".into()),
             "*filter\n:LOCALDNS-INPUT - [0:0]\n-A INPUT -j LOCALDNS-INPUT\nCOMMIT\n".into(),
         );
-        install(&fake, &["10.96.0.10".parse().unwrap()], 53).unwrap();
+        write(&fake, &["10.96.0.10".parse().unwrap()], 53).unwrap();
         let restored = fake.restored.lock().unwrap();
         assert_eq!(restored[1].0, Family::V6);
         assert_eq!(
@@ -161,6 +200,57 @@ mod tests {
             .unwrap()
             .insert(key, text.replace("-A LOCALDNS-OUTPUT -j NOTRACK\n", ""));
         assert!(!intact(&fake, &snap).unwrap());
+    }
+
+    #[test]
+    fn complete_means_every_chain_jump_and_rule() {
+        let addrs: Vec<IpAddr> = vec!["10.96.0.10".parse().unwrap()];
+        // What install writes, as a save output would show it.
+        let mut saved = String::new();
+        for table in TABLES {
+            let input = rules::install_input(table, &Ours::default(), &|h| {
+                rules::chain_rules(h, Family::V4, &addrs, 53)
+            });
+            saved.push_str(
+                &input
+                    .replace("-I OUTPUT 1 ", "-A OUTPUT ")
+                    .replace("-I PREROUTING 1 ", "-A PREROUTING ")
+                    .replace("-I INPUT 1 ", "-A INPUT "),
+            );
+        }
+        let snap = |text: &str| {
+            Snapshot(
+                Family::ALL
+                    .iter()
+                    .flat_map(|&f| {
+                        TABLES.map(|t| {
+                            (
+                                f,
+                                t,
+                                if f == Family::V4 {
+                                    rules::parse(text, t)
+                                } else {
+                                    Ours::default()
+                                },
+                            )
+                        })
+                    })
+                    .collect(),
+            )
+        };
+        assert!(complete(&snap(&saved), &addrs, 53));
+        let no_jump = saved.replace(
+            "-A INPUT -m comment --comment localdns -j LOCALDNS-INPUT\n",
+            "",
+        );
+        assert!(!complete(&snap(&no_jump), &addrs, 53));
+        let one_rule_less = saved.replacen("-A LOCALDNS-OUTPUT -d", "-A NOT-OURS -d", 1);
+        assert!(!complete(&snap(&one_rule_less), &addrs, 53));
+        assert!(!complete(
+            &snap(&saved),
+            &["10.96.0.10".parse().unwrap(), "10.96.0.11".parse().unwrap()],
+            53
+        ));
     }
 
     #[test]

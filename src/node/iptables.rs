@@ -58,6 +58,8 @@ pub enum RulesError {
         wait: Duration,
         attempts: u32,
     },
+    #[error("the rules changed again right after each of 3 installs: another agent keeps rewriting them")]
+    Unstable,
     #[error("neither iptables-nft nor iptables-legacy can be run: {0}")]
     NoBackend(String),
 }
