@@ -28,7 +28,7 @@ pub enum LinkError {
         name: String,
         source: rtnetlink::Error,
     },
-    #[error("interface {name} exists and is of kind {kind:?}, not a dummy or ifb link made by localdns: refusing to use or remove it (choose another network.interface)")]
+    #[error("interface {name} exists and is {kind}, not a dummy or ifb link made by localdns: refusing to use or remove it (choose another network.interface)")]
     Foreign { name: String, kind: String },
 }
 
@@ -92,16 +92,13 @@ pub(crate) async fn ensure(
             // A link made by someone else in between is picked up here too.
             ops.get(name).await?.ok_or_else(|| LinkError::Foreign {
                 name: name.to_owned(),
-                kind: "(none: neither dummy nor ifb could be created)".into(),
+                kind: "missing: neither a dummy nor an ifb link could be created".into(),
             })?
         }
     };
     // A physical NIC reports no kind at all: not ours either.
     if !KINDS.contains(&state.kind.as_str()) {
-        return Err(LinkError::Foreign {
-            name: name.to_owned(),
-            kind: state.kind,
-        });
+        return Err(foreign(name, &state.kind));
     }
     if !state.up {
         ops.set_up(name, state.index).await?;
@@ -116,16 +113,23 @@ pub(crate) async fn ensure(
     Ok(changes)
 }
 
+fn foreign(name: &str, kind: &str) -> LinkError {
+    LinkError::Foreign {
+        name: name.to_owned(),
+        kind: match kind {
+            "" => "a device without a kind (physical or loopback)".to_owned(),
+            k => format!("of kind {k}"),
+        },
+    }
+}
+
 /// Removes the link `name` (and with it its addresses). `Ok(false)` when it was absent.
 pub(crate) async fn remove(ops: &impl LinkOps, name: &str) -> Result<bool, LinkError> {
     let Some(state) = ops.get(name).await? else {
         return Ok(false);
     };
     if !KINDS.contains(&state.kind.as_str()) {
-        return Err(LinkError::Foreign {
-            name: name.to_owned(),
-            kind: state.kind,
-        });
+        return Err(foreign(name, &state.kind));
     }
     ops.delete(name, state.index).await?;
     Ok(true)

@@ -31,15 +31,34 @@ use link::{LinkError, Netlink};
 
 pub use repair::watch;
 
-/// Why the node setup or teardown failed.
+/// Why the node setup or teardown failed. The inner error is shown in the message (and
+/// not chained as a source, so that `{:#}` does not print it twice).
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     #[error("interface: {0}")]
-    Link(#[from] LinkError),
+    Link(LinkError),
     #[error("firewall rules: {0}")]
-    Rules(#[from] RulesError),
+    Rules(RulesError),
     #[error("firewall task failed: {0}")]
-    Task(#[from] tokio::task::JoinError),
+    Task(tokio::task::JoinError),
+}
+
+impl From<LinkError> for NodeError {
+    fn from(e: LinkError) -> Self {
+        NodeError::Link(e)
+    }
+}
+
+impl From<RulesError> for NodeError {
+    fn from(e: RulesError) -> Self {
+        NodeError::Rules(e)
+    }
+}
+
+impl From<tokio::task::JoinError> for NodeError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        NodeError::Task(e)
+    }
 }
 
 /// What [`setup`] installed; handed to [`watch`].
