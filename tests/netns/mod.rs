@@ -31,7 +31,9 @@ pub fn missing_capability() -> Option<String> {
     if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
         return Some("not running as root".into());
     }
-    let probe = format!("ldprobe{}", std::process::id());
+    static PROBES: AtomicUsize = AtomicUsize::new(0);
+    let n = PROBES.fetch_add(1, Ordering::Relaxed);
+    let probe = format!("ld-probe-{}-{n}", std::process::id());
     match Command::new("ip").args(["netns", "add", &probe]).output() {
         Ok(o) if o.status.success() => {
             let _ = Command::new("ip").args(["netns", "del", &probe]).output();
