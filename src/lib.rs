@@ -8,6 +8,8 @@
 //! - [`cache`]: the bounded, sharded answer store with serve-stale and prefetch marks.
 //! - [`upstream`]: routing by zone, upstream pools with failover and health, UDP/TCP exchange.
 //! - [`server`]: listeners (UDP hit-path loops, TCP), the miss path, the HTTP endpoint.
+//! - [`node`]: the node's network setup: the link holding the listen addresses
+//!   (rtnetlink), the NOTRACK/ACCEPT rules (iptables), setup/teardown, drift repair.
 //! - [`metrics`]: counters and their Prometheus rendering.
 //! - [`systemd`]: sd_notify readiness and stop.
 //! - [`logging`]: journald or stderr.
@@ -19,6 +21,7 @@ pub mod config;
 pub mod dns;
 pub mod logging;
 pub mod metrics;
+pub mod node;
 pub mod server;
 pub mod systemd;
 pub mod upstream;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
-use localdns::{config, logging, metrics::Metrics, server::Server, systemd};
+use localdns::{config, logging, metrics::Metrics, node, server::Server, systemd};
 
 /// Node-local DNS cache for Kubernetes nodes.
 #[derive(Parser)]
@@ -23,6 +23,10 @@ enum Command {
     Run(ConfigArgs),
     /// Validate the config and print the effective merged result.
     CheckConfig(ConfigArgs),
+    /// Create the interface and addresses and install the rules (idempotent).
+    Setup(ConfigArgs),
+    /// Remove exactly what `setup` installs (idempotent).
+    Teardown(ConfigArgs),
 }
 
 #[derive(Args, Default)]
@@ -42,7 +46,10 @@ fn main() -> ExitCode {
     logging::init();
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Run(ConfigArgs::default()));
-    let (Command::Run(args) | Command::CheckConfig(args)) = &command;
+    let (Command::Run(args)
+    | Command::CheckConfig(args)
+    | Command::Setup(args)
+    | Command::Teardown(args)) = &command;
     let source = config::Source {
         explicit: args.config.is_some(),
         path: args
@@ -63,14 +70,30 @@ fn main() -> ExitCode {
             print!("{}", config::render(&cfg));
             ExitCode::SUCCESS
         }
-        Command::Run(_) => match run(cfg, source) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                tracing::error!("{e:#}");
-                ExitCode::FAILURE
-            }
-        },
+        Command::Run(_) => exit(run(cfg, source)),
+        Command::Setup(_) => exit(once(|| async { node::setup(&cfg).await.map(drop) })),
+        Command::Teardown(_) => exit(once(|| node::teardown(&cfg))),
     }
+}
+
+fn exit(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs one node operation on a small runtime.
+fn once<F: std::future::Future<Output = Result<(), node::NodeError>>>(
+    op: impl FnOnce() -> F,
+) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    Ok(runtime.block_on(op())?)
 }
 
 fn run(cfg: config::Config, source: config::Source) -> anyhow::Result<()> {
@@ -85,9 +108,18 @@ fn run(cfg: config::Config, source: config::Source) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let server = Server::bind(cfg, Arc::new(Metrics::default()), &mut kept)?;
+        // The link, addresses and rules come first: the listen addresses must exist to be
+        // bound, and READY means the node's DNS works.
+        let setup = node::setup(&cfg)
+            .await
+            .map_err(|e| anyhow::anyhow!("node setup failed: {e}"))?;
+        let metrics = Arc::new(Metrics::default());
+        let repair = tokio::spawn(node::watch(cfg.clone(), setup, Arc::clone(&metrics)));
+        let server = Server::bind(cfg, metrics, &mut kept)?;
         kept.release_rest();
-        server.run(Some(source), shutdown_signal()).await?;
+        let served = server.run(Some(source), shutdown_signal()).await;
+        repair.abort();
+        served?;
         Ok(())
     })
 }

@@ -49,6 +49,10 @@ pub struct Metrics {
     pub tcp_connections: AtomicU64,
     pub tcp_refused: AtomicU64,
     pub send_errors: AtomicU64,
+    /// Node setup drift repaired by the running daemon (see `node::repair`).
+    pub repairs_link: AtomicU64,
+    pub repairs_addresses: AtomicU64,
+    pub repairs_rules: AtomicU64,
 }
 
 /// Add one to a shared counter.
@@ -179,6 +183,16 @@ impl Metrics {
             "Answers that could not be sent.",
             "counter",
             &[("", l(&self.send_errors))],
+        );
+        family(
+            "localdns_node_repairs_total",
+            "Node setup found changed and put back: the interface, an address, the firewall rules.",
+            "counter",
+            &[
+                ("{what=\"interface\"}", l(&self.repairs_link)),
+                ("{what=\"address\"}", l(&self.repairs_addresses)),
+                ("{what=\"rules\"}", l(&self.repairs_rules)),
+            ],
         );
         for (name, help, v) in gauges {
             family(name, help, "gauge", &[("", *v)]);

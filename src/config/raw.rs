@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde::de::Error as _;
 use serde::{Deserialize, Deserializer};
 
-use super::types::Protocol;
+use super::types::{IptablesBackend, Protocol};
 use super::value;
 
 /// A whole document. Field names are the TOML table names.
@@ -208,6 +208,14 @@ pub struct RawNetwork {
     pub setup_interface: bool,
     /// Install the firewall rules (NOTRACK, ACCEPT) at start, remove them at stop.
     pub setup_rules: bool,
+    /// Which iptables the rules go to: `auto` (the one kube-proxy uses), `nft` or `legacy`.
+    pub iptables_backend: IptablesBackend,
+    /// How often the running daemon checks its rules and puts back what is missing.
+    #[serde(deserialize_with = "positive")]
+    pub rules_check_interval: Dur,
+    /// Longest wait for the xtables lock per iptables call (then retried, then an error).
+    #[serde(deserialize_with = "positive")]
+    pub xtables_wait: Dur,
 }
 
 impl Default for RawNetwork {
@@ -216,6 +224,9 @@ impl Default for RawNetwork {
             interface: IfName("nodelocaldns".into()),
             setup_interface: true,
             setup_rules: true,
+            iptables_backend: IptablesBackend::Auto,
+            rules_check_interval: Dur(Duration::from_secs(5)),
+            xtables_wait: Dur(Duration::from_secs(5)),
         }
     }
 }

@@ -78,6 +78,17 @@ pub fn render(c: &Config) -> String {
     line(&mut out, "interface", string(&n.interface));
     line(&mut out, "setup_interface", n.setup_interface);
     line(&mut out, "setup_rules", n.setup_rules);
+    line(
+        &mut out,
+        "iptables_backend",
+        iptables_backend(n.iptables_backend),
+    );
+    line(
+        &mut out,
+        "rules_check_interval",
+        duration(n.rules_check_interval),
+    );
+    line(&mut out, "xtables_wait", duration(n.xtables_wait));
 
     section(&mut out, "metrics");
     let metrics = c.metrics.address.map(|a| a.to_string()).unwrap_or_default();
@@ -111,5 +122,13 @@ fn protocol(p: Protocol) -> String {
     string(match p {
         Protocol::Udp => "udp",
         Protocol::Tcp => "tcp",
+    })
+}
+
+fn iptables_backend(b: IptablesBackend) -> String {
+    string(match b {
+        IptablesBackend::Auto => "auto",
+        IptablesBackend::Nft => "nft",
+        IptablesBackend::Legacy => "legacy",
     })
 }

@@ -141,6 +141,18 @@ fn out_of_range_values() {
             "[network]\ninterface = \"much-too-long-name\"\n",
             "network.interface",
         ),
+        (
+            "[network]\niptables_backend = \"nftables\"\n",
+            "network.iptables_backend",
+        ),
+        (
+            "[network]\nrules_check_interval = \"0s\"\n",
+            "network.rules_check_interval",
+        ),
+        (
+            "[network]\nxtables_wait = \"soon\"\n",
+            "network.xtables_wait",
+        ),
         ("[cluster]\ndomain = \"cluster..local\"\n", "cluster.domain"),
         ("[metrics]\naddress = \"127.0.0.1\"\n", "metrics.address"),
         (
@@ -374,6 +386,9 @@ fn defaults_are_the_documented_schema() {
             interface: "nodelocaldns".into(),
             setup_interface: true,
             setup_rules: true,
+            iptables_backend: IptablesBackend::Auto,
+            rules_check_interval: Duration::from_secs(5),
+            xtables_wait: Duration::from_secs(5),
         },
         metrics: Metrics {
             address: Some(sa("127.0.0.1:9253")),

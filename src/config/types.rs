@@ -110,11 +110,32 @@ pub struct Cache {
     pub prefetch_percent: u8,
 }
 
+/// Which iptables binaries hold localdns's rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IptablesBackend {
+    /// The backend kube-proxy uses on this node: the one holding `KUBE-*` chains, else
+    /// the one with more rules, else nft.
+    Auto,
+    /// `iptables-nft` / `ip6tables-nft`.
+    Nft,
+    /// `iptables-legacy` / `ip6tables-legacy`.
+    Legacy,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Network {
+    /// The link holding the listen addresses (kind dummy, or ifb where the kernel has no dummy).
     pub interface: String,
+    /// Create the link and hold the listen addresses on it.
     pub setup_interface: bool,
+    /// Install the NOTRACK/ACCEPT rules.
     pub setup_rules: bool,
+    pub iptables_backend: IptablesBackend,
+    /// Interval of the rules drift check in the running daemon.
+    pub rules_check_interval: Duration,
+    /// Bound on the wait for the xtables lock per iptables call.
+    pub xtables_wait: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]

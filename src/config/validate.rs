@@ -148,6 +148,9 @@ pub fn validate(
             interface: raw.network.interface.0,
             setup_interface: raw.network.setup_interface,
             setup_rules: raw.network.setup_rules,
+            iptables_backend: raw.network.iptables_backend,
+            rules_check_interval: raw.network.rules_check_interval.0,
+            xtables_wait: raw.network.xtables_wait.0,
         },
         metrics: Metrics {
             address: raw.metrics.address.0,

@@ -1,0 +1,382 @@
+//! The node network setup, for real: the real `localdns` binary in network namespaces
+//! made by each test (pod ↔ node ↔ kube-dns), never in the machine's root namespace.
+//! Needs root, `ip netns`, iptables (nft and legacy) and conntrack; a test without root or
+//! `ip netns` prints why it skips.
+
+#[path = "netns/mod.rs"]
+mod helpers;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use helpers::*;
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+/// Queries from the pod and from the node, UDP and TCP, IPv4 and IPv6, are answered by
+/// localdns and leave no conntrack entry for port 53, with the kube-proxy stand-in (and
+/// so localdns's rules, backend `auto`) in `backend`.
+fn conntrack_free(backend: &'static str) {
+    let t = Topology::new(backend);
+    let dir = tempfile::tempdir().unwrap();
+
+    // Before localdns: the Service IP works through the stand-in, and is tracked, which
+    // shows conntrack is active in this namespace (else "zero entries" proves nothing).
+    let before = t.pod.enter(|| udp_batch(sa("10.96.0.10:53"), 3));
+    assert_eq!(
+        before.kube_dns, 3,
+        "the kube-proxy stand-in works: {before:?}"
+    );
+    assert!(!t.dns_conntrack().is_empty(), "conntrack must be active");
+    t.node
+        .sh("conntrack -F 2>/dev/null; conntrack -F -f ipv6 2>/dev/null || true");
+    assert!(t.dns_conntrack().is_empty());
+
+    let cfg = config(dir.path(), "auto");
+    let d = Daemon::start(&t.node, &cfg, dir.path());
+    let other = if backend == "nft" { "legacy" } else { "nft" };
+    let mine = save_normalised(&t.node, &format!("iptables-{backend}-save"));
+    assert!(
+        mine.contains("LOCALDNS-PREROUTING"),
+        "auto picked {backend}:\n{mine}"
+    );
+    assert!(!save_normalised(&t.node, &format!("iptables-{other}-save")).contains("LOCALDNS"));
+
+    let pod = t.pod.enter(|| {
+        let mut all = Vec::new();
+        for server in ["169.254.20.10:53", "10.96.0.10:53", "[fd00:96::10]:53"] {
+            all.push((server, "udp", udp_batch(sa(server), 600)));
+            all.push((server, "tcp", tcp_batch(sa(server), 150, 50)));
+        }
+        all
+    });
+    let node = t.node.enter(|| {
+        let mut all = Vec::new();
+        for server in ["169.254.20.10:53", "10.96.0.10:53", "[fd00:96::10]:53"] {
+            all.push((server, "udp", udp_batch(sa(server), 300)));
+            all.push((server, "tcp", tcp_batch(sa(server), 60, 20)));
+        }
+        all
+    });
+    let mut total = 0;
+    for (from, batches) in [("pod", pod), ("node", node)] {
+        for (server, proto, tally) in batches {
+            eprintln!("{backend}: {from} → {server} {proto}: {tally:?}");
+            assert_eq!(tally.failed, 0, "{from} → {server} {proto}: {tally:?}");
+            assert_eq!(tally.kube_dns, 0, "{from} → {server} {proto}: {tally:?}");
+            total += tally.localdns;
+        }
+    }
+    assert!(total >= 3000, "{total}");
+    let tracked = t.dns_conntrack();
+    assert!(
+        tracked.is_empty(),
+        "{backend}: {} conntrack entries for port 53:\n{}",
+        tracked.len(),
+        tracked.join("\n")
+    );
+    eprintln!("{backend}: {total} queries answered by localdns, 0 conntrack entries for port 53");
+    drop(d);
+}
+
+#[test]
+fn conntrack_free_with_iptables_nft() {
+    require_netns!();
+    conntrack_free("nft");
+}
+
+#[test]
+fn conntrack_free_with_iptables_legacy() {
+    require_netns!();
+    conntrack_free("legacy");
+}
+
+/// Everything an observer can compare: all four save outputs, links and addresses.
+fn node_state(ns: &Netns) -> Vec<(String, String)> {
+    let mut state = Vec::new();
+    for p in [
+        "iptables-nft-save",
+        "ip6tables-nft-save",
+        "iptables-legacy-save",
+        "ip6tables-legacy-save",
+    ] {
+        state.push((p.to_owned(), save_normalised(ns, p)));
+    }
+    state.push(("ip link".into(), ns.sh("ip -o link show")));
+    state.push(("ip addr".into(), ns.sh("ip -o addr show")));
+    state
+}
+
+#[test]
+fn setup_twice_then_teardown_leaves_the_node_as_it_was() {
+    require_netns!();
+    for backend in ["nft", "legacy"] {
+        let ns = Netns::new("setup");
+        let dir = tempfile::tempdir().unwrap();
+        // Other agents' rules in both backends and families: kube-proxy's (in `backend`
+        // only, so that `auto` picks it) and some in raw and filter, which must survive.
+        // They also make the tables exist before: a legacy table once created cannot be
+        // removed by anyone, and iptables-nft leaves an empty table behind as well.
+        for b in ["nft", "legacy"] {
+            for cmd in ["iptables", "ip6tables"] {
+                ns.sh(&format!(
+                    "{cmd}-{b} -t raw -A PREROUTING -p udp --dport 9 -j ACCEPT
+                     {cmd}-{b} -A INPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
+                     {cmd}-{b} -A OUTPUT -p tcp --dport 9 -j ACCEPT"
+                ));
+            }
+        }
+        ns.sh(&format!(
+            "iptables-{backend} -t nat -N KUBE-SERVICES
+             iptables-{backend} -t nat -A PREROUTING -j KUBE-SERVICES"
+        ));
+        let before = node_state(&ns);
+        let cfg = config(dir.path(), "auto");
+        for round in 0..2 {
+            let (ok, log) = localdns_cmd(&ns, "setup", &cfg);
+            assert!(ok, "setup #{round} failed:\n{log}");
+            if round == 0 {
+                let dummy_works = ns.try_run(&["ip", "link", "add", "ldprobe", "type", "dummy"]);
+                if dummy_works.is_ok() {
+                    ns.sh("ip link del ldprobe");
+                    assert!(ns.sh("ip -d link show nodelocaldns").contains("dummy"));
+                } else {
+                    // This kernel has no dummy links: the fallback, said once, clearly.
+                    assert!(ns.sh("ip -d link show nodelocaldns").contains("ifb"));
+                    assert!(log.contains("no dummy link type"), "{log}");
+                }
+            }
+        }
+        let during = node_state(&ns);
+        let saved = |state: &[(String, String)], p: &str| {
+            state.iter().find(|(k, _)| k == p).unwrap().1.clone()
+        };
+        let v4 = saved(&during, &format!("iptables-{backend}-save"));
+        assert_eq!(
+            v4.matches("-j LOCALDNS-").count(),
+            4,
+            "one jump per chain:\n{v4}"
+        );
+        assert_eq!(v4.matches("-j NOTRACK").count(), 4 + 8, "{v4}");
+        assert_eq!(v4.matches("-j ACCEPT").count(), 4 + 4 + 3, "{v4}");
+        assert!(saved(&during, &format!("ip6tables-{backend}-save")).contains("fd00:96::10/128"));
+        let addrs = saved(&during, "ip addr");
+        for a in ["169.254.20.10/32", "10.96.0.10/32", "fd00:96::10/128"] {
+            assert!(addrs.contains(a), "{a} missing:\n{addrs}");
+        }
+        for round in 0..2 {
+            let (ok, log) = localdns_cmd(&ns, "teardown", &cfg);
+            assert!(ok, "teardown #{round} failed:\n{log}");
+        }
+        let after = node_state(&ns);
+        for ((what, b), (_, a)) in before.iter().zip(&after) {
+            assert_eq!(
+                b, a,
+                "{backend}: {what} differs after setup, setup, teardown"
+            );
+        }
+    }
+}
+
+#[test]
+fn sigkill_fails_open_to_kube_dns_and_restart_takes_over() {
+    require_netns!();
+    let t = Topology::new("nft");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "nft");
+    let mut d = Daemon::start(&t.node, &cfg, dir.path());
+
+    // The pod keeps asking through one socket (one source port), as a resolver would.
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let (ptx, prx) = std::sync::mpsc::channel::<(u8, Tally)>();
+    let worker = t.pod.spawn(move || {
+        let server = sa("10.96.0.10:53");
+        let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let mut phase = 0u8;
+        let mut tally = Tally::default();
+        for i in 0u32.. {
+            if rx.try_recv().is_ok() {
+                ptx.send((phase, tally)).unwrap();
+                phase += 1;
+                tally = Tally::default();
+                if phase == 3 {
+                    break;
+                }
+            }
+            tally.add(ask_udp(
+                &sock,
+                server,
+                i as u16,
+                &format!("k{}.example", i % 10),
+            ));
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    });
+    let upto = |what: &str, cond: &dyn Fn() -> bool| {
+        assert!(
+            wait_for(Duration::from_secs(20), cond).is_some(),
+            "timed out waiting for {what}"
+        );
+    };
+    // Phase 0: localdns answers.
+    std::thread::sleep(Duration::from_millis(500));
+    let kube_before = t
+        .kube_dns
+        .queries
+        .load(std::sync::atomic::Ordering::Relaxed);
+    d.kill();
+    tx.send(()).unwrap();
+    // Phase 1: localdns is dead; answers must come from kube-dns through kube-proxy.
+    upto("kube-dns answers", &|| {
+        t.kube_dns
+            .queries
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > kube_before + 200
+    });
+    let d2 = Daemon::start(&t.node, &cfg, dir.path());
+    tx.send(()).unwrap();
+    // Phase 2: localdns is back.
+    std::thread::sleep(Duration::from_millis(800));
+    tx.send(()).unwrap();
+    let phases: Vec<(u8, Tally)> = (0..3).map(|_| prx.recv().unwrap()).collect();
+    worker.join().unwrap();
+    for (p, tally) in &phases {
+        eprintln!("sigkill phase {p}: {tally:?}");
+    }
+    let (alive, dead, back) = (phases[0].1, phases[1].1, phases[2].1);
+    assert!(alive.localdns > 50 && alive.kube_dns == 0, "{alive:?}");
+    assert!(dead.kube_dns >= 200, "fail-open: {dead:?}");
+    // Only a query in flight at the kill may be lost (it may count in either phase).
+    let lost = alive.failed + dead.failed;
+    assert!(
+        lost <= 2,
+        "{lost} queries lost at SIGKILL: {alive:?} {dead:?}"
+    );
+    eprintln!("sigkill: {lost} queries failed across the kill");
+    assert!(back.localdns > 50 && back.failed == 0, "{back:?}");
+    // After the restart the last answers are localdns's, not kube-dns's.
+    assert_eq!(back.kube_dns, 0, "{back:?}");
+    drop(d2);
+}
+
+#[test]
+fn drift_is_repaired() {
+    require_netns!();
+    let t = Topology::new("nft");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "nft");
+    let d = Daemon::start(&t.node, &cfg, dir.path());
+    let node = &t.node;
+    let holds = |a: &str| {
+        node.try_run(&["ip", "-o", "addr", "show", "dev", "nodelocaldns"])
+            .is_ok_and(|o| o.contains(a))
+    };
+    let all_addresses = || {
+        node.try_run(&["ip", "-o", "addr", "show", "dev", "nodelocaldns", "up"])
+            .is_ok_and(|o| {
+                ["169.254.20.10/32", "10.96.0.10/32", "fd00:96::10/128"]
+                    .iter()
+                    .all(|a| o.contains(a))
+            })
+    };
+    let second = Duration::from_secs(1);
+
+    node.sh("ip addr del 10.96.0.10/32 dev nodelocaldns");
+    let took =
+        wait_for(second, || holds("10.96.0.10/32")).expect("IPv4 address not restored in 1 s");
+    eprintln!("address 10.96.0.10 restored in {took:?}");
+
+    node.sh("ip addr del fd00:96::10/128 dev nodelocaldns");
+    let took =
+        wait_for(second, || holds("fd00:96::10/128")).expect("IPv6 address not restored in 1 s");
+    eprintln!("address fd00:96::10 restored in {took:?}");
+
+    node.sh("ip link del nodelocaldns");
+    let took = wait_for(second, all_addresses).expect("link not restored in 1 s");
+    eprintln!("link restored with its addresses in {took:?}");
+
+    node.sh("ip link set nodelocaldns down");
+    let took = wait_for(second, all_addresses).expect("link not set up again in 1 s");
+    eprintln!("link set up again in {took:?}");
+
+    // Rules: checked every second (rules_check_interval = 1s).
+    let rules_ok = || {
+        let v4 = save_normalised(node, "iptables-nft-save");
+        let v6 = save_normalised(node, "ip6tables-nft-save");
+        v4.matches("-j NOTRACK").count() == 12
+            && v4.matches("-j LOCALDNS-").count() == 4
+            && v6.matches("-j NOTRACK").count() == 6
+            && v6.matches("-j LOCALDNS-").count() == 4
+    };
+    assert!(rules_ok());
+    let limit = Duration::from_secs(3);
+    for (what, cmd) in [
+        (
+            "flushed raw chains",
+            "iptables-nft -t raw -F LOCALDNS-PREROUTING; iptables-nft -t raw -F LOCALDNS-OUTPUT",
+        ),
+        (
+            "deleted jump",
+            "iptables-nft -D INPUT -m comment --comment localdns -j LOCALDNS-INPUT",
+        ),
+        (
+            "flushed IPv6 chain",
+            "ip6tables-nft -t raw -F LOCALDNS-PREROUTING",
+        ),
+        (
+            "all chains gone",
+            "iptables-nft-save | grep -v LOCALDNS | iptables-nft-restore",
+        ),
+    ] {
+        // Each change comes after the previous repair is complete (its log line is
+        // written once the reinstalled rules were read back).
+        let repairs = || d.log_text().matches("rules had changed").count();
+        let before = repairs();
+        node.sh(cmd);
+        assert!(!rules_ok(), "{what}: the change did not happen");
+        let took = wait_for(limit, || rules_ok() && repairs() > before).unwrap_or_else(|| {
+            panic!(
+                "{what}: not repaired in {limit:?}:\n{}\n{}",
+                save_normalised(node, "iptables-nft-save"),
+                d.log_text()
+            )
+        });
+        eprintln!("rules repaired after {what} in {took:?}");
+    }
+
+    // Still serving, from the pod, through the recreated link.
+    let tally = t.pod.enter(|| udp_batch(sa("10.96.0.10:53"), 50));
+    assert_eq!(tally.localdns, 50, "{tally:?}");
+    let log = d.log_text();
+    assert!(log.contains("repaired"), "{log}");
+    // The repairs are counted.
+    let metrics = node.enter(|| {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect("127.0.0.1:9253").unwrap();
+        c.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut text = String::new();
+        let _ = c.read_to_string(&mut text);
+        text
+    });
+    let count = |what: &str| -> u64 {
+        let key = format!("localdns_node_repairs_total{{what=\"{what}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&key))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in:\n{metrics}"))
+    };
+    eprintln!(
+        "repairs counted: interface {}, address {}, rules {}",
+        count("interface"),
+        count("address"),
+        count("rules")
+    );
+    assert!(count("interface") >= 2 && count("address") >= 2 && count("rules") >= 4);
+    drop(d);
+}
