@@ -1,4 +1,5 @@
-//! Reload: on SIGHUP, or when a file under the config directory or `conf.d/` changes,
+//! Reload: on SIGHUP, or when the config file, a file in `conf.d/` or the resolv.conf the
+//! default upstreams were read from changes,
 //! re-read and validate the config and swap it in. A bad config changes nothing: the error
 //! (file, line, key, reason) goes to the journal and into `STATUS=`, and the previous
 //! config keeps serving.
@@ -43,7 +44,15 @@ pub async fn watch(
         .conf_dir
         .clone()
         .unwrap_or_else(|| parent(&source.path).join("conf.d"));
-    let watcher = Watcher::new(parent(&source.path), conf_dir);
+    let mut others = Vec::new();
+    if current.upstream.servers_from != "config" {
+        others.push(PathBuf::from(&current.upstream.servers_from));
+    }
+    let watcher = Watcher::new(Interest {
+        config: source.path.clone(),
+        conf_dir,
+        others,
+    });
     loop {
         let reason = tokio::select! {
             _ = hup.recv() => "SIGHUP",
@@ -54,7 +63,7 @@ pub async fn watch(
             Ok(new) => {
                 *state.error.lock() = None;
                 if same(&new, &current) {
-                    tracing::info!(reason, "config reloaded, nothing changed");
+                    tracing::debug!(reason, "config reloaded, nothing changed");
                 } else {
                     if new.listen != current.listen || new.network != current.network {
                         tracing::warn!(reason, "listen and network changes take effect at the next restart (`systemctl restart localdns` keeps the sockets)");
@@ -88,8 +97,10 @@ fn parent(p: &Path) -> PathBuf {
         .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
 }
 
-/// inotify on the config directory and `conf.d/` (watched again whenever it appears),
-/// read by a small blocking thread that forwards each batch of events.
+/// inotify on the config directory, `conf.d/` (watched again whenever it appears) and,
+/// when the default upstreams come from a resolv.conf, that file's directory: a DHCP
+/// renewal that changes the node's resolvers is picked up like a config change. Events are
+/// read by a small blocking thread that forwards each batch that concerns one of our files.
 struct Watcher {
     events: Option<tokio::sync::Mutex<mpsc::Receiver<()>>>,
 }
@@ -100,8 +111,26 @@ const EVENTS: AddWatchFlags = AddWatchFlags::IN_CLOSE_WRITE
     .union(AddWatchFlags::IN_CREATE)
     .union(AddWatchFlags::IN_DELETE);
 
+/// The files whose changes trigger a reload: in the config directory, the config file
+/// and `conf.d` itself; in `conf.d`, every `*.toml`; elsewhere, the named files.
+struct Interest {
+    config: PathBuf,
+    conf_dir: PathBuf,
+    others: Vec<PathBuf>,
+}
+
+impl Interest {
+    fn matches(&self, dir: &Path, name: &std::ffi::OsStr) -> bool {
+        let path = dir.join(name);
+        path == self.config
+            || path == self.conf_dir
+            || (dir == self.conf_dir && Path::new(name).extension().is_some_and(|e| e == "toml"))
+            || self.others.contains(&path)
+    }
+}
+
 impl Watcher {
-    fn new(dir: PathBuf, conf_dir: PathBuf) -> Watcher {
+    fn new(interest: Interest) -> Watcher {
         let inotify = match Inotify::init(InitFlags::IN_CLOEXEC) {
             Ok(i) => i,
             Err(e) => {
@@ -109,15 +138,34 @@ impl Watcher {
                 return Watcher { events: None };
             }
         };
-        let _ = inotify.add_watch(&dir, EVENTS);
-        let _ = inotify.add_watch(&conf_dir, EVENTS);
+        let mut dirs = vec![parent(&interest.config), interest.conf_dir.clone()];
+        dirs.extend(interest.others.iter().map(|p| parent(p)));
+        dirs.dedup();
+        let mut watched = std::collections::HashMap::new();
+        fn add(
+            inotify: &Inotify,
+            watched: &mut std::collections::HashMap<nix::sys::inotify::WatchDescriptor, PathBuf>,
+            dir: &Path,
+        ) {
+            if let Ok(wd) = inotify.add_watch(dir, EVENTS) {
+                watched.insert(wd, dir.to_path_buf());
+            }
+        }
+        for d in &dirs {
+            add(&inotify, &mut watched, d);
+        }
         let (tx, rx) = mpsc::channel(1);
         let spawned = std::thread::Builder::new()
             .name("config-watch".into())
             .spawn(move || {
-                while inotify.read_events().is_ok() {
-                    let _ = inotify.add_watch(&conf_dir, EVENTS);
-                    if tx.try_send(()).is_err() && tx.is_closed() {
+                while let Ok(events) = inotify.read_events() {
+                    let relevant = events.iter().any(|e| {
+                        let dir = watched.get(&e.wd);
+                        matches!((dir, &e.name), (Some(d), Some(n)) if interest.matches(d, n))
+                    });
+                    // conf.d may have just been created: watch it (a no-op if already).
+                    add(&inotify, &mut watched, &interest.conf_dir);
+                    if relevant && tx.try_send(()).is_err() && tx.is_closed() {
                         return;
                     }
                 }
