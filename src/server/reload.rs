@@ -63,7 +63,13 @@ pub async fn watch(
             Ok(new) => {
                 *state.error.lock() = None;
                 if same(&new, &current) {
-                    tracing::debug!(reason, "config reloaded, nothing changed");
+                    // An operator who sent SIGHUP wants to see it was done; file events
+                    // that change nothing (an editor's temp file) are not worth a line.
+                    if reason == "SIGHUP" {
+                        tracing::info!(reason, "config reloaded, nothing changed");
+                    } else {
+                        tracing::debug!(reason, "config reloaded, nothing changed");
+                    }
                 } else {
                     if new.listen != current.listen || new.network != current.network {
                         tracing::warn!(reason, "listen and network changes take effect at the next restart (`systemctl restart localdns` keeps the sockets)");
