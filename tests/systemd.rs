@@ -1,0 +1,632 @@
+//! localdns under a real systemd: the unit in `systemd/` and the daemon's side of the
+//! systemd contract, tested in a Debian bookworm (systemd 252) booted with
+//! `systemd-nspawn --boot` inside a node network namespace the test creates, with a pod
+//! namespace joined to it by a veth pair and a fake kube-dns in the node namespace.
+//!
+//! Needs root and the tools `.ci/run` installs (systemd-container, mmdebstrap, zstd); each
+//! test says `SKIPPED` with the reason otherwise. The root filesystem is built once into
+//! `target/tmp/systemd-test/` (about 80 MB); whole-boot journals of the last run are kept
+//! in `target/tmp/systemd-test/logs/`.
+//!
+//! Readiness is waited for, never slept on: `is-system-running --wait` for the boot,
+//! `systemctl` (which returns once a Type=notify unit sent READY=1), and polling of unit
+//! properties or the journal with a deadline.
+
+mod common;
+#[path = "systemd/mod.rs"]
+mod harness;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use harness::container::{Container, Entry, Install};
+use harness::load::{Proto, Stream, Target};
+use harness::netns::{LINK_LOCAL, SERVICE_IP};
+use harness::{Node, Options};
+
+const UNIT: &str = "localdns.service";
+const LINK: &str = "nodelocaldns";
+/// Queries per second to each of the four targets: 400/s in all.
+const RATE: u32 = 100;
+
+/// systemd's catalogue IDs of "Starting UNIT..." and "Started UNIT." (unit became active).
+const MSG_UNIT_STARTING: &str = "7d4958e842da4a758f6c1cdc7b36dcc5";
+const MSG_UNIT_STARTED: &str = "39f53479d3a045ac8e11786248231fbf";
+
+fn position(entries: &[Entry], what: &str, f: impl Fn(&Entry) -> bool) -> usize {
+    entries
+        .iter()
+        .position(f)
+        .unwrap_or_else(|| panic!("no journal entry: {what}"))
+}
+
+fn field<'a>(e: &'a Entry, name: &str) -> &'a str {
+    e.get(name).map_or("", String::as_str)
+}
+
+/// The prepared (not booted) container tree, for the static unit checks.
+fn staged(tag: &str) -> Container {
+    let install = Install {
+        binary: common::daemon::bin().into(),
+        standin_addresses: None,
+        config: harness::node_config("127.0.0.1:53".parse().unwrap()),
+        units: Vec::new(),
+        enable: vec![UNIT.into()],
+    };
+    Container::prepare(tag, &install)
+}
+
+// ---------------------------------------------------------------- the unit, statically
+
+#[test]
+fn unit_verify_is_clean() {
+    require_root_and_tools!("unit_verify_is_clean");
+    let c = staged("verify");
+    // verify exits 0 on unknown keys and unknown Type= values: its output is the verdict.
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(format!("--root={}", c.root().display()))
+        .arg(UNIT)
+        .output()
+        .expect("systemd-analyze");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("systemd-analyze verify {UNIT}: {} {text:?}", out.status);
+    assert!(out.status.success() && text.trim().is_empty(), "{text}");
+    let sh = std::process::Command::new("sh")
+        .arg("-n")
+        .arg(c.path("/usr/libexec/localdns/stop-post"))
+        .status()
+        .expect("sh");
+    assert!(sh.success(), "stop-post does not parse");
+}
+
+#[test]
+fn unit_security_exposure_at_most_2() {
+    require_root_and_tools!("unit_security_exposure_at_most_2");
+    let c = staged("security");
+    let out = std::process::Command::new("systemd-analyze")
+        .args(["security", "--offline=yes", "--no-pager"])
+        .arg(format!("--root={}", c.root().display()))
+        .arg(UNIT)
+        .output()
+        .expect("systemd-analyze");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for line in text.lines().filter(|l| l.starts_with('✗')) {
+        println!("{line}");
+    }
+    let score: f64 = text
+        .lines()
+        .find_map(|l| l.split("exposure level for localdns.service:").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure score in:\n{text}"));
+    println!("exposure score: {score}");
+    assert!(score <= 2.0, "exposure {score} > 2.0:\n{text}");
+}
+
+// ---------------------------------------------------------------- start, answers, journal
+
+#[test]
+fn start_becomes_active_on_ready_and_answers_pods() {
+    require_root_and_tools!("start_becomes_active_on_ready_and_answers_pods");
+    let node = Node::boot("start", Options::default());
+    let c = &node.c;
+    assert_eq!(
+        c.prop(UNIT, "ActiveState"),
+        "inactive",
+        "started before we asked"
+    );
+
+    // The unit as systemd 252 loaded it: Type=notify-reload would load as "simple".
+    let props: HashMap<&str, String> = [
+        "Type",
+        "NotifyAccess",
+        "Restart",
+        "FileDescriptorStoreMax",
+        "Before",
+        "After",
+        "Wants",
+        "Requires",
+        "MemoryMax",
+        "UnitFileState",
+    ]
+    .into_iter()
+    .map(|p| (p, c.prop(UNIT, p)))
+    .collect();
+    println!("unit properties: {props:?}");
+    assert_eq!(props["Type"], "notify");
+    assert_eq!(props["NotifyAccess"], "main");
+    assert_eq!(props["Restart"], "always");
+    assert_ne!(props["FileDescriptorStoreMax"], "0");
+    assert!(props["Before"].split(' ').any(|u| u == "kubelet.service"));
+    for dep in ["After", "Wants", "Requires"] {
+        assert!(
+            !props[dep].contains("network-online"),
+            "{dep}={}",
+            props[dep]
+        );
+    }
+    assert_eq!(props["MemoryMax"], (256u64 << 20).to_string());
+
+    // Start without waiting and watch the state until it settles.
+    c.ok(&["systemctl", "start", "--no-block", UNIT]);
+    let mut states = vec![];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = c.prop(UNIT, "ActiveState");
+        if states.last() != Some(&s) {
+            states.push(s.clone());
+        }
+        if s == "active" || s == "failed" || Instant::now() > deadline {
+            break;
+        }
+    }
+    println!("states seen while starting: {states:?}");
+    assert_eq!(
+        states.last().map(String::as_str),
+        Some("active"),
+        "{}",
+        c.journal_text(UNIT, 40)
+    );
+    // Active means serving, at once.
+    node.assert_pod_answered();
+    // Only known once started (before, 252 shows "infinity").
+    let watchdog = c.prop(UNIT, "WatchdogUSec");
+    assert!(
+        !["0", "infinity", ""].contains(&watchdog.as_str()),
+        "WatchdogUSec={watchdog}"
+    );
+
+    // The journal's order: systemd's "Starting" (activating), then the daemon's start-up
+    // line, written before it sends READY=1, then systemd's "Started" (active).
+    let j = c.journal(UNIT);
+    let main_pid = node.main_pid().to_string();
+    let starting = position(&j, "Starting", |e| {
+        field(e, "MESSAGE_ID") == MSG_UNIT_STARTING
+    });
+    let serving = position(&j, "daemon start-up line with LISTEN", |e| {
+        field(e, "_PID") == main_pid && e.keys().any(|k| k.ends_with("LISTEN"))
+    });
+    let started = position(&j, "Started", |e| {
+        field(e, "MESSAGE_ID") == MSG_UNIT_STARTED
+    });
+    assert!(
+        starting < serving && serving < started,
+        "journal order Starting {starting}, start-up line {serving}, Started {started}"
+    );
+    let active = c
+        .prop(UNIT, "ActiveEnterTimestampMonotonic")
+        .parse::<u64>()
+        .unwrap();
+    let exec = c
+        .prop(UNIT, "ExecMainStartTimestampMonotonic")
+        .parse::<u64>()
+        .unwrap();
+    println!(
+        "main process started {exec} µs, active at {active} µs: READY after {} µs",
+        active - exec
+    );
+    assert!(exec < active);
+
+    // Start-up lines carry structured fields; logged through the journal protocol.
+    let line = &j[serving];
+    let listen = line
+        .iter()
+        .find(|(k, _)| k.ends_with("LISTEN"))
+        .map(|(_, v)| v.as_str())
+        .unwrap_or("");
+    println!(
+        "start-up line: MESSAGE={:?} LISTEN={listen:?} fields {:?}",
+        field(line, "MESSAGE"),
+        line.keys()
+            .filter(|k| !k.starts_with('_'))
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        listen.contains(&format!("{LINK_LOCAL}:53"))
+            && listen.contains(&format!("{SERVICE_IP}:53"))
+    );
+    assert_eq!(
+        field(line, "_TRANSPORT"),
+        "journal",
+        "not structured journald logging"
+    );
+    assert_eq!(field(line, "SYSLOG_IDENTIFIER"), "localdns");
+    let status = c.prop(UNIT, "StatusText");
+    println!("STATUS: {status:?}");
+    assert!(!status.is_empty(), "no STATUS= text");
+
+    // The link, the addresses on it, and DNS skipping conntrack.
+    let addrs = node.net.node.ip(&["-o", "addr", "show", "dev", LINK]);
+    assert!(
+        addrs.contains(LINK_LOCAL) && addrs.contains(SERVICE_IP),
+        "{addrs}"
+    );
+    let mut dig = node.net.pod.exec(
+        "dig",
+        &[
+            "+time=2",
+            "+tries=1",
+            &format!("@{LINK_LOCAL}"),
+            harness::WWW,
+            "A",
+        ],
+    );
+    let dig_out = String::from_utf8_lossy(&dig.stdout).into_owned();
+    assert!(
+        dig.status.success() && dig_out.contains(harness::WWW_ADDR),
+        "{dig_out}"
+    );
+    dig = node.net.pod.exec(
+        "dig",
+        &[
+            "+tcp",
+            "+time=2",
+            "+tries=1",
+            &format!("@{SERVICE_IP}"),
+            harness::WWW,
+        ],
+    );
+    assert!(String::from_utf8_lossy(&dig.stdout).contains(harness::WWW_ADDR));
+    for proto in ["udp", "tcp"] {
+        let ct = node
+            .net
+            .node
+            .exec("conntrack", &["-L", "-p", proto, "--dport", "53"]);
+        let listed = String::from_utf8_lossy(&ct.stdout).into_owned();
+        assert!(
+            listed.trim().is_empty(),
+            "conntrack entries for {proto}/53:\n{listed}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------- reload
+
+/// A second upstream in the node namespace for the zone `corp.example`.
+fn corp_upstream(node: &Node) -> common::upstream::Upstream {
+    node.net.node.run_in(|| {
+        let up = common::upstream::Upstream::start();
+        up.zone("corp.example");
+        for i in 0..10 {
+            up.a(&format!("h{i}.corp.example"), 300, "192.0.2.99");
+        }
+        up
+    })
+}
+
+fn answer(node: &Node, name: &str) -> Vec<String> {
+    let t = Target {
+        proto: Proto::Udp,
+        server: format!("{LINK_LOCAL}:53").parse().unwrap(),
+    };
+    harness::load::ask(&node.net.pod, t, name)
+        .map(|m| common::client::addrs(&m))
+        .unwrap_or_default()
+}
+
+/// Poll the journal of the current main process until an entry mentions all of `words`.
+fn wait_journal(node: &Node, what: &str, words: &[&str]) -> Entry {
+    let mut found = None;
+    node.c.wait_for(what, Duration::from_secs(10), |c| {
+        found = c
+            .journal(UNIT)
+            .into_iter()
+            .find(|e| words.iter().all(|w| e.values().any(|v| v.contains(w))));
+        found.is_some()
+    });
+    found.unwrap()
+}
+
+#[test]
+fn reload_applies_a_good_config_and_keeps_serving_on_a_bad_one() {
+    require_root_and_tools!("reload_applies_a_good_config_and_keeps_serving_on_a_bad_one");
+    let node = Node::boot("reload", Options::default());
+    let corp = corp_upstream(&node);
+    node.start_localdns();
+    let pid = node.main_pid();
+    // Before: corp.example goes to the default upstream, which does not know it.
+    assert!(answer(&node, "h0.corp.example").is_empty());
+
+    // Good: a drop-in adds the stub zone; `systemctl reload` (SIGHUP) applies it.
+    node.c.write(
+        "/etc/localdns/conf.d/20-corp.toml",
+        &format!(
+            "[[stub]]\nzone = \"corp.example\"\nservers = [\"{}\"]\n",
+            corp.addr
+        ),
+    );
+    node.c.ok(&["systemctl", "reload", UNIT]);
+    let mut i = 1;
+    node.c.wait_for(
+        "the stub zone to answer after reload",
+        Duration::from_secs(10),
+        |_| {
+            i += 1; // a fresh name each time: nothing cached from before the reload
+            answer(&node, &format!("h{}.corp.example", i % 10)) == ["192.0.2.99"]
+        },
+    );
+    assert_eq!(
+        node.main_pid(),
+        pid,
+        "reload restarted the daemon instead of reloading"
+    );
+    assert_eq!(node.c.prop(UNIT, "ActiveState"), "active");
+
+    // Bad: a drop-in with a type error on line 2. Refused with file, line and reason; the
+    // old config keeps serving.
+    node.c.write(
+        "/etc/localdns/conf.d/50-bad.toml",
+        "[cache]\ncapacity = \"lots\"\n",
+    );
+    node.c.ok(&["systemctl", "reload", UNIT]);
+    let e = wait_journal(
+        &node,
+        "the bad file named in the journal",
+        &["/etc/localdns/conf.d/50-bad.toml:2", "cache.capacity"],
+    );
+    println!(
+        "journal: {:?} (priority {})",
+        field(&e, "MESSAGE"),
+        field(&e, "PRIORITY")
+    );
+    assert_eq!(node.main_pid(), pid, "a bad config restarted the daemon");
+    assert_eq!(node.c.prop(UNIT, "ActiveState"), "active");
+    assert_eq!(
+        answer(&node, "h3.corp.example"),
+        ["192.0.2.99"],
+        "old config stopped serving"
+    );
+    node.assert_pod_answered();
+    let status = node.c.prop(UNIT, "StatusText");
+    println!("STATUS after the bad reload: {status:?}");
+    assert!(
+        status.contains("50-bad.toml"),
+        "STATUS= does not name the bad file: {status:?}"
+    );
+}
+
+#[test]
+fn a_change_under_conf_d_is_applied_without_sighup() {
+    require_root_and_tools!("a_change_under_conf_d_is_applied_without_sighup");
+    let node = Node::boot("watch", Options::default());
+    let corp = corp_upstream(&node);
+    node.start_localdns();
+    let pid = node.main_pid();
+    assert!(answer(&node, "h0.corp.example").is_empty());
+    node.c.write(
+        "/etc/localdns/conf.d/20-corp.toml",
+        &format!(
+            "[[stub]]\nzone = \"corp.example\"\nservers = [\"{}\"]\n",
+            corp.addr
+        ),
+    );
+    let mut i = 1;
+    node.c.wait_for(
+        "the conf.d change to be applied",
+        Duration::from_secs(10),
+        |_| {
+            i += 1;
+            answer(&node, &format!("h{}.corp.example", i % 10)) == ["192.0.2.99"]
+        },
+    );
+    assert_eq!(node.main_pid(), pid, "the change restarted the daemon");
+}
+
+// ---------------------------------------------------------------- restart and crash
+
+/// Run the query stream from the pod around `disrupt`, which returns once localdns is
+/// back; print and return the counts.
+fn under_load(node: &Node, what: &str, disrupt: impl FnOnce(&Node)) -> harness::load::Report {
+    // Warm the cache so the stream measures serving, not the first upstream round trips.
+    for name in harness::load_names() {
+        let _ = answer(node, &name);
+    }
+    let stream = Stream::start(&node.net.pod, Node::targets(), RATE, harness::load_names());
+    // Some steady traffic before and after; these waits pace the load, they do not
+    // synchronise with anything.
+    std::thread::sleep(Duration::from_millis(700));
+    let t = Instant::now();
+    disrupt(node);
+    let back = t.elapsed();
+    std::thread::sleep(Duration::from_millis(700));
+    let report = stream.finish();
+    println!(
+        "{what}: localdns back after {back:?}; {} queries/s per target:\n{report}",
+        RATE
+    );
+    report
+}
+
+#[test]
+fn restart_under_load_loses_no_query() {
+    require_root_and_tools!("restart_under_load_loses_no_query");
+    let node = Node::boot("restart", Options::default());
+    node.start_localdns();
+    let link = node.net.node_link_index(LINK).expect("no link after start");
+    let pid = node.main_pid();
+    let report = under_load(&node, "systemctl restart", |n| {
+        n.c.ok(&["systemctl", "restart", UNIT]);
+        n.wait_new_main_pid(pid, Duration::from_secs(15));
+    });
+    assert_eq!(
+        node.net.node_link_index(LINK),
+        Some(link),
+        "the link was removed and re-created during the restart"
+    );
+    let total = report.total();
+    assert!(total.sent > 0);
+    assert_eq!(
+        total.unanswered(),
+        0,
+        "unanswered queries across a restart:\n{report}"
+    );
+    assert_eq!(
+        total.retried, 0,
+        "a graceful restart made clients retry:\n{report}"
+    );
+}
+
+#[test]
+fn kill_9_under_load_loses_no_query() {
+    require_root_and_tools!("kill_9_under_load_loses_no_query");
+    let node = Node::boot("kill", Options::default());
+    node.start_localdns();
+    let link = node.net.node_link_index(LINK).expect("no link after start");
+    let pid = node.main_pid();
+    let report = under_load(&node, "kill -9 of the main process", |n| {
+        n.c.ok(&["kill", "-KILL", &pid.to_string()]);
+        n.wait_new_main_pid(pid, Duration::from_secs(15));
+    });
+    assert_eq!(node.c.prop(UNIT, "NRestarts"), "1");
+    assert_eq!(
+        node.net.node_link_index(LINK),
+        Some(link),
+        "the link was re-created"
+    );
+    let total = report.total();
+    assert!(total.sent > 0);
+    assert_eq!(
+        total.unanswered(),
+        0,
+        "unanswered queries across kill -9:\n{report}"
+    );
+    // With the sockets kept, a client retries only what the killed process itself held:
+    // at most a datagram per UDP socket it was answering and the TCP connections it had
+    // accepted, a handful at this rate.
+    assert!(
+        total.retried <= 8,
+        "{} queries needed a retry:\n{report}",
+        total.retried
+    );
+}
+
+// ---------------------------------------------------------------- watchdog
+
+#[test]
+fn watchdog_keeps_a_pinging_daemon_and_restarts_a_wedged_one() {
+    require_root_and_tools!("watchdog_keeps_a_pinging_daemon_and_restarts_a_wedged_one");
+    let node = Node::boot("watchdog", Options::default());
+    let c = &node.c;
+    // A short interval so that the test waits seconds, not the unit's 10 s.
+    c.write(
+        "/etc/systemd/system/localdns.service.d/50-test-watchdog.conf",
+        "[Service]\nWatchdogSec=2s\n",
+    );
+    c.ok(&["systemctl", "daemon-reload"]);
+    node.start_localdns();
+    let pid = node.main_pid();
+    // Time is what is under test here: three intervals without a ping would be a kill.
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(
+        (node.main_pid(), c.prop(UNIT, "NRestarts").as_str()),
+        (pid, "0"),
+        "the watchdog killed a healthy daemon: it does not send WATCHDOG=1\n{}",
+        c.journal_text(UNIT, 20)
+    );
+    // Wedge it: a stopped process sends no ping; systemd aborts it and restarts it.
+    c.ok(&["kill", "-STOP", &pid.to_string()]);
+    node.wait_new_main_pid(pid, Duration::from_secs(30));
+    let j = c.journal(UNIT);
+    assert!(j
+        .iter()
+        .any(|e| field(e, "MESSAGE").contains("Watchdog timeout")));
+    node.assert_pod_answered();
+}
+
+// ---------------------------------------------------------------- stop
+
+#[test]
+fn stop_leaves_no_link_and_no_rule() {
+    require_root_and_tools!("stop_leaves_no_link_and_no_rule");
+    let node = Node::boot("stop", Options::default());
+    node.start_localdns();
+    assert!(
+        node.net.node_link_index(LINK).is_some(),
+        "setup made no link"
+    );
+    let before = node.net.node_rules();
+    assert!(
+        before.contains(LINK_LOCAL),
+        "setup installed no rule:\n{before}"
+    );
+
+    node.c.ok(&["systemctl", "stop", UNIT]);
+    assert_eq!(node.c.prop(UNIT, "ActiveState"), "inactive");
+    assert_eq!(
+        node.net.node_link_index(LINK),
+        None,
+        "link {LINK} left behind"
+    );
+    let after = node.net.node_rules();
+    for needle in [LINK_LOCAL, SERVICE_IP, "LOCALDNS", "NOTRACK"] {
+        assert!(
+            !after.contains(needle),
+            "{needle} left in the rules:\n{after}"
+        );
+    }
+    let j = node.c.journal(UNIT);
+    assert!(
+        j.iter()
+            .any(|e| field(e, "MESSAGE").contains("job stop; removing")),
+        "stop-post did not tear down on the stop job"
+    );
+}
+
+// ---------------------------------------------------------------- boot ordering
+
+const KUBELET: &str = "[Unit]
+Description=kubelet stand-in: records whether node DNS answered when it started
+# Like the real kubelet unit, it knows nothing of localdns: the ordering comes from
+# localdns.service's Before=kubelet.service.
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/bin/sh -c 'dig +time=1 +tries=1 @169.254.20.10 www.example.com A > /run/kubelet-standin.dig 2>&1; echo \"dig exit $?\" >> /run/kubelet-standin.dig'
+
+[Install]
+WantedBy=multi-user.target
+";
+
+#[test]
+fn boot_starts_kubelet_after_localdns_is_ready() {
+    require_root_and_tools!("boot_starts_kubelet_after_localdns_is_ready");
+    let node = Node::boot(
+        "boot",
+        Options {
+            enable_at_boot: true,
+            units: vec![("kubelet.service".into(), KUBELET.into())],
+        },
+    );
+    let c = &node.c;
+    assert_eq!(
+        c.prop(UNIT, "ActiveState"),
+        "active",
+        "{}",
+        c.journal_text(UNIT, 40)
+    );
+    assert_eq!(c.prop("kubelet.service", "ActiveState"), "active");
+    let ready = c
+        .prop(UNIT, "ActiveEnterTimestampMonotonic")
+        .parse::<u64>()
+        .unwrap();
+    let kubelet = c
+        .prop("kubelet.service", "ExecMainStartTimestampMonotonic")
+        .parse::<u64>()
+        .unwrap();
+    let dig = c.ok(&["cat", "/run/kubelet-standin.dig"]);
+    println!(
+        "localdns ready at {ready} µs, kubelet started at {kubelet} µs; kubelet's dig:\n{dig}"
+    );
+    assert!(ready < kubelet, "kubelet started before localdns was ready");
+    assert!(
+        dig.contains("status: NOERROR") && dig.contains(harness::WWW_ADDR),
+        "node DNS did not answer when kubelet started:\n{dig}"
+    );
+    node.assert_pod_answered();
+}

@@ -1,0 +1,232 @@
+//! Helpers of `tests/systemd.rs`: the Debian root filesystem, the network namespaces, the
+//! booted container, the query stream, and [`Node`], which puts them together the way a
+//! Kubernetes node has them.
+
+#![allow(dead_code)]
+
+pub mod container;
+pub mod load;
+pub mod netns;
+pub mod rootfs;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use crate::common::daemon::bin;
+use crate::common::upstream::Upstream;
+use container::{Container, Install};
+use load::{Proto, Target};
+use netns::{Topology, LINK_LOCAL, SERVICE_IP};
+
+/// Why these tests cannot run here, or None. Needs root (namespaces, mounts, nspawn) and
+/// the tools `.ci/run` installs. Under CI (`CI=true`) a missing tool is a failure, not a
+/// skip: CI is root and installs them.
+pub fn missing_prerequisite() -> Option<String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Some(
+            "not root: network namespaces, overlay mounts and systemd-nspawn need root".into(),
+        );
+    }
+    for tool in [
+        "systemd-nspawn",
+        "mmdebstrap",
+        "zstd",
+        "nsenter",
+        "ip",
+        "iptables",
+        "systemd-analyze",
+        "dig",
+        "conntrack",
+    ] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !found {
+            let why = format!("`{tool}` is not installed (.ci/run installs it)");
+            assert!(std::env::var("CI").as_deref() != Ok("true"), "CI: {why}");
+            return Some(why);
+        }
+    }
+    None
+}
+
+/// Skip the calling test, saying why, when the machine cannot run it.
+#[macro_export]
+macro_rules! require_root_and_tools {
+    ($name:expr) => {
+        if let Some(why) = $crate::harness::missing_prerequisite() {
+            eprintln!("SKIPPED {}: {why}", $name);
+            return;
+        }
+    };
+}
+
+/// Containers boot one at a time: two cores, and the zero-loss counts must not depend on
+/// another test's load.
+fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Whether the binary under test has `setup` and `teardown`. Without them (before the node
+/// setup work is merged) the container gets the shell stand-in, and says so.
+pub fn has_setup_command() -> bool {
+    let ok = Command::new(bin())
+        .args(["setup", "--help"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!(
+            "NOTE: {} has no `setup`/`teardown` commands: the container uses \
+             tests/systemd/standin-setup.sh (ip and iptables, inside the unit's sandbox) \
+             in their place",
+            bin()
+        );
+    }
+    ok
+}
+
+/// Names the fake kube-dns answers; the load streams cycle through `load*`.
+pub const WWW: &str = "www.example.com";
+pub const WWW_ADDR: &str = "192.0.2.1";
+pub const LOAD_NAMES: usize = 20;
+
+pub fn load_names() -> Vec<String> {
+    (0..LOAD_NAMES)
+        .map(|i| format!("load{i}.example.com"))
+        .collect()
+}
+
+/// `/etc/localdns/config.toml` for a node whose kube-dns (and every other upstream) is
+/// `upstream`: both listen addresses on the `nodelocaldns` link, with rules.
+pub fn node_config(upstream: SocketAddr) -> String {
+    format!(
+        r#"# written by tests/systemd.rs
+[listen]
+addresses = ["{LINK_LOCAL}", "{SERVICE_IP}"]
+port = 53
+
+[cluster]
+upstream = ["{upstream}"]
+
+[upstream]
+servers = ["{upstream}"]
+
+[network]
+interface = "nodelocaldns"
+setup_interface = true
+setup_rules = true
+
+[metrics]
+address = "127.0.0.1:9253"
+"#
+    )
+}
+
+/// What a test wants besides the defaults.
+#[derive(Default)]
+pub struct Options {
+    /// Enable localdns.service (and these extra units) before the boot, so they start with it.
+    pub enable_at_boot: bool,
+    pub units: Vec<(String, String)>,
+}
+
+/// A node: its namespaces, a fake kube-dns in the node namespace, and the booted container
+/// running systemd with localdns installed. Fields drop in order: the container powers off
+/// first, then the upstreams stop, then the namespaces go, then the next test may start.
+pub struct Node {
+    pub c: Container,
+    pub upstream: Upstream,
+    pub net: Topology,
+    _serial: MutexGuard<'static, ()>,
+}
+
+impl Node {
+    pub fn boot(tag: &str, opts: Options) -> Node {
+        let serial = serial();
+        let net = Topology::new(tag);
+        let upstream = net.node.run_in(|| {
+            let up = Upstream::start();
+            up.zone("example.com").a(WWW, 300, WWW_ADDR);
+            for (i, name) in load_names().iter().enumerate() {
+                up.a(name, 300, &format!("192.0.2.{}", 10 + i));
+            }
+            up
+        });
+        let mut enable = Vec::new();
+        if opts.enable_at_boot {
+            enable.push("localdns.service".to_string());
+            enable.extend(opts.units.iter().map(|(n, _)| n.clone()));
+        }
+        let install = Install {
+            binary: PathBuf::from(bin()),
+            standin_addresses: (!has_setup_command()).then(|| format!("{LINK_LOCAL} {SERVICE_IP}")),
+            config: node_config(upstream.addr),
+            units: opts.units,
+            enable,
+        };
+        let mut c = Container::prepare(tag, &install);
+        c.boot(&net.node);
+        Node {
+            c,
+            upstream,
+            net,
+            _serial: serial,
+        }
+    }
+
+    pub fn start_localdns(&self) {
+        self.c.ok(&["systemctl", "start", "localdns.service"]);
+        assert_eq!(self.c.prop("localdns.service", "ActiveState"), "active");
+    }
+
+    pub fn main_pid(&self) -> u32 {
+        self.c
+            .prop("localdns.service", "MainPID")
+            .parse()
+            .expect("MainPID")
+    }
+
+    /// Wait until localdns is active under a main PID other than `old`.
+    pub fn wait_new_main_pid(&self, old: u32, timeout: Duration) -> u32 {
+        let mut pid = 0;
+        self.c
+            .wait_for("localdns active with a new main PID", timeout, |c| {
+                pid = c.prop("localdns.service", "MainPID").parse().unwrap_or(0);
+                pid != 0 && pid != old && c.prop("localdns.service", "ActiveState") == "active"
+            });
+        pid
+    }
+
+    /// The four ways pods reach localdns.
+    pub fn targets() -> Vec<Target> {
+        let mut v = Vec::new();
+        for ip in [LINK_LOCAL, SERVICE_IP] {
+            for proto in [Proto::Udp, Proto::Tcp] {
+                v.push(Target {
+                    proto,
+                    server: SocketAddr::new(ip.parse().expect("ip"), 53),
+                });
+            }
+        }
+        v
+    }
+
+    /// Assert each way gets the right answer for `www.example.com` from the pod.
+    pub fn assert_pod_answered(&self) {
+        for t in Self::targets() {
+            let m = load::ask(&self.net.pod, t, WWW).unwrap_or_else(|e| {
+                panic!(
+                    "{t}: no answer from the pod: {e}\n{}",
+                    self.c.journal_text("localdns.service", 40)
+                )
+            });
+            let addrs = crate::common::client::addrs(&m);
+            assert_eq!(addrs, vec![WWW_ADDR.to_string()], "{t}: {m:?}");
+        }
+    }
+}
