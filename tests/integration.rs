@@ -956,3 +956,116 @@ fn reload_drops_only_answers_whose_routing_changed() {
     ok(d.dns, "www.example.com", A);
     assert_eq!(up.count("www.example.com", A), 1);
 }
+
+// ---------------------------------------------------------------- SERVFAIL and TCP limits
+
+#[test]
+fn upstream_servfail_is_cached_briefly() {
+    let up = example_upstream();
+    up.set_servfail("broken.example.com");
+    let d = daemon_for(&up); // servfail_ttl = "1s"
+    for _ in 0..5 {
+        let r = client::udp(d.dns, &query("broken.example.com", A)).expect("answer");
+        assert_eq!(r.response_code(), ResponseCode::ServFail);
+    }
+    assert_eq!(
+        up.count("broken.example.com", A),
+        1,
+        "SERVFAIL cached, not retried"
+    );
+    sleep(Duration::from_millis(1100));
+    client::udp(d.dns, &query("broken.example.com", A)).expect("answer");
+    assert_eq!(
+        up.count("broken.example.com", A),
+        2,
+        "cached only for servfail_ttl"
+    );
+}
+
+#[test]
+fn upstream_servfail_is_replaced_by_a_stale_answer() {
+    let up = example_upstream();
+    let d = daemon_for(&up);
+    assert_eq!(client::ttls(&ok(d.dns, "short.example.com", A)), [1]);
+    up.set_servfail("short.example.com");
+    sleep(Duration::from_millis(1100));
+    let r = ok(d.dns, "short.example.com", A);
+    assert_eq!(client::addrs(&r), ["192.0.2.3"]);
+    assert_eq!(client::ttls(&r), [30]);
+    assert_eq!(up.count("short.example.com", A), 2);
+    assert!(scrape(d.metrics).value("localdns_stale_answers_total", &[]) >= 1.0);
+}
+
+#[test]
+fn idle_tcp_connections_are_closed() {
+    use std::io::Read;
+    let up = example_upstream();
+    let mut cfg = Config::to(up.addr);
+    cfg.listen_extra = "tcp_idle_timeout = \"500ms\"".into();
+    let d = Daemon::start(&cfg);
+    let mut conn = client::tcp_connect(d.dns).expect("connect");
+    std::io::Write::write_all(&mut conn, &client::tcp_frame(&query("www.example.com", A)))
+        .expect("write");
+    assert_eq!(
+        client::tcp_read(&mut conn).expect("answer").response_code(),
+        ResponseCode::NoError
+    );
+    let idle = Instant::now();
+    conn.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut buf = [0u8; 16];
+    let n = conn.read(&mut buf).expect("read");
+    assert_eq!(n, 0, "the server closes an idle connection");
+    let waited = idle.elapsed();
+    assert!(
+        waited >= Duration::from_millis(400) && waited < Duration::from_secs(3),
+        "closed after {waited:?}"
+    );
+}
+
+#[test]
+fn tcp_connections_over_the_cap_are_closed_at_once() {
+    use std::io::Read;
+    let up = example_upstream();
+    let mut cfg = Config::to(up.addr);
+    cfg.listen_extra = "tcp_max_connections = 2".into();
+    let d = Daemon::start(&cfg);
+    // Two connections that have each been answered once: both are held by the server.
+    let held: Vec<_> = (0..2)
+        .map(|_| {
+            let mut c = client::tcp_connect(d.dns).expect("connect");
+            std::io::Write::write_all(&mut c, &client::tcp_frame(&query("www.example.com", A)))
+                .expect("write");
+            client::tcp_read(&mut c).expect("answer");
+            c
+        })
+        .collect();
+    let mut third = client::tcp_connect(d.dns).expect("connect");
+    third
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let _ = std::io::Write::write_all(&mut third, &client::tcp_frame(&query("www.example.com", A)));
+    let mut buf = [0u8; 16];
+    assert_eq!(
+        third.read(&mut buf).unwrap_or(0),
+        0,
+        "third connection refused"
+    );
+    assert_eq!(
+        scrape(d.metrics).value("localdns_tcp_refused_total", &[]),
+        1.0
+    );
+    // Releasing one makes room again.
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if client::tcp(d.dns, &query("www.example.com", A)).is_ok() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no room after the held connections closed"
+        );
+        sleep(Duration::from_millis(10));
+    }
+}

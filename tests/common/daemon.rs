@@ -45,6 +45,8 @@ pub struct Config {
     pub cache_extra: String,
     /// Raw TOML lines added to the `[upstream]` table.
     pub upstream_extra: String,
+    /// Raw TOML lines added to the `[listen]` table.
+    pub listen_extra: String,
     /// Raw TOML appended at the end (extra tables such as more `[[stub]]`s).
     pub extra: String,
 }
@@ -68,6 +70,7 @@ impl Config {
             prefetch: true,
             cache_extra: String::new(),
             upstream_extra: String::new(),
+            listen_extra: String::new(),
             extra: String::new(),
         }
     }
@@ -86,7 +89,7 @@ impl Config {
 [listen]
 addresses = ["{ip}"]
 port = {port}
-
+{listen_extra}
 [cluster]
 domain = "{domain}"
 upstream = [{cluster}]
@@ -113,6 +116,7 @@ down_time = "{down_time}"
             daf = self.down_after_failures,
             down_time = self.down_time,
             upstream_extra = self.upstream_extra,
+            listen_extra = self.listen_extra,
         );
         for (zone, servers) in &self.stubs {
             let _ = write!(

@@ -74,6 +74,8 @@ struct State {
     seen: Mutex<Vec<Seen>>,
     silent: AtomicBool,
     delay: Mutex<Duration>,
+    /// Names (keyed like `key`) answered with SERVFAIL.
+    servfail: Mutex<Vec<String>>,
 }
 
 /// Normalise a name the way the upstream keys it: lower case, no trailing dot.
@@ -188,7 +190,11 @@ impl RequestHandler for Handler {
             tokio::time::sleep(delay).await;
         }
 
-        let (rcode, answers, authority) = self.0.zone.lock().unwrap().lookup(&qname, qtype);
+        let (rcode, answers, authority) = if self.0.servfail.lock().unwrap().contains(&qname) {
+            (ResponseCode::ServFail, Vec::new(), Vec::new())
+        } else {
+            self.0.zone.lock().unwrap().lookup(&qname, qtype)
+        };
         let mut header = Header::response_from_request(request.header());
         header.set_message_type(MessageType::Response);
         header.set_authoritative(true);
@@ -260,6 +266,7 @@ impl Upstream {
             seen: Mutex::new(Vec::new()),
             silent: AtomicBool::new(false),
             delay: Mutex::new(Duration::ZERO),
+            servfail: Mutex::new(Vec::new()),
         });
         let (udp, tcp) = bind_pair();
         let addr = udp.local_addr().expect("addr");
@@ -361,6 +368,11 @@ impl Upstream {
     /// Receive and count queries but never answer them.
     pub fn set_silent(&self, silent: bool) {
         self.state.silent.store(silent, Ordering::SeqCst);
+    }
+
+    /// Answer `name` (any type) with SERVFAIL from now on.
+    pub fn set_servfail(&self, name: &str) {
+        self.state.servfail.lock().unwrap().push(key(name));
     }
 
     pub fn set_delay(&self, delay: Duration) {
