@@ -121,6 +121,23 @@ fn socket_name(proto: &str, addr: SocketAddr, index: Option<usize>) -> String {
     }
 }
 
+/// A socket for serving on `addr`: v6-only for IPv6 (each family is bound on its own),
+/// and free bind, so that binding does not depend on the address being on the link yet.
+fn listen_socket(
+    addr: SocketAddr,
+    kind: socket2::Type,
+    proto: socket2::Protocol,
+) -> std::io::Result<socket2::Socket> {
+    let sock = socket2::Socket::new(socket2::Domain::for_address(addr), kind, Some(proto))?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(true)?;
+        sock.set_freebind_ipv6(true)?;
+    } else {
+        sock.set_freebind(true)?;
+    }
+    Ok(sock)
+}
+
 /// Check that a socket handed back by systemd is of `kind` and bound to `addr`.
 fn check_kept(
     sock: &socket2::Socket,

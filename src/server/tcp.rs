@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::{Protocol, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
@@ -21,14 +21,8 @@ const MAX_PENDING: usize = 64;
 
 /// Bind a listening TCP socket (free bind, address reuse).
 pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
-    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    let sock = super::listen_socket(addr, Type::STREAM, Protocol::TCP)?;
     sock.set_reuse_address(true)?;
-    if addr.is_ipv6() {
-        sock.set_only_v6(true)?;
-        sock.set_freebind_ipv6(true)?;
-    } else {
-        sock.set_freebind(true)?;
-    }
     sock.set_nodelay(true)?;
     sock.bind(&addr.into())?;
     sock.listen(1024)?;

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::{Protocol, Socket, Type};
 
 use super::resolve::{ReplyTo, Resolver, Waiter};
 use super::{handle, Action};
@@ -31,14 +31,8 @@ const MAX_QUERY: usize = 4096;
 /// free bind (the address may appear on the interface a moment later), a large receive
 /// buffer (forced past `rmem_max` when privileged), v6-only for IPv6.
 pub fn bind(addr: SocketAddr, recv_buffer: usize) -> io::Result<UdpSocket> {
-    let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    let sock = super::listen_socket(addr, Type::DGRAM, Protocol::UDP)?;
     sock.set_reuse_port(true)?;
-    if addr.is_ipv6() {
-        sock.set_only_v6(true)?;
-        sock.set_freebind_ipv6(true)?;
-    } else {
-        sock.set_freebind(true)?;
-    }
     set_recv_buffer(&sock, recv_buffer);
     sock.bind(&addr.into())?;
     let sock: UdpSocket = sock.into();
