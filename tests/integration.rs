@@ -1069,3 +1069,71 @@ fn tcp_connections_over_the_cap_are_closed_at_once() {
         sleep(Duration::from_millis(10));
     }
 }
+
+#[test]
+fn a_down_upstream_is_probed_back_without_delaying_clients() {
+    // The first server answers 192.0.2.1, the second 192.0.2.9: answers say who was asked.
+    let first = Upstream::start();
+    let second = Upstream::start();
+    for i in 0..40 {
+        first.a(&format!("p{i}.example.com"), 300, "192.0.2.1");
+        second.a(&format!("p{i}.example.com"), 300, "192.0.2.9");
+    }
+    first.set_silent(true);
+    let mut cfg = Config::to(second.addr);
+    cfg.servers = vec![first.addr, second.addr];
+    cfg.timeout = "300ms".into();
+    cfg.down_after_failures = 2;
+    cfg.down_time = "1s".into();
+    let d = Daemon::start(&cfg);
+    let mut i = 0;
+    let mut ask = || {
+        i += 1;
+        let t = Instant::now();
+        let r = client::udp(d.dns, &query(&format!("p{i}.example.com"), A)).expect("answer");
+        (client::addrs(&r), t.elapsed())
+    };
+    // Marked down after two timeouts; then answered by the second at once.
+    for _ in 0..3 {
+        assert_eq!(ask().0, ["192.0.2.9"]);
+    }
+    let marked = first.total();
+    let (addrs, took) = ask();
+    assert_eq!(addrs, ["192.0.2.9"]);
+    assert!(
+        took < Duration::from_millis(250),
+        "waited {took:?} on a down server"
+    );
+    assert_eq!(
+        first.total(),
+        marked,
+        "a down server was asked before its down_time"
+    );
+
+    // It recovers; after down_time one query probes it on the side (that client is still
+    // answered by the second at once), and the first server is preferred again.
+    first.set_silent(false);
+    sleep(Duration::from_millis(1100));
+    let (addrs, took) = ask();
+    assert_eq!(
+        addrs,
+        ["192.0.2.9"],
+        "the probing query is answered by a healthy server"
+    );
+    assert!(
+        took < Duration::from_millis(250),
+        "the probe delayed a client: {took:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if ask().0 == ["192.0.2.1"] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the recovered server was never used again"
+        );
+        sleep(Duration::from_millis(20));
+    }
+    assert!(first.total() > marked);
+}

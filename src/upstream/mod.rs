@@ -91,28 +91,27 @@ impl Pool {
         self.epoch.elapsed().as_millis() as u64 + 1
     }
 
-    /// Servers to try, in order: those up first, then at most one due for a probe (marked
-    /// so that concurrent queries do not all probe it).
-    fn candidates(&self) -> Vec<&Server> {
+    /// Servers to try, in order, and at most one down server due for a probe (marked so
+    /// that concurrent queries do not all probe it).
+    fn candidates(&self) -> (Vec<usize>, Option<usize>) {
         let now = self.now_ms();
-        let mut up: Vec<&Server> = Vec::with_capacity(self.servers.len());
+        let mut up = Vec::with_capacity(self.servers.len());
         let mut probe = None;
-        for s in &self.servers {
+        for (i, s) in self.servers.iter().enumerate() {
             let until = s.down_until.load(Relaxed);
             if until == 0 {
-                up.push(s);
+                up.push(i);
             } else if until <= now && probe.is_none() {
                 let next = now + self.down_time.as_millis() as u64;
                 if s.down_until
                     .compare_exchange(until, next, Relaxed, Relaxed)
                     .is_ok()
                 {
-                    probe = Some(s);
+                    probe = Some(i);
                 }
             }
         }
-        up.extend(probe);
-        up
+        (up, probe)
     }
 
     fn succeeded(&self, s: &Server) {
@@ -134,15 +133,25 @@ impl Pool {
 
     /// Resolve `key` through this pool with failover.
     pub async fn query(
-        &self,
+        self: &Arc<Self>,
         key: &Key,
         policy: &TtlPolicy,
-        metrics: &Metrics,
+        metrics: &Arc<Metrics>,
     ) -> Result<Answer, UpstreamError> {
-        let order = self.candidates();
-        if order.is_empty() {
-            return Err(UpstreamError::AllDown);
-        }
+        let (up, probe) = self.candidates();
+        let order: Vec<&Server> = match (up.is_empty(), probe) {
+            (true, None) => return Err(UpstreamError::AllDown),
+            // Nothing else to ask: the probe is this query's only chance.
+            (true, Some(p)) => vec![&self.servers[p]],
+            // Probe on the side with the same question, so that no client waits on a
+            // server that may still be dead; a success marks it up again.
+            (false, probe) => {
+                if let Some(p) = probe {
+                    self.spawn_probe(p, *key, *policy, Arc::clone(metrics));
+                }
+                up.iter().map(|&i| &self.servers[i]).collect()
+            }
+        };
         let mut last = None;
         for attempt in 0..self.attempts {
             let server = order[attempt % order.len()];
@@ -166,6 +175,32 @@ impl Pool {
         }
         let (server, source) = last.expect("at least one attempt");
         Err(UpstreamError::Failed { server, source })
+    }
+
+    fn spawn_probe(
+        self: &Arc<Self>,
+        index: usize,
+        key: Key,
+        policy: TtlPolicy,
+        metrics: Arc<Metrics>,
+    ) {
+        let pool = Arc::clone(self);
+        tokio::spawn(async move {
+            let server = &pool.servers[index];
+            inc(&metrics.upstream_queries);
+            let result =
+                tokio::time::timeout(pool.timeout, pool.attempt(server, &key, &policy, &metrics))
+                    .await
+                    .unwrap_or(Err(ExchangeError::Timeout));
+            match result {
+                Ok(_) => pool.succeeded(server),
+                Err(e) => {
+                    inc(&metrics.upstream_failures);
+                    tracing::debug!(upstream = %server.addr, pool = %pool.name, error = %e, "probe of a down upstream failed");
+                    pool.failed(server, &e);
+                }
+            }
+        });
     }
 
     async fn attempt(
