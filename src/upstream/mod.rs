@@ -3,10 +3,12 @@
 //!
 //! A pool tries its servers in order (first healthy first, like resolv.conf), each attempt
 //! bounded by the pool's timeout. A server that fails `down_after_failures` times in a row
-//! is marked down and skipped for `down_time`; then exactly one query probes it (the mark
-//! is renewed when the probe is sent), and a success brings it back. When every server is
-//! down and none is due for a probe the pool fails at once, so callers can answer from
-//! stale entries without waiting for timeouts.
+//! is marked down and skipped for `down_time`; then the question of one query is sent to
+//! it on the side (that client is still answered by a healthy server, so no client waits
+//! on a server that may still be dead; the mark is renewed when the probe is sent), and a
+//! success brings it back. When every server is down, the probe is the query's only
+//! attempt; when none is due for a probe either, the pool fails at once, so callers can
+//! answer from stale entries without waiting for timeouts.
 
 pub mod exchange;
 pub mod pipeline;
