@@ -1137,3 +1137,47 @@ fn a_down_upstream_is_probed_back_without_delaying_clients() {
     }
     assert!(first.total() > marked);
 }
+
+#[test]
+fn a_node_without_resolvers_yet_serves_the_cluster_and_picks_them_up_later() {
+    // Early boot: resolv.conf lists only systemd-resolved's stub. The cluster zones must be
+    // served at once; other names wait for the resolvers DHCP will write.
+    let resolver = match Upstream::start_on_port_53() {
+        Ok(u) => u,
+        Err(why) => {
+            println!("SKIP a_node_without_resolvers_yet…: {why}");
+            return;
+        }
+    };
+    resolver.a("www.example.net", 300, "192.0.2.77");
+    let cluster = Upstream::start();
+    cluster.a("kube-dns.kube-system.svc.cluster.local", 30, "10.96.0.10");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let resolv = dir.path().join("resolv.conf");
+    std::fs::write(&resolv, "nameserver 127.0.0.53\noptions edns0\n").expect("write");
+    let mut cfg = Config::to(cluster.addr);
+    cfg.servers = Vec::new();
+    cfg.upstream_extra = format!("resolv_conf = {:?}", resolv.display().to_string());
+    let d = Daemon::start(&cfg);
+
+    ok(d.dns, "kube-dns.kube-system.svc.cluster.local", A);
+    let r = client::udp(d.dns, &query("www.example.net", A)).expect("answer");
+    assert_eq!(r.response_code(), ResponseCode::ServFail);
+    assert!(
+        d.stderr().contains("no default upstreams yet"),
+        "{}",
+        d.stderr()
+    );
+
+    // DHCP writes the real resolver (by rename, as resolvconf and networkd do).
+    let tmp = dir.path().join(".resolv.conf.new");
+    std::fs::write(&tmp, format!("nameserver {}\n", resolver.addr.ip())).expect("write");
+    std::fs::rename(&tmp, &resolv).expect("rename");
+    d.wait_notify("RELOADING=1", Duration::from_secs(10));
+    let ready = d.wait_notify("READY=1", Duration::from_secs(5));
+    assert!(!ready.contains("NO DEFAULT UPSTREAMS"), "{ready}");
+    assert_eq!(
+        client::addrs(&ok(d.dns, "www.example.net", A)),
+        ["192.0.2.77"]
+    );
+}

@@ -505,6 +505,24 @@ fn explicit_resolv_conf_path() {
 }
 
 #[test]
+fn resolv_conf_without_servers_is_tolerated_when_a_cluster_upstream_exists() {
+    // A node at early boot: resolved's stub only, and no resolved file yet.
+    let (_dir, env) = env_with("nameserver 127.0.0.53\n");
+    let node = "[cluster]\nupstream = [\"10.96.0.11\"]\n";
+    let c = load_documents(&docs(&[("a.toml", node)]), &env).unwrap();
+    assert!(c.upstream.servers.is_empty());
+    assert_eq!(
+        c.upstream.servers_from,
+        env.etc_resolv_conf.display().to_string()
+    );
+    // Missing file: the same.
+    let (dir, env) = env_with("");
+    std::fs::remove_file(dir.path().join("resolv.conf")).unwrap();
+    let c = load_documents(&docs(&[("a.toml", node)]), &env).unwrap();
+    assert!(c.upstream.servers.is_empty());
+}
+
+#[test]
 fn resolv_conf_without_usable_servers_is_an_error() {
     let (_dir, env) = env_with("nameserver 127.0.0.53\noptions edns0 trust-ad\n");
     let e = load_documents(&docs(&[("a.toml", "[cache]\ncapacity = 10\n")]), &env)

@@ -61,7 +61,8 @@ pub struct Cluster {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Upstream {
     /// Default upstreams, after reading resolv.conf when `servers` was empty and after
-    /// dropping 127.0.0.53 and localdns's own listen addresses. Never empty.
+    /// dropping 127.0.0.53 and localdns's own listen addresses. Empty only while that
+    /// resolv.conf has no usable nameserver and a cluster upstream exists (early boot).
     pub servers: Vec<SocketAddr>,
     pub protocol: Protocol,
     /// Where `servers` came from, for humans: "config" or the resolv.conf path.

@@ -88,7 +88,13 @@ pub fn validate(
         );
     }
 
-    let (servers, servers_from) = default_upstreams(&raw.upstream, &listen, env, prov)?;
+    let (servers, servers_from) = default_upstreams(
+        &raw.upstream,
+        &listen,
+        env,
+        prov,
+        !cluster.upstream.is_empty(),
+    )?;
     let upstream = Upstream {
         servers,
         protocol: raw.upstream.protocol,
@@ -159,12 +165,19 @@ pub fn validate(
     })
 }
 
-/// `upstream.servers` if set, else the nameservers of resolv.conf; never empty.
+/// `upstream.servers` if set, else the nameservers of resolv.conf.
+///
+/// Empty only in one case: read from a resolv.conf that has no usable nameserver (or is
+/// missing) while a cluster upstream is configured. That is a node at early boot, before
+/// DHCP or systemd-resolved wrote the resolvers: the cluster zones can be served already,
+/// other names get SERVFAIL until the file changes (it is watched, and re-read while the
+/// list is empty). Without a cluster upstream there would be nothing to forward to: error.
 fn default_upstreams(
     raw: &RawUpstream,
     listen: &Listen,
     env: &Environment,
     prov: &Provenance,
+    has_cluster_upstream: bool,
 ) -> Result<(Vec<SocketAddr>, String), ConfigError> {
     if !raw.servers.is_empty() {
         let servers = usable("upstream.servers", sockets(&raw.servers), listen);
@@ -179,15 +192,25 @@ fn default_upstreams(
         ResolvConfSetting::Auto if env.resolved_resolv_conf.exists() => &env.resolved_resolv_conf,
         ResolvConfSetting::Auto => &env.etc_resolv_conf,
     };
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        prov.invalid(
-            "upstream.resolv_conf",
-            format!(
-                "upstream.servers is empty and {} cannot be read: {e}",
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if has_cluster_upstream => {
+            tracing::warn!(
+                "{} cannot be read ({e}): no default upstreams yet; only the cluster and stub zones are answered until it can",
                 path.display()
-            ),
-        )
-    })?;
+            );
+            return Ok((Vec::new(), path.display().to_string()));
+        }
+        Err(e) => {
+            return Err(prov.invalid(
+                "upstream.resolv_conf",
+                format!(
+                    "upstream.servers is empty and {} cannot be read: {e}",
+                    path.display()
+                ),
+            ))
+        }
+    };
     let found = resolv::parse(&text);
     for (value, why) in &found.skipped {
         tracing::warn!("{}: skipping nameserver {value:?}: {why}", path.display());
@@ -208,6 +231,13 @@ fn default_upstreams(
         } else {
             format!(" ({})", servers.dropped_list())
         };
+        if has_cluster_upstream {
+            tracing::warn!(
+                "{} has no usable nameserver{dropped}: no default upstreams yet; only the cluster and stub zones are answered until it has",
+                path.display()
+            );
+            return Ok((Vec::new(), path.display().to_string()));
+        }
         return Err(prov.invalid(
             "upstream.servers",
             format!(

@@ -377,6 +377,9 @@ fn status_line(addrs: &str, resolver: &Resolver, reloads: &reload::ReloadState) 
         "serving {addrs}; {} cached; upstreams {up}/{total} up",
         resolver.cache.len()
     );
+    if settings.upstreams.pools()[0].health().is_empty() {
+        line.push_str("; NO DEFAULT UPSTREAMS (resolv.conf lists none yet)");
+    }
     if let Some(err) = reloads.error.lock().as_deref() {
         line.push_str(&format!(
             "; CONFIG REFUSED (previous config serving): {err}"

@@ -21,6 +21,10 @@ use crate::systemd;
 /// are read as one change after this quiet period.
 const SETTLE: Duration = Duration::from_millis(200);
 
+/// While the default upstreams are empty (resolv.conf had none at start), it is re-read
+/// this often, in case it appears somewhere inotify could not watch yet.
+const RESOLV_POLL: Duration = Duration::from_secs(5);
+
 /// What the status line needs to know about reloads.
 #[derive(Default)]
 pub struct ReloadState {
@@ -45,21 +49,34 @@ pub async fn watch(
         .clone()
         .unwrap_or_else(|| parent(&source.path).join("conf.d"));
     let mut others = Vec::new();
-    if current.upstream.servers_from != "config" {
+    let from_resolv_conf = current.upstream.servers_from != "config";
+    if from_resolv_conf {
         others.push(PathBuf::from(&current.upstream.servers_from));
+        // With `resolv_conf = "auto"` at early boot, systemd-resolved's file may appear
+        // after localdns started (its directory too, hence the poll below).
+        others.push(config::Environment::default().resolved_resolv_conf);
     }
     let watcher = Watcher::new(Interest {
         config: source.path.clone(),
         conf_dir,
         others,
     });
+    let mut poll = tokio::time::interval(RESOLV_POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        let waiting_for_resolvers = from_resolv_conf && current.upstream.servers.is_empty();
         let reason = tokio::select! {
             _ = hup.recv() => "SIGHUP",
             _ = watcher.changed() => "config files changed",
+            _ = poll.tick(), if waiting_for_resolvers => POLLED,
         };
+        let loaded = config::load(&source);
+        // A poll that finds nothing new stays silent: no RELOADING/READY every few seconds.
+        if reason == POLLED && loaded.as_ref().map_or(true, |new| same(new, &current)) {
+            continue;
+        }
         systemd::reloading();
-        match config::load(&source) {
+        match loaded {
             Ok(new) => {
                 *state.error.lock() = None;
                 if same(&new, &current) {
@@ -75,7 +92,12 @@ pub async fn watch(
                         tracing::warn!(reason, "listen and network changes take effect at the next restart (`systemctl restart localdns` keeps the sockets)");
                     }
                     resolver.apply(&new);
-                    tracing::info!(reason, files = %new.sources.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(","), "config reloaded");
+                    tracing::info!(
+                        reason,
+                        files = %new.sources.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(","),
+                        upstreams = %new.upstream.servers.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(","),
+                        "config reloaded"
+                    );
                     current = new;
                 }
             }
@@ -87,6 +109,8 @@ pub async fn watch(
         systemd::ready(&status());
     }
 }
+
+const POLLED: &str = "resolv.conf re-read while it listed no resolvers";
 
 fn same(a: &Config, b: &Config) -> bool {
     Config {

@@ -261,6 +261,31 @@ pub fn closed_port() -> SocketAddr {
 
 impl Upstream {
     pub fn start() -> Upstream {
+        let (udp, tcp) = bind_pair();
+        Upstream::start_with(udp, tcp)
+    }
+
+    /// An upstream on port 53 of a loopback address of its own (127.53.x.y), as a
+    /// resolv.conf nameserver line needs. Needs root (port 53); None with the reason when
+    /// it cannot bind.
+    pub fn start_on_port_53() -> Result<Upstream, String> {
+        let pid = std::process::id();
+        for i in 0..50u32 {
+            let n = pid.wrapping_mul(31).wrapping_add(i);
+            let ip = std::net::Ipv4Addr::new(127, 53, (n >> 8) as u8, (n as u8).max(1));
+            let addr = SocketAddr::from((ip, 53));
+            match (UdpSocket::bind(addr), TcpListener::bind(addr)) {
+                (Ok(udp), Ok(tcp)) => return Ok(Upstream::start_with(udp, tcp)),
+                (Err(e), _) | (_, Err(e)) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    return Err(format!("cannot bind port 53: {e}"))
+                }
+                _ => continue,
+            }
+        }
+        Err("no free 127.53.x.y:53".into())
+    }
+
+    fn start_with(udp: UdpSocket, tcp: TcpListener) -> Upstream {
         let state = Arc::new(State {
             zone: Mutex::new(Zone::default()),
             seen: Mutex::new(Vec::new()),
@@ -268,7 +293,6 @@ impl Upstream {
             delay: Mutex::new(Duration::ZERO),
             servfail: Mutex::new(Vec::new()),
         });
-        let (udp, tcp) = bind_pair();
         let addr = udp.local_addr().expect("addr");
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
