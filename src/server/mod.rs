@@ -131,9 +131,9 @@ fn listen_socket(
     let sock = socket2::Socket::new(socket2::Domain::for_address(addr), kind, Some(proto))?;
     if addr.is_ipv6() {
         sock.set_only_v6(true)?;
-        sock.set_freebind_ipv6(true)?;
+        sock.set_freebind_v6(true)?;
     } else {
-        sock.set_freebind(true)?;
+        sock.set_freebind_v4(true)?;
     }
     Ok(sock)
 }

@@ -23,7 +23,7 @@ const MAX_PENDING: usize = 64;
 pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let sock = super::listen_socket(addr, Type::STREAM, Protocol::TCP)?;
     sock.set_reuse_address(true)?;
-    sock.set_nodelay(true)?;
+    sock.set_tcp_nodelay(true)?;
     sock.bind(&addr.into())?;
     sock.listen(1024)?;
     sock.set_nonblocking(true)?;
