@@ -239,12 +239,19 @@ impl Container {
                 }
                 _ => {}
             }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not finish booting ({state}):\n{}",
-                self.name,
-                self.nspawn_log()
-            );
+            if Instant::now() >= deadline {
+                let jobs = self.exec(&["systemctl", "list-jobs", "--no-pager"]);
+                let unit = self.exec(&["journalctl", "-b", "-u", "localdns", "--no-pager", "-o", "short-precise"]);
+                let status = self.exec(&["systemctl", "status", "localdns", "--no-pager"]);
+                panic!(
+                    "{} did not finish booting ({state}):\njobs:\n{}\nlocaldns status:\n{}\nlocaldns journal:\n{}\nconsole:\n{}",
+                    self.name,
+                    text(&jobs),
+                    text(&status),
+                    text(&unit),
+                    self.nspawn_log()
+                );
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
