@@ -97,9 +97,6 @@ fn once<F: std::future::Future<Output = Result<(), node::NodeError>>>(
 }
 
 fn run(cfg: config::Config, source: config::Source) -> anyhow::Result<()> {
-    if cfg.sources.is_empty() {
-        tracing::info!("no config file found, using the embedded default");
-    }
     // Before any thread starts: this reads and unsets LISTEN_FDS.
     let mut kept = systemd::Inherited::receive();
     let runtime = tokio::runtime::Builder::new_multi_thread()
