@@ -3,6 +3,7 @@
 //! it on crash, restart, upgrade or removal.
 //!
 //! # Layout
+//! - [`daemon`]: the life cycle of `localdns run`: kept sockets, node setup, serve, stop.
 //! - [`config`]: raw TOML → merged (`config.toml` + `conf.d/*.toml`) → validated [`config::Config`].
 //! - [`dns`]: the pure protocol core: query parsing, cache keys, stored answers, TTL rewriting.
 //! - [`cache`]: the bounded, sharded answer store with serve-stale and prefetch marks.
@@ -11,13 +12,14 @@
 //! - [`node`]: the node's network setup: the link holding the listen addresses
 //!   (rtnetlink), the NOTRACK/ACCEPT rules (iptables), setup/teardown, drift repair.
 //! - [`metrics`]: counters and their Prometheus rendering.
-//! - [`systemd`]: sd_notify readiness and stop.
+//! - [`systemd`]: sd_notify readiness, status, watchdog and reload; the fd store.
 //! - [`logging`]: journald or stderr.
 // One audited exception: adopting the descriptors systemd passes (`systemd::adopt`).
 #![deny(unsafe_code)]
 
 pub mod cache;
 pub mod config;
+pub mod daemon;
 pub mod dns;
 pub mod logging;
 pub mod metrics;

@@ -3,10 +3,9 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
-use localdns::{config, logging, metrics::Metrics, node, server::Server, systemd};
+use localdns::{config, daemon, logging, node};
 
 /// Node-local DNS cache for Kubernetes nodes.
 #[derive(Parser)]
@@ -70,7 +69,7 @@ fn main() -> ExitCode {
             print!("{}", config::render(&cfg));
             ExitCode::SUCCESS
         }
-        Command::Run(_) => exit(run(cfg, source)),
+        Command::Run(_) => exit(daemon::run(cfg, source)),
         Command::Setup(_) => exit(once(|| async { node::setup(&cfg).await.map(drop) })),
         Command::Teardown(_) => exit(once(|| node::teardown(&cfg))),
     }
@@ -94,45 +93,4 @@ fn once<F: std::future::Future<Output = Result<(), node::NodeError>>>(
         .enable_all()
         .build()?;
     Ok(runtime.block_on(op())?)
-}
-
-fn run(cfg: config::Config, source: config::Source) -> anyhow::Result<()> {
-    // Before any thread starts: this reads and unsets LISTEN_FDS.
-    let mut kept = systemd::Inherited::receive();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("localdns-rt")
-        .enable_all()
-        .build()?;
-    runtime.block_on(async {
-        // The link, addresses and rules come first: the listen addresses must exist to be
-        // bound, and READY means the node's DNS works.
-        let setup = node::setup(&cfg)
-            .await
-            .map_err(|e| anyhow::anyhow!("node setup failed: {e}"))?;
-        let metrics = Arc::new(Metrics::default());
-        let repair = tokio::spawn(node::watch(cfg.clone(), setup, Arc::clone(&metrics)));
-        let server = Server::bind(cfg, metrics, &mut kept)?;
-        kept.release_rest();
-        let served = server.run(Some(source), shutdown_signal()).await;
-        repair.abort();
-        served?;
-        Ok(())
-    })
-}
-
-/// Completes on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
-    }
 }

@@ -241,7 +241,15 @@ impl Container {
             }
             if Instant::now() >= deadline {
                 let jobs = self.exec(&["systemctl", "list-jobs", "--no-pager"]);
-                let unit = self.exec(&["journalctl", "-b", "-u", "localdns", "--no-pager", "-o", "short-precise"]);
+                let unit = self.exec(&[
+                    "journalctl",
+                    "-b",
+                    "-u",
+                    "localdns",
+                    "--no-pager",
+                    "-o",
+                    "short-precise",
+                ]);
                 let status = self.exec(&["systemctl", "status", "localdns", "--no-pager"]);
                 panic!(
                     "{} did not finish booting ({state}):\njobs:\n{}\nlocaldns status:\n{}\nlocaldns journal:\n{}\nconsole:\n{}",
