@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use localdns::{config, daemon, logging, node};
+use localdns::{config, daemon, logging};
 
 /// Node-local DNS cache for Kubernetes nodes.
 #[derive(Parser)]
@@ -70,8 +70,8 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Run(_) => exit(daemon::run(cfg, source)),
-        Command::Setup(_) => exit(once(|| async { node::setup(&cfg).await.map(drop) })),
-        Command::Teardown(_) => exit(once(|| node::teardown(&cfg))),
+        Command::Setup(_) => exit(daemon::setup(&cfg)),
+        Command::Teardown(_) => exit(daemon::teardown(&cfg)),
     }
 }
 
@@ -83,14 +83,4 @@ fn exit(result: anyhow::Result<()>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// Runs one node operation on a small runtime.
-fn once<F: std::future::Future<Output = Result<(), node::NodeError>>>(
-    op: impl FnOnce() -> F,
-) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    Ok(runtime.block_on(op())?)
 }
