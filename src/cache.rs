@@ -320,15 +320,9 @@ impl Shard {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dns::answer::tests::POLICY;
     use crate::dns::query::tests::query;
-    use crate::dns::{Query, TtlPolicy};
-
-    const POLICY: TtlPolicy = TtlPolicy {
-        min_ttl: 0,
-        max_ttl: 3600,
-        negative_max_ttl: 5,
-        servfail_ttl: 1,
-    };
+    use crate::dns::Query;
 
     fn answer(name: &str, ttl: u32) -> (Key, Answer) {
         let q = query(1, name, 1, None);

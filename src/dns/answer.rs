@@ -276,11 +276,12 @@ pub fn write_upstream_query(out: &mut Vec<u8>, id: u16, key: &Key) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::super::query::tests::query;
     use super::*;
 
-    const POLICY: TtlPolicy = TtlPolicy {
+    /// The TTL policy of the unit tests: the config defaults.
+    pub(crate) const POLICY: TtlPolicy = TtlPolicy {
         min_ttl: 0,
         max_ttl: 3600,
         negative_max_ttl: 5,
