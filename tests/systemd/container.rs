@@ -213,7 +213,11 @@ impl Container {
         let deadline = Instant::now() + BOOT_TIMEOUT;
         // The container's PID 1 is the child of the nspawn process.
         let leader = loop {
-            if let Some(pid) = child_of(nspawn_pid) {
+            // nspawn forks an intermediate process before the container's init; wait for
+            // the child that runs systemd, or nsenter would aim at a process that is gone.
+            if let Some(pid) =
+                child_of(nspawn_pid).filter(|&pid| comm(pid).as_deref() == Some("systemd"))
+            {
                 break pid;
             }
             if let Some(Ok(Some(status))) = self.nspawn.as_mut().map(|c| c.try_wait()) {
@@ -339,6 +343,13 @@ impl Container {
 }
 
 /// The first process whose parent is `ppid`.
+/// The command name of a process (`/proc/PID/comm`), if it still exists.
+fn comm(pid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|c| c.trim().to_string())
+}
+
 fn child_of(ppid: u32) -> Option<u32> {
     for entry in std::fs::read_dir("/proc").ok()?.flatten() {
         let Some(pid) = entry
@@ -429,9 +440,19 @@ impl Drop for Container {
                         std::thread::sleep(Duration::from_millis(50))
                     }
                     _ => {
-                        // SIGKILL to the nspawn process we started; its container dies with it.
+                        // SIGKILL to the nspawn process we started. That does not take its
+                        // container with it (nspawn gets no chance to clean up), so the
+                        // container's init, which we started through it, is killed too:
+                        // that ends its whole PID namespace.
                         let _ = child.kill();
                         let _ = child.wait();
+                        if let Some(leader) = self.leader {
+                            if comm(leader).as_deref() == Some("systemd") {
+                                let _ = Command::new("kill")
+                                    .args(["-KILL", &leader.to_string()])
+                                    .output();
+                            }
+                        }
                         break;
                     }
                 }
