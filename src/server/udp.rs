@@ -80,7 +80,9 @@ pub fn serve(
     use std::os::fd::AsRawFd;
 
     let fd = socket.as_raw_fd();
-    let mut bufs = vec![[0u8; MAX_QUERY]; BATCH];
+    // Boxed arrays (not Vecs) so that the per-batch I/O vectors below can be plain arrays
+    // on the stack: nothing is allocated per batch.
+    let mut bufs: Box<[[u8; MAX_QUERY]; BATCH]> = Box::new([[0u8; MAX_QUERY]; BATCH]);
     let mut outs: Vec<Vec<u8>> = (0..BATCH).map(|_| Vec::with_capacity(4096)).collect();
     let mut recv_headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
     let mut send_headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
@@ -91,10 +93,8 @@ pub fn serve(
             .store(resolver.cache.now_ms(), Ordering::Relaxed);
         got.clear();
         {
-            let mut iovs: Vec<[IoSliceMut<'_>; 1]> = bufs
-                .iter_mut()
-                .map(|b| [IoSliceMut::new(&mut b[..])])
-                .collect();
+            let mut iovs: [[IoSliceMut<'_>; 1]; BATCH] =
+                bufs.each_mut().map(|b| [IoSliceMut::new(&mut b[..])]);
             match recvmmsg(
                 fd,
                 &mut recv_headers,
@@ -143,14 +143,12 @@ pub fn serve(
         if replies.is_empty() {
             continue;
         }
-        let slices: Vec<[IoSlice<'_>; 1]> = outs[..replies.len()]
-            .iter()
-            .map(|o| [IoSlice::new(o)])
-            .collect();
+        let slices: [[IoSlice<'_>; 1]; BATCH] =
+            std::array::from_fn(|i| [IoSlice::new(outs.get(i).map_or(&[][..], |o| &o[..]))]);
         let sent = sendmmsg(
             fd,
             &mut send_headers,
-            slices.iter(),
+            slices[..replies.len()].iter(),
             &replies[..],
             [],
             MsgFlags::MSG_DONTWAIT,
