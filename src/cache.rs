@@ -256,13 +256,6 @@ impl Cache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-
-    /// Drop every entry.
-    pub fn clear(&self) {
-        for s in self.shards.iter() {
-            *s.write() = Shard::default();
-        }
-    }
 }
 
 fn slot_hash(slots: &[Option<(u64, Arc<Entry>)>], i: u32) -> u64 {

@@ -48,14 +48,6 @@ impl Inherited {
         self.fds.remove(name)
     }
 
-    pub fn len(&self) -> usize {
-        self.fds.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.fds.is_empty()
-    }
-
     /// Ask systemd to forget (and close) every descriptor not taken, then close ours.
     pub fn release_rest(self) {
         for (name, fd) in self.fds {

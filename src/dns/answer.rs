@@ -162,15 +162,6 @@ impl Answer {
         })
     }
 
-    pub fn rcode(&self) -> u8 {
-        self.wire[3] & 0x0f
-    }
-
-    /// Bytes held, for accounting.
-    pub fn size(&self) -> usize {
-        self.wire.len() + self.ttl_offsets.len() * 2
-    }
-
     /// Write the answer for client query `q` into `out`.
     ///
     /// `ttl` says how TTLs are shown: `Ttl::Age(s)` counts every stored TTL down by `s`

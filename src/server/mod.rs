@@ -249,10 +249,6 @@ impl Server {
         })
     }
 
-    pub fn resolver(&self) -> &Arc<Resolver> {
-        &self.resolver
-    }
-
     /// Serve until `shutdown` completes, reloading from `source` (when given) on SIGHUP
     /// and on config file changes. Tells systemd READY once everything listens.
     pub async fn run(

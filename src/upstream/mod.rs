@@ -251,10 +251,6 @@ impl Pool {
                 .eq(other.servers.iter().map(|s| s.addr))
     }
 
-    pub fn protocol(&self) -> Protocol {
-        self.protocol
-    }
-
     /// (server, up?) for status reports.
     pub fn health(&self) -> Vec<(SocketAddr, bool)> {
         self.servers
