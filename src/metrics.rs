@@ -40,6 +40,7 @@ pub struct Metrics {
     pub upstream_queries: AtomicU64,
     pub upstream_failures: AtomicU64,
     pub upstream_tcp_retries: AtomicU64,
+    pub upstream_udp_sockets: AtomicU64,
     pub servfail_sent: AtomicU64,
     pub formerr: AtomicU64,
     pub notimp: AtomicU64,
@@ -98,7 +99,7 @@ impl Metrics {
                 ("{transport=\"tcp\"}", tcp_q),
             ],
         );
-        let counters: [(&str, &str, u64); 13] = [
+        let counters: [(&str, &str, u64); 14] = [
             (
                 "localdns_cache_hits_total",
                 "Queries answered from a fresh cache entry.",
@@ -138,6 +139,11 @@ impl Metrics {
                 "localdns_upstream_tcp_retries_total",
                 "Truncated upstream UDP answers retried over TCP.",
                 l(&self.upstream_tcp_retries),
+            ),
+            (
+                "localdns_upstream_udp_sockets_total",
+                "UDP sockets (each on a new random source port) opened for upstream queries.",
+                l(&self.upstream_udp_sockets),
             ),
             (
                 "localdns_servfail_total",

@@ -537,6 +537,72 @@ fn failover_from_a_closed_port() {
     assert!(scrape(d.metrics).value("localdns_upstream_failures_total", &[]) >= 1.0);
 }
 
+/// An upstream with names q0..q{n-1}.example.com and a daemon with `upstream_extra`
+/// that has asked for the first `asked` of them, one at a time.
+fn ask_one_at_a_time(n: usize, asked: usize, upstream_extra: &str) -> (Upstream, Daemon) {
+    let up = Upstream::start();
+    for i in 0..n {
+        up.a(&format!("q{i}.example.com"), 300, "192.0.2.7");
+    }
+    let mut cfg = Config::to(up.addr);
+    cfg.upstream_extra = upstream_extra.into();
+    let d = Daemon::start(&cfg);
+    for i in 0..asked {
+        ok(d.dns, &format!("q{i}.example.com"), A);
+    }
+    (up, d)
+}
+
+/// Source ports of the UDP queries the upstream saw, in order.
+fn udp_source_ports(up: &Upstream) -> Vec<u16> {
+    up.seen()
+        .iter()
+        .filter(|s| s.transport == Transport::Udp)
+        .map(|s| s.src.port())
+        .collect()
+}
+
+/// Upstream UDP sockets localdns opened. (Their ports are random, so two sockets could by
+/// chance get the same one: the count comes from localdns, not from comparing ports.)
+fn sockets_opened(d: &Daemon) -> f64 {
+    scrape(d.metrics).value("localdns_upstream_udp_sockets_total", &[])
+}
+
+#[test]
+fn upstream_udp_sockets_carry_a_bounded_number_of_queries() {
+    let (up, d) = ask_one_at_a_time(
+        20,
+        20,
+        "udp_socket_queries = 4\nudp_socket_lifetime = \"1h\"",
+    );
+    let ports = udp_source_ports(&up);
+    assert_eq!(ports.len(), 20, "upstream saw {:?}", up.seen());
+    // One query at a time: each socket carries exactly 4, then a new one follows.
+    for (i, chunk) in ports.chunks(4).enumerate() {
+        assert!(
+            chunk.iter().all(|&p| p == chunk[0]),
+            "socket {i} changed port within its 4 queries: {ports:?}"
+        );
+    }
+    assert_eq!(sockets_opened(&d), 5.0);
+}
+
+#[test]
+fn upstream_udp_sockets_are_fresh_per_query_when_told_and_after_their_lifetime() {
+    // udp_socket_queries = 1: every query from a new socket.
+    let (up, d) = ask_one_at_a_time(8, 8, "udp_socket_queries = 1");
+    assert_eq!(udp_source_ports(&up).len(), 8);
+    assert_eq!(sockets_opened(&d), 8.0);
+    drop(d);
+
+    // A short lifetime: the socket of the first query is not used once it has expired.
+    let (up, d) = ask_one_at_a_time(2, 1, "udp_socket_lifetime = \"200ms\"");
+    sleep(Duration::from_millis(300));
+    ok(d.dns, "q1.example.com", A);
+    assert_eq!(udp_source_ports(&up).len(), 2);
+    assert_eq!(sockets_opened(&d), 2.0, "an expired socket was reused");
+}
+
 #[test]
 fn failover_marks_a_black_hole_down() {
     let hole = Upstream::start();

@@ -119,6 +119,12 @@ pub struct RawUpstream {
     /// How long a down server is skipped.
     #[serde(deserialize_with = "positive")]
     pub down_time: Dur,
+    /// Queries one upstream UDP socket (one random source port) carries at most.
+    #[serde(deserialize_with = "socket_queries")]
+    pub udp_socket_queries: u32,
+    /// Age after which an upstream UDP socket is closed instead of reused.
+    #[serde(deserialize_with = "positive")]
+    pub udp_socket_lifetime: Dur,
 }
 
 impl Default for RawUpstream {
@@ -132,6 +138,8 @@ impl Default for RawUpstream {
             max_in_flight: 1000,
             down_after_failures: 3,
             down_time: Dur(Duration::from_secs(5)),
+            udp_socket_queries: 100,
+            udp_socket_lifetime: Dur(Duration::from_secs(1)),
         }
     }
 }
@@ -342,6 +350,7 @@ ranged! {
     at_least_one_usize: usize, 1.., "must be at least 1";
     at_least_one_u32: u32, 1.., "must be at least 1";
     attempts: usize, 1..=10, "must be 1-10";
+    socket_queries: u32, 1..=65_535, "must be 1-65535";
     percent: u8, 1..=99, "must be 1-99";
 }
 

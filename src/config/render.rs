@@ -52,6 +52,12 @@ pub fn render(c: &Config) -> String {
     line(&mut out, "max_in_flight", u.max_in_flight);
     line(&mut out, "down_after_failures", u.down_after_failures);
     line(&mut out, "down_time", duration(u.down_time));
+    line(&mut out, "udp_socket_queries", u.udp_socket_queries);
+    line(
+        &mut out,
+        "udp_socket_lifetime",
+        duration(u.udp_socket_lifetime),
+    );
 
     for stub in &c.stubs {
         out.push_str("\n[[stub]]\n");

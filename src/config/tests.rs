@@ -126,6 +126,18 @@ fn out_of_range_values() {
         ("[upstream]\nattempts = 11\n", "upstream.attempts"),
         ("[upstream]\nattempts = 0\n", "upstream.attempts"),
         (
+            "[upstream]\nudp_socket_queries = 0\n",
+            "upstream.udp_socket_queries",
+        ),
+        (
+            "[upstream]\nudp_socket_queries = 65536\n",
+            "upstream.udp_socket_queries",
+        ),
+        (
+            "[upstream]\nudp_socket_lifetime = \"0s\"\n",
+            "upstream.udp_socket_lifetime",
+        ),
+        (
             "[cache]\nprefetch_percent = 100\n",
             "cache.prefetch_percent",
         ),
@@ -368,6 +380,8 @@ fn defaults_are_the_documented_schema() {
             max_in_flight: 1000,
             down_after_failures: 3,
             down_time: Duration::from_secs(5),
+            udp_socket_queries: 100,
+            udp_socket_lifetime: Duration::from_secs(1),
         },
         stubs: vec![],
         cache: Cache {

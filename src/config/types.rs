@@ -77,6 +77,10 @@ pub struct Upstream {
     pub down_after_failures: u32,
     /// How long a down server is skipped before one query probes it again.
     pub down_time: Duration,
+    /// Queries one upstream UDP socket (one random source port) carries at most.
+    pub udp_socket_queries: u32,
+    /// Age after which an upstream UDP socket is closed instead of reused.
+    pub udp_socket_lifetime: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]

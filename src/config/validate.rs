@@ -104,6 +104,8 @@ pub fn validate(
         max_in_flight: raw.upstream.max_in_flight,
         down_after_failures: raw.upstream.down_after_failures,
         down_time: raw.upstream.down_time.0,
+        udp_socket_queries: raw.upstream.udp_socket_queries,
+        udp_socket_lifetime: raw.upstream.udp_socket_lifetime.0,
     };
 
     let mut stubs = Vec::with_capacity(raw.stub.len());

@@ -319,11 +319,12 @@ impl Server {
             ));
         }
         {
-            let status = status.clone();
+            let (status, resolver) = (status.clone(), Arc::clone(&self.resolver));
             tasks.spawn(async move {
                 loop {
                     tokio::time::sleep(STATUS_EVERY).await;
                     systemd::status(&status());
+                    resolver.settings().upstreams.sweep();
                 }
             });
         }

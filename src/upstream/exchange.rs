@@ -1,7 +1,7 @@
-//! One query, one answer: UDP from a fresh random port, and TCP on a fresh connection.
+//! One query, one answer: over UDP on a given socket, and over TCP on a fresh connection.
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
@@ -24,21 +24,11 @@ pub enum ExchangeError {
 
 const UDP_BUFFER: usize = 4096;
 
-/// Send the query for `key` over UDP from a new socket on a kernel-chosen (random) port,
-/// connected to `server` so that only its datagrams are received. Datagrams that do not
-/// match the ID and question are ignored (spoofing or late answers). A truncated answer
-/// is reported as `AnswerError::Truncated` for the caller to retry over TCP.
-pub async fn udp(
-    server: SocketAddr,
-    key: &Key,
-    policy: &TtlPolicy,
-) -> Result<Answer, ExchangeError> {
-    let local: IpAddr = match server {
-        SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
-        SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
-    };
-    let sock = UdpSocket::bind((local, 0)).await?;
-    sock.connect(server).await?;
+/// Send the query for `key` over `sock`, a UDP socket connected to the server on a random
+/// port (see [`super::ports`]), under a new random ID. Datagrams that do not match the ID
+/// and question are ignored (spoofing or late answers). A truncated answer is reported as
+/// `AnswerError::Truncated` for the caller to retry over TCP.
+pub async fn udp(sock: &UdpSocket, key: &Key, policy: &TtlPolicy) -> Result<Answer, ExchangeError> {
     let id: u16 = rand::random();
     let mut msg = Vec::with_capacity(64);
     write_upstream_query(&mut msg, id, key);

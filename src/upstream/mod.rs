@@ -12,6 +12,7 @@
 
 pub mod exchange;
 pub mod pipeline;
+pub mod ports;
 pub mod route;
 
 use std::net::SocketAddr;
@@ -46,6 +47,8 @@ struct Server {
     /// Milliseconds on the pool's clock until which the server is skipped; 0 = up.
     down_until: AtomicU64,
     pipeline: Option<pipeline::Pipeline>,
+    /// UDP pools: the reusable random-port sockets.
+    ports: Option<ports::Ports>,
 }
 
 /// A list of equivalent servers for a set of zones.
@@ -59,6 +62,7 @@ pub struct Pool {
     attempts: usize,
     down_after: u32,
     down_time: Duration,
+    reuse: ports::Reuse,
     epoch: Instant,
 }
 
@@ -69,6 +73,10 @@ impl Pool {
         protocol: Protocol,
         up: &config::Upstream,
     ) -> Pool {
+        let reuse = ports::Reuse {
+            max_queries: up.udp_socket_queries,
+            lifetime: up.udp_socket_lifetime,
+        };
         Pool {
             name,
             servers: servers
@@ -78,6 +86,7 @@ impl Pool {
                     failures: AtomicU32::new(0),
                     down_until: AtomicU64::new(0),
                     pipeline: (protocol == Protocol::Tcp).then(|| pipeline::Pipeline::new(addr)),
+                    ports: (protocol == Protocol::Udp).then(|| ports::Ports::new(addr, reuse)),
                 })
                 .collect(),
             protocol,
@@ -85,6 +94,7 @@ impl Pool {
             attempts: up.attempts.max(1),
             down_after: up.down_after_failures.max(1),
             down_time: up.down_time,
+            reuse,
             epoch: Instant::now(),
         }
     }
@@ -219,12 +229,24 @@ impl Pool {
             let resp = p.exchange(msg).await?;
             return Ok(Answer::from_upstream(&resp, id, key, policy)?);
         }
-        match exchange::udp(s.addr, key, policy).await {
+        let Some(ports) = &s.ports else {
+            return exchange::tcp(s.addr, key, policy).await;
+        };
+        let (lease, new) = ports.take()?;
+        if new {
+            inc(&metrics.upstream_udp_sockets);
+        }
+        // On a timeout this future is dropped with the socket: it is never reused.
+        match exchange::udp(&lease.socket, key, policy).await {
+            Ok(answer) => {
+                ports.give_back(lease);
+                Ok(answer)
+            }
             Err(ExchangeError::Answer(AnswerError::Truncated)) => {
                 inc(&metrics.upstream_tcp_retries);
                 exchange::tcp(s.addr, key, policy).await
             }
-            other => other,
+            Err(e) => Err(e),
         }
     }
 
@@ -232,6 +254,7 @@ impl Pool {
     fn same_settings(&self, other: &Pool) -> bool {
         self.name == other.name
             && self.same_servers(other)
+            && self.reuse == other.reuse
             && (self.timeout, self.attempts, self.down_after, self.down_time)
                 == (
                     other.timeout,
@@ -249,6 +272,15 @@ impl Pool {
                 .iter()
                 .map(|s| s.addr)
                 .eq(other.servers.iter().map(|s| s.addr))
+    }
+
+    /// Close idle upstream sockets past their lifetime.
+    fn sweep(&self) {
+        for s in &self.servers {
+            if let Some(p) = &s.ports {
+                p.sweep();
+            }
+        }
     }
 
     /// (server, up?) for status reports.
@@ -307,6 +339,13 @@ impl Upstreams {
     /// The pool for a lower-cased wire name.
     pub fn route(&self, qname: &[u8]) -> &Arc<Pool> {
         &self.pools[self.router.route(qname)]
+    }
+
+    /// Close idle upstream sockets past their lifetime (called every few seconds).
+    pub fn sweep(&self) {
+        for p in &self.pools {
+            p.sweep();
+        }
     }
 
     pub fn pools(&self) -> &[Arc<Pool>] {
