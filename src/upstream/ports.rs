@@ -113,7 +113,8 @@ impl Ports {
     }
 
     /// Sockets idle in the free list.
-    pub fn idle(&self) -> usize {
+    #[cfg(test)]
+    fn idle(&self) -> usize {
         self.free.lock().len()
     }
 }
