@@ -162,10 +162,10 @@ impl Cache {
         (hash, &self.shards[(hash >> 58) as usize % SHARDS])
     }
 
-    /// The hit path: if a fresh entry exists, call `f` with it and its age under the shard's
-    /// read lock, and return what `f` returns.
-    pub fn with_fresh<T>(&self, key: &Key, f: impl FnOnce(&Entry, u32) -> T) -> Hit<T> {
-        let now = self.now_ms();
+    /// The hit path: if an entry fresh at `now` (from [`Cache::now_ms`]; a receive loop
+    /// reads the clock once per batch) exists, call `f` with it and its age under the
+    /// shard's read lock, and return what `f` returns.
+    pub fn with_fresh<T>(&self, key: &Key, now: u64, f: impl FnOnce(&Entry, u32) -> T) -> Hit<T> {
         let (hash, shard) = self.locate(key.as_bytes());
         let shard = shard.read();
         let Some(entry) = shard.find(hash, key.as_bytes()) else {
@@ -177,11 +177,17 @@ impl Cache {
         if !entry.referenced.load(Ordering::Relaxed) {
             entry.referenced.store(true, Ordering::Relaxed);
         }
-        let hits = entry.hits.fetch_add(1, Ordering::Relaxed) + 1;
-        let age = entry.age_secs(now);
         let r = Ordering::Relaxed;
+        // Hits are counted only up to the prefetch threshold, the one thing they are for:
+        // a popular entry then costs no atomic read-modify-write per hit.
+        let min_hits = self.prefetch_min_hits.load(r);
+        let mut hits = entry.hits.load(r);
+        if hits < min_hits {
+            hits = entry.hits.fetch_add(1, r) + 1;
+        }
+        let age = entry.age_secs(now);
         let prefetch = self.prefetch_enabled.load(r)
-            && hits >= self.prefetch_min_hits.load(r)
+            && hits >= min_hits
             && u64::from(entry.answer.ttl - age.min(entry.answer.ttl)) * 100
                 < u64::from(entry.answer.ttl) * u64::from(self.prefetch_percent.load(r))
             && !entry.prefetching.swap(true, Ordering::Relaxed);
@@ -340,10 +346,10 @@ mod tests {
     fn insert_then_hit() {
         let c = Cache::new(100, 0, NO_PREFETCH);
         let (k, a) = answer("a.example", 60);
-        assert_eq!(c.with_fresh(&k, |_, _| ()), Hit::Miss);
+        assert_eq!(c.with_fresh(&k, c.now_ms(), |_, _| ()), Hit::Miss);
         c.insert(&k, a);
         assert_eq!(
-            c.with_fresh(&k, |e, age| (e.answer.ttl, age)),
+            c.with_fresh(&k, c.now_ms(), |e, age| (e.answer.ttl, age)),
             Hit::Fresh {
                 value: (60, 0),
                 prefetch: false
@@ -351,7 +357,7 @@ mod tests {
         );
         assert_eq!(c.len(), 1);
         let (k2, _) = answer("b.example", 60);
-        assert_eq!(c.with_fresh(&k2, |_, _| ()), Hit::Miss);
+        assert_eq!(c.with_fresh(&k2, c.now_ms(), |_, _| ()), Hit::Miss);
     }
 
     #[test]
@@ -375,7 +381,10 @@ mod tests {
             let (k, a) = answer(&format!("n{i}.example"), 60);
             c.insert(&k, a);
             // keep touching the hot name, as clients would
-            assert!(matches!(c.with_fresh(&hot, |_, _| ()), Hit::Fresh { .. }));
+            assert!(matches!(
+                c.with_fresh(&hot, c.now_ms(), |_, _| ()),
+                Hit::Fresh { .. }
+            ));
         }
         assert!(c.len() <= SHARDS * 4);
     }
@@ -395,7 +404,7 @@ mod tests {
         c.insert(&k, a);
         c.epoch -= std::time::Duration::from_secs(2);
         let marks: Vec<bool> = (0..4)
-            .map(|_| match c.with_fresh(&k, |_, _| ()) {
+            .map(|_| match c.with_fresh(&k, c.now_ms(), |_, _| ()) {
                 Hit::Fresh { prefetch, .. } => prefetch,
                 Hit::Miss => panic!("miss"),
             })
@@ -403,7 +412,7 @@ mod tests {
         assert_eq!(marks, [false, true, false, false]);
         c.clear_prefetch_mark(&k);
         assert!(matches!(
-            c.with_fresh(&k, |_, _| ()),
+            c.with_fresh(&k, c.now_ms(), |_, _| ()),
             Hit::Fresh { prefetch: true, .. }
         ));
     }
@@ -415,7 +424,7 @@ mod tests {
         let (k, a) = answer("s.example", 1);
         c.insert(&k, a);
         c.epoch -= std::time::Duration::from_millis(1500);
-        assert_eq!(c.with_fresh(&k, |_, _| ()), Hit::Miss);
+        assert_eq!(c.with_fresh(&k, c.now_ms(), |_, _| ()), Hit::Miss);
         assert!(c.get(&k).is_some_and(|e| !e.is_fresh(c.now_ms())));
         c.epoch -= std::time::Duration::from_secs(10);
         assert!(c.get(&k).is_none());

@@ -44,7 +44,15 @@ pub enum Action {
 
 /// The hit path, shared by UDP and TCP: parse the question, look it up, render the cached
 /// answer into `out`. Nothing here allocates, logs, or blocks beyond a shard read lock.
-pub fn handle(resolver: &Arc<Resolver>, pkt: &[u8], out: &mut Vec<u8>, tcp: bool) -> Action {
+/// `now_ms` is the cache clock ([`Cache::now_ms`](crate::cache::Cache::now_ms)), read by
+/// the caller once per batch of datagrams.
+pub fn handle(
+    resolver: &Arc<Resolver>,
+    pkt: &[u8],
+    out: &mut Vec<u8>,
+    tcp: bool,
+    now_ms: u64,
+) -> Action {
     let m = &resolver.metrics;
     let q = match Query::parse(pkt) {
         Ok(q) => q,
@@ -75,7 +83,7 @@ pub fn handle(resolver: &Arc<Resolver>, pkt: &[u8], out: &mut Vec<u8>, tcp: bool
     } else {
         q.udp_limit()
     };
-    match resolver.cache.with_fresh(&key, |e, age| {
+    match resolver.cache.with_fresh(&key, now_ms, |e, age| {
         e.answer.render(out, &q, Ttl::Age(age), limit)
     }) {
         Hit::Fresh {

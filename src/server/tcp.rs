@@ -105,7 +105,7 @@ async fn connection(stream: TcpStream, resolver: Arc<Resolver>, idle: Duration) 
             _ => break,
         }
         inc(&resolver.metrics.tcp.queries);
-        match handle(&resolver, &pkt, &mut out, true) {
+        match handle(&resolver, &pkt, &mut out, true, resolver.cache.now_ms()) {
             action @ (Action::Hit | Action::Reply) => {
                 if matches!(action, Action::Hit) {
                     inc(&resolver.metrics.tcp.hits);

@@ -89,25 +89,29 @@ pub fn serve(
     let mut got: Vec<(usize, Option<SockaddrStorage>)> = Vec::with_capacity(BATCH);
     let mut replies: Vec<Option<SockaddrStorage>> = Vec::with_capacity(BATCH);
     while !stop.load(Ordering::Relaxed) {
-        hot.heartbeat
-            .store(resolver.cache.now_ms(), Ordering::Relaxed);
         got.clear();
-        {
+        let received = {
             let mut iovs: [[IoSliceMut<'_>; 1]; BATCH] =
                 bufs.each_mut().map(|b| [IoSliceMut::new(&mut b[..])]);
-            match recvmmsg(
+            recvmmsg(
                 fd,
                 &mut recv_headers,
                 iovs.iter_mut(),
                 MsgFlags::MSG_WAITFORONE,
                 None,
-            ) {
-                Ok(results) => got.extend(results.map(|r| (r.bytes, r.address))),
-                Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => continue,
-                Err(e) => {
-                    tracing::warn!(error = %e, "UDP receive failed");
-                    continue;
-                }
+            )
+            .map(|results| got.extend(results.map(|r| (r.bytes, r.address))))
+        };
+        // One clock read per batch: the heartbeat (also after a timeout, so an idle loop
+        // is seen alive) and the time every answer of this batch is aged by.
+        let now = resolver.cache.now_ms();
+        hot.heartbeat.store(now, Ordering::Relaxed);
+        match received {
+            Ok(()) => {}
+            Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "UDP receive failed");
+                continue;
             }
         }
         replies.clear();
@@ -115,7 +119,7 @@ pub fn serve(
             Hot::add(&hot.queries);
             let pkt = &bufs[i][..n.min(MAX_QUERY)];
             let out = &mut outs[replies.len()];
-            match handle(&resolver, pkt, out, false) {
+            match handle(&resolver, pkt, out, false, now) {
                 action @ (Action::Hit | Action::Reply) => {
                     if matches!(action, Action::Hit) {
                         Hot::add(&hot.hits);
