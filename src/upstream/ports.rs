@@ -244,6 +244,22 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn sockets_reach_ipv6_servers_from_a_random_port() {
+        let srv = std::net::UdpSocket::bind("[::1]:0").unwrap();
+        let ports = Ports::new(srv.local_addr().unwrap(), reuse(100, 60_000));
+        let (l, _) = ports.take().unwrap();
+        let local = l.socket.local_addr().unwrap();
+        assert!(local.is_ipv6() && local.port() != 0, "{local}");
+        l.socket.send(b"query").await.unwrap();
+        let mut buf = [0u8; 16];
+        let (n, from) = srv.recv_from(&mut buf).unwrap();
+        assert_eq!((&buf[..n], from), (&b"query"[..], local));
+        srv.send_to(b"answer", from).unwrap();
+        let n = l.socket.recv(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"answer");
+    }
+
+    #[tokio::test]
     async fn at_most_max_idle_sockets_are_kept() {
         let srv = server();
         let ports = Ports::new(srv.local_addr().unwrap(), reuse(100, 60_000));
