@@ -299,6 +299,27 @@ fn corp_upstream(node: &Node) -> common::upstream::Upstream {
     })
 }
 
+/// A conf.d drop-in that sends `corp.example` to `corp`.
+fn add_corp_stub(node: &Node, corp: &common::upstream::Upstream) {
+    node.c.write(
+        "/etc/localdns/conf.d/20-corp.toml",
+        &format!(
+            "[[stub]]\nzone = \"corp.example\"\nservers = [\"{}\"]\n",
+            corp.addr
+        ),
+    );
+}
+
+/// Wait until names under `corp.example` get the corp upstream's answer, asking a
+/// different name each time so that nothing cached before the change is seen.
+fn wait_corp_answers(node: &Node, what: &str) {
+    let mut i = 1;
+    node.c.wait_for(what, Duration::from_secs(10), |_| {
+        i += 1;
+        answer(node, &format!("h{}.corp.example", i % 10)) == ["192.0.2.99"]
+    });
+}
+
 fn answer(node: &Node, name: &str) -> Vec<String> {
     let t = Target {
         proto: Proto::Udp,
@@ -333,23 +354,9 @@ fn reload_applies_a_good_config_and_keeps_serving_on_a_bad_one() {
     assert!(answer(&node, "h0.corp.example").is_empty());
 
     // Good: a drop-in adds the stub zone; `systemctl reload` (SIGHUP) applies it.
-    node.c.write(
-        "/etc/localdns/conf.d/20-corp.toml",
-        &format!(
-            "[[stub]]\nzone = \"corp.example\"\nservers = [\"{}\"]\n",
-            corp.addr
-        ),
-    );
+    add_corp_stub(&node, &corp);
     node.c.ok(&["systemctl", "reload", UNIT]);
-    let mut i = 1;
-    node.c.wait_for(
-        "the stub zone to answer after reload",
-        Duration::from_secs(10),
-        |_| {
-            i += 1; // a fresh name each time: nothing cached from before the reload
-            answer(&node, &format!("h{}.corp.example", i % 10)) == ["192.0.2.99"]
-        },
-    );
+    wait_corp_answers(&node, "the stub zone to answer after reload");
     assert_eq!(
         node.main_pid(),
         pid,
@@ -398,22 +405,8 @@ fn a_change_under_conf_d_is_applied_without_sighup() {
     node.start_localdns();
     let pid = node.main_pid();
     assert!(answer(&node, "h0.corp.example").is_empty());
-    node.c.write(
-        "/etc/localdns/conf.d/20-corp.toml",
-        &format!(
-            "[[stub]]\nzone = \"corp.example\"\nservers = [\"{}\"]\n",
-            corp.addr
-        ),
-    );
-    let mut i = 1;
-    node.c.wait_for(
-        "the conf.d change to be applied",
-        Duration::from_secs(10),
-        |_| {
-            i += 1;
-            answer(&node, &format!("h{}.corp.example", i % 10)) == ["192.0.2.99"]
-        },
-    );
+    add_corp_stub(&node, &corp);
+    wait_corp_answers(&node, "the conf.d change to be applied");
     assert_eq!(node.main_pid(), pid, "the change restarted the daemon");
 }
 
