@@ -39,16 +39,23 @@ pub enum UpstreamError {
     },
 }
 
-/// Health of one server and, for TCP pools, its persistent connection.
+/// How queries reach one server: one of the two, by the pool's protocol.
+#[derive(Debug)]
+enum Transport {
+    /// The reusable random-port sockets (TCP only to retry a truncated answer).
+    Udp(ports::Ports),
+    /// The persistent, pipelined connection.
+    Tcp(pipeline::Pipeline),
+}
+
+/// Health of one server and how it is reached.
 #[derive(Debug)]
 struct Server {
     addr: SocketAddr,
     failures: AtomicU32,
     /// Milliseconds on the pool's clock until which the server is skipped; 0 = up.
     down_until: AtomicU64,
-    pipeline: Option<pipeline::Pipeline>,
-    /// UDP pools: the reusable random-port sockets.
-    ports: Option<ports::Ports>,
+    transport: Transport,
 }
 
 /// A list of equivalent servers for a set of zones.
@@ -85,8 +92,10 @@ impl Pool {
                     addr,
                     failures: AtomicU32::new(0),
                     down_until: AtomicU64::new(0),
-                    pipeline: (protocol == Protocol::Tcp).then(|| pipeline::Pipeline::new(addr)),
-                    ports: (protocol == Protocol::Udp).then(|| ports::Ports::new(addr, reuse)),
+                    transport: match protocol {
+                        Protocol::Udp => Transport::Udp(ports::Ports::new(addr, reuse)),
+                        Protocol::Tcp => Transport::Tcp(pipeline::Pipeline::new(addr)),
+                    },
                 })
                 .collect(),
             protocol,
@@ -222,15 +231,15 @@ impl Pool {
         policy: &TtlPolicy,
         metrics: &Metrics,
     ) -> Result<Answer, ExchangeError> {
-        if let Some(p) = &s.pipeline {
-            let id: u16 = rand::random();
-            let mut msg = Vec::with_capacity(64);
-            write_upstream_query(&mut msg, id, key);
-            let resp = p.exchange(msg).await?;
-            return Ok(Answer::from_upstream(&resp, id, key, policy)?);
-        }
-        let Some(ports) = &s.ports else {
-            return exchange::tcp(s.addr, key, policy).await;
+        let ports = match &s.transport {
+            Transport::Udp(ports) => ports,
+            Transport::Tcp(pipeline) => {
+                let id: u16 = rand::random();
+                let mut msg = Vec::with_capacity(64);
+                write_upstream_query(&mut msg, id, key);
+                let resp = pipeline.exchange(msg).await?;
+                return Ok(Answer::from_upstream(&resp, id, key, policy)?);
+            }
         };
         let (lease, new) = ports.take()?;
         if new {
@@ -277,8 +286,8 @@ impl Pool {
     /// Close idle upstream sockets past their lifetime.
     fn sweep(&self) {
         for s in &self.servers {
-            if let Some(p) = &s.ports {
-                p.sweep();
+            if let Transport::Udp(ports) = &s.transport {
+                ports.sweep();
             }
         }
     }
