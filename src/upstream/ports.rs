@@ -14,7 +14,6 @@
 //! A socket whose query failed or timed out is never reused. `max_queries = 1` gives
 //! every query a fresh port.
 
-use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -49,9 +48,9 @@ pub struct Lease {
 pub struct Ports {
     server: SocketAddr,
     reuse: Reuse,
-    /// Used as a stack (the most recently returned socket is taken first); the front holds
-    /// the ones idle longest, which [`Ports::sweep`] closes when they are too old.
-    free: Mutex<VecDeque<Lease>>,
+    /// A stack: the most recently returned socket is taken first, so old ones sink to the
+    /// bottom, where [`Ports::sweep`] closes them.
+    free: Mutex<Vec<Lease>>,
 }
 
 impl Ports {
@@ -59,7 +58,7 @@ impl Ports {
         Ports {
             server,
             reuse,
-            free: Mutex::new(VecDeque::new()),
+            free: Mutex::new(Vec::new()),
         }
     }
 
@@ -68,7 +67,7 @@ impl Ports {
     pub fn take(&self) -> io::Result<(Lease, bool)> {
         let now = Instant::now();
         loop {
-            let kept = self.free.lock().pop_back();
+            let kept = self.free.lock().pop();
             let Some(lease) = kept else { break };
             if now.duration_since(lease.born) < self.reuse.lifetime {
                 discard_queued(&lease.socket);
@@ -93,7 +92,7 @@ impl Ports {
         }
         let mut free = self.free.lock();
         if free.len() < MAX_IDLE {
-            free.push_back(lease);
+            free.push(lease);
         }
     }
 
@@ -101,7 +100,7 @@ impl Ports {
     /// server that gets no more queries does not keep open ports.
     pub fn sweep(&self) {
         let lifetime = self.reuse.lifetime;
-        let old: VecDeque<Lease> = {
+        let old: Vec<Lease> = {
             let mut free = self.free.lock();
             let (keep, old) = std::mem::take(&mut *free)
                 .into_iter()
