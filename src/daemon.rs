@@ -1,23 +1,53 @@
 //! The daemon's life cycle, in order: take the sockets systemd kept, build the runtime,
 //! set up the node (link, addresses, rules), bind, serve with drift repair until SIGTERM
-//! or SIGINT, then stop cleanly. `localdns run` is this function.
+//! or SIGINT, hand the Service IP back to kube-proxy when the stop is final, then stop
+//! cleanly. `localdns run`, `setup` and `teardown` are the functions here.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use crate::config::{Config, Source};
+use crate::config::{self, Config, Source};
 use crate::metrics::Metrics;
 use crate::server::Server;
+use crate::state::{self, Loaded, SetupRecord};
 use crate::{node, systemd};
 
 /// Node setup waits on iptables (each call bounded by `xtables_wait`, retried) and netlink;
 /// whatever goes wrong, a start fails within this time (60 s with the default 5 s wait,
 /// under systemd's 90 s start timeout) and is restarted, instead of holding up the boot.
-pub fn setup_limit(cfg: &Config) -> std::time::Duration {
-    std::time::Duration::from_secs(30) + cfg.network.xtables_wait * 6
+pub fn setup_limit(cfg: &Config) -> Duration {
+    Duration::from_secs(30) + cfg.network.xtables_wait * 6
+}
+
+/// After the rules are removed on a final stop, the sockets are still read this long: what
+/// the socket match steered to them before the removal is answered, while new queries to
+/// the Service IP already go to kube-dns through kube-proxy.
+const HANDOVER_DRAIN: Duration = Duration::from_millis(200);
+
+/// Load the config for `run` or `setup`, falling back to the last good one when the files
+/// on disk are refused (see [`state`]); the refusal is logged as an error either way.
+pub fn load_for_start(source: &Source) -> Result<Loaded, config::ConfigError> {
+    let loaded = state::load_for_start(source)?;
+    if let Some(e) = &loaded.refused {
+        tracing::error!(
+            "config refused: {e}; starting on the last good config instead ({}). \
+             Fix the file, then `systemctl reload localdns`",
+            loaded
+                .config
+                .sources
+                .first()
+                .map_or(String::new(), |p| p.display().to_string())
+        );
+    }
+    Ok(loaded)
 }
 
 /// Run the daemon until SIGTERM or SIGINT.
-pub fn run(cfg: Config, source: Source) -> anyhow::Result<()> {
+pub fn run(loaded: Loaded, source: Source) -> anyhow::Result<()> {
+    let Loaded {
+        config: cfg,
+        refused,
+    } = loaded;
     // Before any thread starts: this reads and unsets LISTEN_FDS.
     let mut kept = systemd::Inherited::receive();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -29,19 +59,61 @@ pub fn run(cfg: Config, source: Source) -> anyhow::Result<()> {
         // The link, addresses and rules come first: the listen addresses must exist to be
         // bound, and READY means the node's DNS works.
         let limit = setup_limit(&cfg);
-        let setup = tokio::time::timeout(limit, node::setup(&cfg))
-            .await
-            .map_err(|_| anyhow::anyhow!("node setup did not finish within {limit:?}"))?
-            .map_err(|e| anyhow::anyhow!("node setup failed: {e}"))?;
+        let setup = match node::done_in_this_invocation(&cfg) {
+            Some(done) => done,
+            None => tokio::time::timeout(limit, node::setup(&cfg))
+                .await
+                .map_err(|_| anyhow::anyhow!("node setup did not finish within {limit:?}"))?
+                .map_err(|e| anyhow::anyhow!("node setup failed: {e}"))?,
+        };
         let metrics = Arc::new(Metrics::default());
+        let removal = node::Removal::of(&cfg);
         let repair = tokio::spawn(node::watch(cfg.clone(), setup, Arc::clone(&metrics)));
-        let server = Server::bind(cfg, metrics, &mut kept)?;
+        let server =
+            Server::bind(cfg, metrics, &mut kept)?.refused_at_start(refused.map(|e| e.to_string()));
         kept.release_rest();
-        let served = server.run(Some(source), shutdown_signal()).await;
+        let stop = async {
+            shutdown_signal().await;
+            hand_over(&repair, &removal).await;
+        };
+        state::crashes::running();
+        let served = server.run(Some(source), stop).await;
         repair.abort();
         served?;
+        state::crashes::stopped();
         Ok(())
     })
+}
+
+/// On a final stop, remove the rules while the sockets are still read, so that no query
+/// to the Service IP is steered to a socket nobody reads any more: the ones already
+/// steered are answered, the next ones go to kube-dns through kube-proxy. Before a
+/// restart, everything stays for the next process (the kept sockets queue the queries).
+async fn hand_over(repair: &tokio::task::JoinHandle<()>, removal: &node::Removal) {
+    let kind = tokio::task::spawn_blocking(systemd::stop_kind)
+        .await
+        .unwrap_or(systemd::Stop::Unmanaged);
+    match kind {
+        systemd::Stop::Final(why) if removal.rules => {
+            repair.abort();
+            tracing::info!(
+                "final stop ({why}): removing the rules first, so that queries to the \
+                 Service IP go to kube-dns through kube-proxy while those already here are answered"
+            );
+            let (expected, wait) = (removal.rules, removal.xtables_wait);
+            match tokio::task::spawn_blocking(move || node::remove_rules(expected, wait)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!("cannot remove the rules before stopping: {e}"),
+                Err(e) => tracing::error!("cannot remove the rules before stopping: {e}"),
+            }
+            tokio::time::sleep(HANDOVER_DRAIN).await;
+        }
+        systemd::Stop::Final(why) => tracing::info!("final stop ({why})"),
+        systemd::Stop::Restart(why) => tracing::info!(
+            "stopping for a restart ({why}): the link, rules and sockets stay for the next process"
+        ),
+        systemd::Stop::Unmanaged => {}
+    }
 }
 
 /// Completes on SIGTERM or SIGINT.
@@ -60,25 +132,80 @@ async fn shutdown_signal() {
     }
 }
 
-/// `localdns setup`: the node setup alone, bounded like the daemon's.
+/// `localdns setup`: the node setup alone, bounded like the daemon's; after repeated
+/// crashes, first the crash-loop brake ([`state::crashes`]).
 pub fn setup(cfg: &Config) -> anyhow::Result<()> {
-    once(cfg, || async { node::setup(cfg).await.map(drop) })
+    if let Some((wait, crashes)) = state::crashes::before_start() {
+        if wait.is_zero() {
+            tracing::warn!(
+                "starting again after a crash ({crashes} within {:?})",
+                state::crashes::CRASH_WINDOW
+            );
+        } else {
+            tracing::error!(
+                "crash loop: {crashes} crashes within {:?}; waiting {wait:?} before this start",
+                state::crashes::CRASH_WINDOW
+            );
+            std::thread::sleep(wait);
+        }
+    }
+    once(setup_limit(cfg), || async {
+        node::setup(cfg).await.map(drop)
+    })
 }
 
-/// `localdns teardown`: remove exactly what setup installs.
-pub fn teardown(cfg: &Config) -> anyhow::Result<()> {
-    once(cfg, || node::teardown(cfg))
+/// `localdns teardown`: remove what setup installed. Never needs a valid config: a bad
+/// edit, or an upgrade whose new version refuses an old key, must not leave the link-local
+/// address on the node with nothing behind it. The links removed are the one setup
+/// recorded under `$RUNTIME_DIRECTORY` and the one the config names; when neither can be
+/// read, the default interface. Rules are removed wherever they are found.
+pub fn teardown(source: &Source) -> anyhow::Result<()> {
+    let recorded = SetupRecord::read();
+    let mut what = match config::load(source) {
+        Ok(cfg) => node::Removal::of(&cfg),
+        Err(e) => {
+            tracing::error!(
+                "config refused: {e}; tearing down {} anyway",
+                if recorded.is_some() {
+                    "what setup recorded"
+                } else {
+                    "the default interface and every localdns rule"
+                }
+            );
+            let defaults = config::default_network();
+            node::Removal {
+                interfaces: if recorded.is_some() {
+                    Vec::new()
+                } else {
+                    vec![defaults.interface]
+                },
+                rules: true,
+                xtables_wait: defaults.xtables_wait,
+            }
+        }
+    };
+    if let Some(r) = &recorded {
+        what.rules |= r.rules;
+        if let Some(i) = &r.interface {
+            if !what.interfaces.contains(i) {
+                what.interfaces.push(i.clone());
+            }
+        }
+    }
+    let limit = Duration::from_secs(30) + what.xtables_wait * 6;
+    once(limit, || node::teardown(&what))?;
+    SetupRecord::clear();
+    Ok(())
 }
 
-/// Run one node operation on a small runtime, within [`setup_limit`].
+/// Run one node operation on a small runtime, within `limit`.
 fn once<F: std::future::Future<Output = Result<(), node::NodeError>>>(
-    cfg: &Config,
+    limit: Duration,
     op: impl FnOnce() -> F,
 ) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let limit = setup_limit(cfg);
     runtime
         .block_on(async { tokio::time::timeout(limit, op()).await })
         .map_err(|_| anyhow::anyhow!("did not finish within {limit:?}"))??;

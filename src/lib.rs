@@ -13,6 +13,8 @@
 //!   (rtnetlink), the NOTRACK/ACCEPT rules (iptables), setup/teardown, drift repair.
 //! - [`metrics`]: counters and their Prometheus rendering.
 //! - [`systemd`]: sd_notify readiness, status, watchdog and reload; the fd store.
+//! - [`state`]: what is kept between runs: the last good config, what setup created.
+//! - [`process`]: helper programs (iptables, systemctl) run with a time bound.
 //! - [`logging`]: journald or stderr.
 // One audited exception: adopting the descriptors systemd passes (`systemd::adopt`).
 #![deny(unsafe_code)]
@@ -24,6 +26,8 @@ pub mod dns;
 pub mod logging;
 pub mod metrics;
 pub mod node;
+pub mod process;
 pub mod server;
+pub mod state;
 pub mod systemd;
 pub mod upstream;

@@ -24,7 +24,7 @@ enum Command {
     CheckConfig(ConfigArgs),
     /// Create the interface and addresses and install the rules (idempotent).
     Setup(ConfigArgs),
-    /// Remove exactly what `setup` installs (idempotent).
+    /// Remove exactly what `setup` installs (idempotent; needs no valid config).
     Teardown(ConfigArgs),
 }
 
@@ -57,22 +57,29 @@ fn main() -> ExitCode {
             .unwrap_or_else(|| config::DEFAULT_PATH.into()),
         conf_dir: args.conf_dir.clone(),
     };
-    let cfg = match config::load(&source) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("localdns: config error: {e}");
-            return ExitCode::from(EX_CONFIG);
-        }
-    };
     match command {
-        Command::CheckConfig(_) => {
-            print!("{}", config::render(&cfg));
-            ExitCode::SUCCESS
-        }
-        Command::Run(_) => exit(daemon::run(cfg, source)),
-        Command::Setup(_) => exit(daemon::setup(&cfg)),
-        Command::Teardown(_) => exit(daemon::teardown(&cfg)),
+        Command::Teardown(_) => exit(daemon::teardown(&source)),
+        Command::CheckConfig(_) => match config::load(&source) {
+            Ok(cfg) => {
+                print!("{}", config::render(&cfg));
+                ExitCode::SUCCESS
+            }
+            Err(e) => config_error(e),
+        },
+        Command::Run(_) => match daemon::load_for_start(&source) {
+            Ok(loaded) => exit(daemon::run(loaded, source)),
+            Err(e) => config_error(e),
+        },
+        Command::Setup(_) => match daemon::load_for_start(&source) {
+            Ok(loaded) => exit(daemon::setup(&loaded.config)),
+            Err(e) => config_error(e),
+        },
     }
+}
+
+fn config_error(e: config::ConfigError) -> ExitCode {
+    eprintln!("localdns: config error: {e}");
+    ExitCode::from(EX_CONFIG)
 }
 
 fn exit(result: anyhow::Result<()>) -> ExitCode {

@@ -127,3 +127,107 @@ fn notify(states: &[NotifyState<'_>]) {
         tracing::warn!(error = %e, "sd_notify failed");
     }
 }
+
+/// What a SIGTERM means for the node, as far as systemd's job for the unit tells.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stop {
+    /// A real stop (`systemctl stop`, shutdown, package removal): the Service IP goes back
+    /// to kube-proxy, so the rules go before the sockets stop being read.
+    Final(String),
+    /// A restart follows (a restart job, or a SIGTERM sent by hand with `Restart=always`
+    /// to bring it back): the link, rules and kept sockets stay for the next process.
+    Restart(String),
+    /// Not a systemd service (run by hand or by a test): nothing is decided here.
+    Unmanaged,
+}
+
+/// The unit this process runs in, from its cgroup (`0::/system.slice/localdns.service`),
+/// when systemd started it as a service (`INVOCATION_ID` is set).
+pub fn own_unit() -> Option<String> {
+    std::env::var_os("INVOCATION_ID")?;
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    unit_of_cgroup(&cgroup)
+}
+
+fn unit_of_cgroup(cgroup: &str) -> Option<String> {
+    cgroup
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))?
+        .rsplit('/')
+        .find(|c| c.ends_with(".service"))
+        .map(str::to_owned)
+}
+
+/// Ask systemd which job is running for our unit while it stops us, exactly as the
+/// `stop-post` hook does for teardown: `restart`-type jobs and no job at all (a SIGTERM
+/// sent by hand, `Restart=always` brings the daemon back) keep everything; any other job,
+/// or no answer, is a final stop. Bounded to 2 s.
+pub fn stop_kind() -> Stop {
+    let Some(unit) = own_unit() else {
+        return Stop::Unmanaged;
+    };
+    let listed = crate::process::run_bounded(
+        "systemctl",
+        &["list-jobs", "--no-legend", "--plain", "--full", &unit],
+        None,
+        Duration::from_secs(2),
+    );
+    match listed {
+        Ok(Some((0, out, _))) => job_meaning(&unit, &out),
+        Ok(Some((code, _, err))) => Stop::Final(format!(
+            "cannot ask systemd for the job of {unit} (exit {code}: {})",
+            err.trim()
+        )),
+        Ok(None) => Stop::Final(format!("systemd did not say the job of {unit} within 2s")),
+        Err(e) => Stop::Final(format!("cannot run systemctl: {e}")),
+    }
+}
+
+/// `systemctl list-jobs --no-legend --plain --full UNIT` lines are `ID UNIT TYPE STATE`.
+fn job_meaning(unit: &str, listing: &str) -> Stop {
+    let job = listing.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let (_, u, t) = (f.next()?, f.next()?, f.next()?);
+        (u == unit).then(|| t.to_owned())
+    });
+    match job.as_deref() {
+        None => Stop::Restart("no stop job (a signal sent by hand): a restart follows".into()),
+        Some(t @ ("restart" | "try-restart" | "reload-or-restart" | "reload-or-try-restart")) => {
+            Stop::Restart(format!("{t} job"))
+        }
+        Some(t) => Stop::Final(format!("{t} job")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_unit_comes_from_the_cgroup() {
+        assert_eq!(
+            unit_of_cgroup("0::/system.slice/localdns.service\n").as_deref(),
+            Some("localdns.service")
+        );
+        assert_eq!(unit_of_cgroup("0::/user.slice/session-1.scope\n"), None);
+        assert_eq!(unit_of_cgroup("1:name=x:/\n"), None);
+    }
+
+    #[test]
+    fn jobs_tell_a_stop_from_a_restart() {
+        let u = "localdns.service";
+        let line = |t: &str| format!("1234 localdns.service {t} running\n");
+        assert!(matches!(job_meaning(u, &line("stop")), Stop::Final(_)));
+        assert!(matches!(job_meaning(u, &line("restart")), Stop::Restart(_)));
+        assert!(matches!(
+            job_meaning(u, &line("try-restart")),
+            Stop::Restart(_)
+        ));
+        assert!(matches!(job_meaning(u, ""), Stop::Restart(_)));
+        // Another unit's stop job is not ours.
+        assert!(matches!(
+            job_meaning(u, "9 kubelet.service stop running\n"),
+            Stop::Restart(_)
+        ));
+    }
+}

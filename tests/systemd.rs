@@ -52,6 +52,7 @@ fn staged(tag: &str) -> Container {
         config: harness::node_config("127.0.0.1:53".parse().unwrap()),
         units: Vec::new(),
         enable: vec![UNIT.into()],
+        from_package: false,
     };
     Container::prepare(tag, &install)
 }
@@ -570,6 +571,132 @@ fn stop_leaves_no_link_and_no_rule() {
     );
 }
 
+/// The stream of the stop tests: the Service IP only. The link-local address has no
+/// fallback by design (README: in link-local mode kubelet is pointed back at the Service
+/// IP before removal), so what a stop must not lose is the Service IP's queries.
+fn service_ip_targets() -> Vec<Target> {
+    [Proto::Udp, Proto::Tcp]
+        .into_iter()
+        .map(|proto| Target {
+            proto,
+            server: format!("{SERVICE_IP}:53").parse().unwrap(),
+        })
+        .collect()
+}
+
+#[test]
+fn stop_under_load_hands_the_service_ip_to_kube_proxy_without_losing_a_query() {
+    require_root_and_tools!(
+        "stop_under_load_hands_the_service_ip_to_kube_proxy_without_losing_a_query"
+    );
+    let node = Node::boot(
+        "handover",
+        Options {
+            kube_proxy: true,
+            ..Options::default()
+        },
+    );
+    node.start_localdns();
+    for name in harness::load_names() {
+        let _ = answer(&node, &name);
+    }
+    let kube_dns = node.kube_dns.as_ref().expect("kube-dns stand-in");
+    let before = kube_dns.seen().len();
+    let stream = Stream::start(
+        &node.net.pod,
+        service_ip_targets(),
+        150,
+        harness::load_names(),
+    );
+    std::thread::sleep(Duration::from_millis(700));
+    node.c.ok(&["systemctl", "stop", UNIT]);
+    std::thread::sleep(Duration::from_millis(1000));
+    let report = stream.finish();
+    println!("systemctl stop under 300 queries/s to the Service IP:\n{report}");
+    assert_eq!(node.c.prop(UNIT, "ActiveState"), "inactive");
+    let total = report.total();
+    assert!(total.sent > 0);
+    assert_eq!(
+        total.unanswered(),
+        0,
+        "queries to the Service IP lost on the way from localdns to kube-proxy:\n{report}\n{}",
+        node.c.journal_text(UNIT, 30)
+    );
+    // The queries after the stop were answered by kube-dns through the DNAT.
+    assert!(
+        kube_dns.seen().len() > before,
+        "kube-dns behind the kube-proxy stand-in saw no query after the stop"
+    );
+    assert_eq!(node.net.node_link_index(LINK), None, "link left behind");
+    assert!(!node.net.node_rules().contains("LOCALDNS"));
+    let j = node.c.journal_text(UNIT, 60);
+    assert!(
+        j.contains("final stop (stop job): removing the rules first"),
+        "{j}"
+    );
+}
+
+/// A config broken by hand (an unknown key, as an upgrade that dropped a key would see).
+fn break_config(node: &Node) {
+    let path = "/etc/localdns/config.toml";
+    let good = std::fs::read_to_string(node.c.path(path)).expect("config");
+    node.c
+        .write(path, &format!("{good}\n[cache]\nno_such_key = 1\n"));
+}
+
+#[test]
+fn a_restart_with_a_refused_config_serves_on_the_last_good_one() {
+    require_root_and_tools!("a_restart_with_a_refused_config_serves_on_the_last_good_one");
+    let node = Node::boot("lastgood", Options::default());
+    node.start_localdns();
+    assert!(
+        node.c.path("/var/lib/localdns/last-good.toml").exists(),
+        "the accepted config was not kept"
+    );
+    break_config(&node);
+    let pid = node.main_pid();
+    node.c.ok(&["systemctl", "restart", UNIT]);
+    assert_eq!(node.c.prop(UNIT, "ActiveState"), "active");
+    assert_ne!(node.main_pid(), pid);
+    node.assert_pod_answered();
+    let status = node.c.prop(UNIT, "StatusText");
+    assert!(
+        status.contains("CONFIG REFUSED") && status.contains("no_such_key"),
+        "STATUS does not say the config was refused: {status}"
+    );
+    let j = node.c.journal_text(UNIT, 40);
+    assert!(
+        j.contains("/etc/localdns/config.toml:") && j.contains("starting on the last good config"),
+        "the journal does not name the refused file and line:\n{j}"
+    );
+    // check-config stays strict.
+    let out = node.c.exec(&[
+        "localdns",
+        "check-config",
+        "--config",
+        "/etc/localdns/config.toml",
+    ]);
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+}
+
+#[test]
+fn a_refused_config_without_a_last_good_one_still_tears_down_on_stop() {
+    require_root_and_tools!("a_refused_config_without_a_last_good_one_still_tears_down_on_stop");
+    let node = Node::boot("badstop", Options::default());
+    node.start_localdns();
+    node.c.remove("/var/lib/localdns/last-good.toml");
+    break_config(&node);
+    node.c.ok(&["systemctl", "stop", UNIT]);
+    assert_eq!(node.net.node_link_index(LINK), None, "link left behind");
+    let rules = node.net.node_rules();
+    assert!(!rules.contains("LOCALDNS"), "rules left behind:\n{rules}");
+    // And a start with it fails loudly (exit 64) without leaving anything either.
+    let out = node.c.systemctl(&["start", UNIT]);
+    assert!(!out.status.success());
+    assert_eq!(node.net.node_link_index(LINK), None, "link left behind");
+    assert!(!node.net.node_rules().contains("LOCALDNS"));
+}
+
 // ---------------------------------------------------------------- boot ordering
 
 const KUBELET: &str = "[Unit]
@@ -594,6 +721,7 @@ fn boot_starts_kubelet_after_localdns_is_ready() {
         Options {
             enable_at_boot: true,
             units: vec![("kubelet.service".into(), KUBELET.into())],
+            ..Options::default()
         },
     );
     let c = &node.c;

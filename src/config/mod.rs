@@ -180,3 +180,16 @@ pub fn load_documents(
     config.sources = docs.into_iter().map(|d| d.name).collect();
     Ok(config)
 }
+
+/// The `[network]` defaults: what `teardown` falls back on when no config can be read.
+pub fn default_network() -> Network {
+    let r = raw::RawNetwork::default();
+    Network {
+        interface: r.interface.0,
+        setup_interface: r.setup_interface,
+        setup_rules: r.setup_rules,
+        iptables_backend: r.iptables_backend,
+        rules_check_interval: r.rules_check_interval.0,
+        xtables_wait: r.xtables_wait.0,
+    }
+}

@@ -45,6 +45,17 @@ pub fn install(t: &dyn Tables, addresses: &[IpAddr], port: u16) -> Result<Snapsh
     Err(RulesError::Unstable)
 }
 
+/// The rules as the backend holds them now, when they are complete for `addresses`
+/// (installed by `localdns setup` a moment ago); otherwise installs them. What a daemon
+/// whose ExecStartPre already installed the rules starts its drift check from.
+pub fn adopt(t: &dyn Tables, addresses: &[IpAddr], port: u16) -> Result<Snapshot, RulesError> {
+    let snapshot = read_all(t)?;
+    if complete(&snapshot, addresses, port) {
+        return Ok(snapshot);
+    }
+    install(t, addresses, port)
+}
+
 /// Whether `snapshot` holds every chain, rule and jump wanted for `addresses` (and
 /// nothing of localdns's in a family without addresses).
 pub fn complete(snapshot: &Snapshot, addresses: &[IpAddr], port: u16) -> bool {

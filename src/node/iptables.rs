@@ -10,9 +10,7 @@
 //! `*-restore --noflush`, so each table changes atomically. Reading must never create a
 //! table: legacy `-save -t` would, so legacy tables are read only if the kernel lists them.
 
-use std::io::{Read, Write};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::rules::Family;
 use crate::config::IptablesBackend;
@@ -79,6 +77,19 @@ pub struct Iptables {
     kind: Kind,
     /// Bound on the xtables lock wait per call.
     wait: Duration,
+}
+
+/// [`crate::process::run_bounded`], with a failure to start named as such.
+fn run_bounded(
+    program: &str,
+    args: &[&str],
+    stdin: Option<&str>,
+    limit: Duration,
+) -> Result<Option<(i32, String, String)>, RulesError> {
+    crate::process::run_bounded(program, args, stdin, limit).map_err(|source| RulesError::Spawn {
+        program: program.to_owned(),
+        source,
+    })
 }
 
 /// Exit status iptables uses when it could not get the xtables lock in time.
@@ -189,66 +200,6 @@ impl Tables for Iptables {
     }
 }
 
-/// `(exit code, stdout, stderr)`, or `None` when killed at the time limit. A death by
-/// signal counts as exit code 128 + signal.
-fn run_bounded(
-    program: &str,
-    args: &[&str],
-    stdin: Option<&str>,
-    limit: Duration,
-) -> Result<Option<(i32, String, String)>, RulesError> {
-    let spawn_err = |source| RulesError::Spawn {
-        program: program.to_owned(),
-        source,
-    };
-    let mut child = Command::new(program)
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(spawn_err)?;
-    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        // Small inputs (a few KiB); a failed write shows up in the exit status.
-        let _ = pipe.write_all(input.as_bytes());
-    }
-    // Read both pipes on threads: a big save output must not block the child.
-    let reader = |pipe: Option<Box<dyn Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut text = String::new();
-            if let Some(mut p) = pipe {
-                let _ = p.read_to_string(&mut text);
-            }
-            text
-        })
-    };
-    let out = reader(child.stdout.take().map(|p| Box::new(p) as _));
-    let err = reader(child.stderr.take().map(|p| Box::new(p) as _));
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        match child.try_wait().map_err(spawn_err)? {
-            Some(status) => break Some(status),
-            None if Instant::now() >= deadline => {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-            None => std::thread::sleep(Duration::from_millis(5)),
-        }
-    };
-    let stdout = out.join().unwrap_or_default();
-    let stderr = err.join().unwrap_or_default();
-    Ok(status.map(|s| {
-        use std::os::unix::process::ExitStatusExt;
-        let code = s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0));
-        (code, stdout, stderr)
-    }))
-}
-
 /// What a backend holds, for choosing the one kube-proxy uses.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Census {
@@ -321,6 +272,7 @@ pub fn pick(nft: Option<&Census>, legacy: Option<&Census>) -> Option<(Kind, Stri
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
 
     #[test]
     fn census_counts_kube_lines_and_rules_but_not_ours() {

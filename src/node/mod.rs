@@ -64,9 +64,10 @@ impl From<tokio::task::JoinError> for NodeError {
 /// What [`setup`] installed; handed to [`watch`].
 #[derive(Clone)]
 pub struct Setup {
-    /// The backend holding the rules and what they looked like after install; `None`
-    /// when `network.setup_rules` is false.
-    pub rules: Option<(Arc<dyn Tables>, firewall::Snapshot)>,
+    /// The backend holding the rules and what they looked like after install (`None`
+    /// until read back, when another process installed them); `None` when
+    /// `network.setup_rules` is false.
+    pub rules: Option<(Arc<dyn Tables>, Option<firewall::Snapshot>)>,
 }
 
 fn join(ips: &[IpAddr]) -> String {
@@ -95,10 +96,26 @@ pub async fn setup(cfg: &Config) -> Result<Setup, NodeError> {
     if n.setup_rules {
         let (backend, wait) = (n.iptables_backend, n.xtables_wait);
         let (addresses, port) = (addresses.clone(), cfg.listen.port);
+        // A restart in this boot: the backend chosen at the first start (kube-proxy does
+        // not switch within a boot), and rules that are complete are only read back. This
+        // keeps a restart's setup to a few reads instead of a census of both backends,
+        // a write and a read-back.
+        let recorded = crate::state::SetupRecord::read()
+            .and_then(|r| r.backend)
+            .and_then(|b| match (backend, b.as_str()) {
+                (crate::config::IptablesBackend::Auto, "nft") => Some(Kind::Nft),
+                (crate::config::IptablesBackend::Auto, "legacy") => Some(Kind::Legacy),
+                _ => None,
+            });
         let (tables, snapshot) = tokio::task::spawn_blocking(move || {
-            let tables: Arc<dyn Tables> = Arc::new(Iptables::choose(backend, wait)?);
-            let snapshot = firewall::install(tables.as_ref(), &addresses, port)?;
-            remove_from_other_backend(tables.kind(), wait);
+            let tables: Arc<dyn Tables> = Arc::new(match recorded {
+                Some(kind) => Iptables::new(kind, wait),
+                None => Iptables::choose(backend, wait)?,
+            });
+            let snapshot = firewall::adopt(tables.as_ref(), &addresses, port)?;
+            if recorded.is_none() {
+                remove_from_other_backend(tables.kind(), wait);
+            }
             Ok::<_, NodeError>((tables, snapshot))
         })
         .await??;
@@ -108,9 +125,48 @@ pub async fn setup(cfg: &Config) -> Result<Setup, NodeError> {
             cfg.listen.port,
             join(&cfg.listen.addresses)
         );
-        rules = Some((tables, snapshot));
+        rules = Some((tables, Some(snapshot)));
     }
+    crate::state::SetupRecord {
+        interface: n.setup_interface.then(|| n.interface.clone()),
+        rules: n.setup_rules,
+        backend: rules.as_ref().map(|(t, _)| t.kind().name().to_owned()),
+        invocation: std::env::var("INVOCATION_ID").ok(),
+    }
+    .write();
     Ok(Setup { rules })
+}
+
+/// The setup `localdns setup` did in this same systemd invocation (the unit's
+/// ExecStartPre, a moment ago), when it matches `cfg`: then the daemon does not install
+/// everything again, which would double the time from start to READY (and with it the
+/// gap a restart or a crash leaves). The rules are read back on the side by [`watch`],
+/// which puts back whatever is missing.
+pub fn done_in_this_invocation(cfg: &Config) -> Option<Setup> {
+    let invocation = std::env::var("INVOCATION_ID").ok()?;
+    let record = crate::state::SetupRecord::read()?;
+    let n = &cfg.network;
+    let same = record.invocation.as_deref() == Some(invocation.as_str())
+        && record.interface == n.setup_interface.then(|| n.interface.clone())
+        && record.rules == n.setup_rules;
+    if !same {
+        return None;
+    }
+    let rules = match (n.setup_rules, record.backend.as_deref()) {
+        (false, _) => None,
+        (true, Some("nft")) => Some(Kind::Nft),
+        (true, Some("legacy")) => Some(Kind::Legacy),
+        (true, _) => return None,
+    };
+    tracing::info!("the link and rules were set up by `localdns setup` of this start");
+    Some(Setup {
+        rules: rules.map(|kind| {
+            (
+                Arc::new(Iptables::new(kind, n.xtables_wait)) as Arc<dyn Tables>,
+                None,
+            )
+        }),
+    })
 }
 
 /// Rules left in the other backend by an earlier install (the node switched between
@@ -130,41 +186,71 @@ fn remove_from_other_backend(used: Kind, wait: std::time::Duration) {
     }
 }
 
-/// Removes what [`setup`] installs: every jump to a `LOCALDNS-*` chain and those chains
-/// in both backends (when `setup_rules`), and the link with its addresses (when
-/// `setup_interface`). Idempotent; removes nothing that is not localdns's.
-pub async fn teardown(cfg: &Config) -> Result<(), NodeError> {
-    let n = &cfg.network;
-    if n.setup_rules {
-        let wait = n.xtables_wait;
-        tokio::task::spawn_blocking(move || {
-            let mut ran = 0;
-            for kind in [Kind::Nft, Kind::Legacy] {
-                match firewall::remove(&Iptables::new(kind, wait)) {
-                    Ok(removed) => {
-                        ran += 1;
-                        if removed {
-                            tracing::info!("removed localdns rules from iptables-{}", kind.name());
-                        }
-                    }
-                    // A backend that is not installed holds nothing of ours.
-                    Err(RulesError::Spawn { .. }) => {}
-                    Err(e) => return Err(e),
+/// What [`teardown`] removes.
+#[derive(Debug, Clone)]
+pub struct Removal {
+    /// Links to remove (each only if it is one localdns makes: dummy or ifb).
+    pub interfaces: Vec<String>,
+    /// Whether rules are expected: then a machine where neither iptables backend runs is
+    /// an error. `LOCALDNS-*` chains are removed wherever they are found either way.
+    pub rules: bool,
+    /// Bound on each wait for the xtables lock.
+    pub xtables_wait: std::time::Duration,
+}
+
+impl Removal {
+    /// What `cfg` sets up.
+    pub fn of(cfg: &Config) -> Removal {
+        let n = &cfg.network;
+        Removal {
+            interfaces: n
+                .setup_interface
+                .then(|| n.interface.clone())
+                .into_iter()
+                .collect(),
+            rules: n.setup_rules,
+            xtables_wait: n.xtables_wait,
+        }
+    }
+}
+
+/// Removes the firewall rules alone: every jump to a `LOCALDNS-*` chain and those chains,
+/// in both backends. Idempotent; removes nothing that is not localdns's. Blocking (runs
+/// the iptables tools).
+pub fn remove_rules(expected: bool, wait: std::time::Duration) -> Result<(), RulesError> {
+    let mut ran = 0;
+    for kind in [Kind::Nft, Kind::Legacy] {
+        match firewall::remove(&Iptables::new(kind, wait)) {
+            Ok(removed) => {
+                ran += 1;
+                if removed {
+                    tracing::info!("removed localdns rules from iptables-{}", kind.name());
                 }
             }
-            if ran == 0 {
-                return Err(RulesError::NoBackend(
-                    "neither iptables-nft-save nor iptables-legacy-save runs".into(),
-                ));
-            }
-            Ok(())
-        })
-        .await??;
+            // A backend that is not installed holds nothing of ours.
+            Err(RulesError::Spawn { .. }) => {}
+            Err(e) => return Err(e),
+        }
     }
-    if n.setup_interface {
+    if ran == 0 && expected {
+        return Err(RulesError::NoBackend(
+            "neither iptables-nft-save nor iptables-legacy-save runs".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Removes what [`setup`] installs: the rules (see [`remove_rules`]) and the links of
+/// `what` with their addresses. Idempotent; removes nothing that is not localdns's.
+pub async fn teardown(what: &Removal) -> Result<(), NodeError> {
+    let (expected, wait) = (what.rules, what.xtables_wait);
+    tokio::task::spawn_blocking(move || remove_rules(expected, wait)).await??;
+    if !what.interfaces.is_empty() {
         let nl = Netlink::connect()?;
-        if link::remove(&nl, &n.interface).await? {
-            tracing::info!("removed interface {}", n.interface);
+        for name in &what.interfaces {
+            if link::remove(&nl, name).await? {
+                tracing::info!("removed interface {name}");
+            }
         }
     }
     Ok(())

@@ -43,7 +43,30 @@ pub async fn watch(cfg: Config, setup: Setup, metrics: Arc<Metrics>) {
             ops = Netlink::connect().ok();
         }
     }
-    let mut rules = setup.rules;
+    let mut rules = match setup.rules {
+        Some((tables, Some(snapshot))) => Some((tables, snapshot)),
+        Some((tables, None)) => {
+            let (t, addresses, port) = (
+                Arc::clone(&tables),
+                cfg.listen.addresses.clone(),
+                cfg.listen.port,
+            );
+            match tokio::task::spawn_blocking(move || firewall::adopt(t.as_ref(), &addresses, port))
+                .await
+            {
+                Ok(Ok(snapshot)) => Some((tables, snapshot)),
+                Ok(Err(e)) => {
+                    tracing::error!("cannot read back the firewall rules: {e}; installing them at the next check");
+                    Some((tables, firewall::Snapshot::default()))
+                }
+                Err(e) => {
+                    tracing::error!("firewall read-back task failed: {e}");
+                    Some((tables, firewall::Snapshot::default()))
+                }
+            }
+        }
+        None => None,
+    };
     let mut tick = tokio::time::interval(n.rules_check_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;

@@ -109,6 +109,8 @@ pub struct Server {
     udp: Vec<(String, Arc<std::net::UdpSocket>)>,
     tcp: Vec<(String, std::net::TcpListener)>,
     http: Option<std::net::TcpListener>,
+    /// The refusal of the config on disk when this one is the last good config instead.
+    refused_at_start: Option<String>,
 }
 
 /// A listener that could not be bound.
@@ -254,7 +256,15 @@ impl Server {
             udp,
             tcp,
             http,
+            refused_at_start: None,
         })
+    }
+
+    /// Say, in STATUS and until a good config is loaded, that the config on disk was
+    /// refused at start and the last good one serves.
+    pub fn refused_at_start(mut self, refusal: Option<String>) -> Server {
+        self.refused_at_start = refusal;
+        self
     }
 
     /// Serve until `shutdown` completes, reloading from `source` (when given) on SIGHUP
@@ -306,6 +316,7 @@ impl Server {
             .map(|a| SocketAddr::new(*a, l.port).to_string())
             .collect();
         let reloads = Arc::new(reload::ReloadState::default());
+        *reloads.error.lock() = self.refused_at_start.clone();
         let status = {
             let (resolver, reloads, addrs) = (
                 Arc::clone(&self.resolver),

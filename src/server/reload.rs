@@ -79,6 +79,7 @@ pub async fn watch(
         match loaded {
             Ok(new) => {
                 *state.error.lock() = None;
+                crate::state::remember_in_state_dir(&new);
                 if same(&new, &current) {
                     // An operator who sent SIGHUP wants to see it was done; file events
                     // that change nothing (an editor's temp file) are not worth a line.

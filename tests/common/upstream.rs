@@ -265,6 +265,13 @@ impl Upstream {
         Upstream::start_with(udp, tcp)
     }
 
+    /// An upstream on UDP and TCP `addr` (which must be free).
+    pub fn start_at(addr: SocketAddr) -> Upstream {
+        let udp = UdpSocket::bind(addr).unwrap_or_else(|e| panic!("bind udp {addr}: {e}"));
+        let tcp = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind tcp {addr}: {e}"));
+        Upstream::start_with(udp, tcp)
+    }
+
     /// An upstream on port 53 of a loopback address of its own (127.53.x.y), as a
     /// resolv.conf nameserver line needs. Needs root (port 53); None with the reason when
     /// it cannot bind.

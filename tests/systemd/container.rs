@@ -29,6 +29,9 @@ pub struct Install {
     pub units: Vec<(String, String)>,
     /// Units enabled before the boot (`systemctl --root enable`), as the package would.
     pub enable: Vec<String>,
+    /// Install nothing of localdns: the test installs its package. `config` then goes to
+    /// `/etc/localdns/conf.d/50-node.toml`, as cloud-init writes a node's drop-in.
+    pub from_package: bool,
 }
 
 /// A journal entry: field name to (text) value.
@@ -121,6 +124,15 @@ impl Container {
 
     /// The package's files, where the package puts them.
     fn install(&self, i: &Install) {
+        if i.from_package {
+            if !i.config.is_empty() {
+                self.write("/etc/localdns/conf.d/50-node.toml", &i.config);
+            }
+            for (name, contents) in &i.units {
+                self.write(&format!("/etc/systemd/system/{name}"), contents);
+            }
+            return;
+        }
         let binary =
             std::fs::read(&i.binary).unwrap_or_else(|e| panic!("{}: {e}", i.binary.display()));
         match &i.standin_addresses {
@@ -180,6 +192,12 @@ impl Container {
 
     fn write_mode(&self, inside: &str, contents: &[u8], mode: u32) {
         write_file(&self.path(inside), contents, mode);
+    }
+
+    /// Copy a host file into the container.
+    pub fn copy_in(&self, host: &Path, inside: &str) {
+        let bytes = std::fs::read(host).unwrap_or_else(|e| panic!("{}: {e}", host.display()));
+        self.write_mode(inside, &bytes, 0o644);
     }
 
     pub fn remove(&self, inside: &str) {

@@ -64,6 +64,9 @@ pub struct Tally {
     pub refused: u64,
     pub lost: u64,
     pub bad: u64,
+    /// The longest time from a query's first transmission to its good answer (retries
+    /// included): how long a client waited at worst.
+    pub slowest: Duration,
     /// A few examples of what went wrong.
     pub examples: Vec<String>,
 }
@@ -79,8 +82,14 @@ impl fmt::Display for Tally {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "sent {:>4}, answered {:>4}, after a retry {:>2}, refused {:>3}, lost {:>3}, bad {:>3}",
-            self.sent, self.answered, self.retried, self.refused, self.lost, self.bad
+            "sent {:>4}, answered {:>4}, after a retry {:>2}, refused {:>3}, lost {:>3}, bad {:>3}, slowest {:>4} ms",
+            self.sent,
+            self.answered,
+            self.retried,
+            self.refused,
+            self.lost,
+            self.bad,
+            self.slowest.as_millis()
         )?;
         if !self.examples.is_empty() {
             write!(f, " (e.g. {})", self.examples.join("; "))?;
@@ -102,6 +111,7 @@ impl Report {
             t.refused += x.refused;
             t.lost += x.lost;
             t.bad += x.bad;
+            t.slowest = t.slowest.max(x.slowest);
         }
         t
     }
@@ -220,12 +230,17 @@ async fn pace(target: Target, rate: u32, names: Arc<Vec<String>>, stop: Arc<Atom
         i += 1;
         let tally = Arc::clone(&tally);
         tasks.spawn(async move {
+            let began = std::time::Instant::now();
             let outcome = match target.proto {
                 Proto::Udp => udp_once(target.server, &q).await,
                 Proto::Tcp => tcp_once(target.server, &q).await,
             };
+            let took = began.elapsed();
             let mut t = tally.lock().unwrap();
             t.sent += 1;
+            if matches!(outcome, Outcome::Answered | Outcome::Retried) {
+                t.slowest = t.slowest.max(took);
+            }
             let example = match outcome {
                 Outcome::Answered => {
                     t.answered += 1;

@@ -133,6 +133,51 @@ pub struct Options {
     /// Enable localdns.service (and these extra units) before the boot, so they start with it.
     pub enable_at_boot: bool,
     pub units: Vec<(String, String)>,
+    /// A kube-proxy stand-in: the Service IP DNATed (nat PREROUTING) to a second fake
+    /// kube-dns with the same names, so that what is not intercepted by localdns still
+    /// gets answers, as on a real node.
+    pub kube_proxy: bool,
+    /// Install nothing: the test installs the package (see [`Install::from_package`]).
+    pub from_package: bool,
+}
+
+/// Where the kube-proxy stand-in sends the Service IP: the node's address on the pod veth.
+pub const KUBE_DNS_POD: &str = "10.244.0.1:53";
+
+/// The names every fake kube-dns answers.
+fn fill(up: &Upstream) {
+    up.zone("example.com").a(WWW, 300, WWW_ADDR);
+    for (i, name) in load_names().iter().enumerate() {
+        up.a(name, 300, &format!("192.0.2.{}", 10 + i));
+    }
+}
+
+/// nat PREROUTING DNAT of the Service IP's port 53 to [`KUBE_DNS_POD`], as kube-proxy's
+/// iptables mode has it (reduced to the one rule that matters here).
+fn kube_proxy_standin(node: &netns::Netns) {
+    for proto in ["udp", "tcp"] {
+        let out = node.exec(
+            "iptables",
+            &[
+                "-w",
+                "-t",
+                "nat",
+                "-A",
+                "PREROUTING",
+                "-d",
+                SERVICE_IP,
+                "-p",
+                proto,
+                "--dport",
+                "53",
+                "-j",
+                "DNAT",
+                "--to-destination",
+                KUBE_DNS_POD,
+            ],
+        );
+        assert!(out.status.success(), "kube-proxy stand-in: {out:?}");
+    }
 }
 
 /// A node: its namespaces, a fake kube-dns in the node namespace, and the booted container
@@ -141,21 +186,34 @@ pub struct Options {
 pub struct Node {
     pub c: Container,
     pub upstream: Upstream,
+    /// The kube-dns behind the kube-proxy stand-in, when there is one.
+    pub kube_dns: Option<Upstream>,
     pub net: Topology,
     _serial: MutexGuard<'static, ()>,
 }
 
 impl Node {
     pub fn boot(tag: &str, opts: Options) -> Node {
+        Node::boot_with_config(tag, opts, "\0".into())
+    }
+
+    /// [`Node::boot`] with `config` in place of the node config naming the fake kube-dns
+    /// (`"\0"` means that one; an empty string writes none).
+    pub fn boot_with_config(tag: &str, opts: Options, config: String) -> Node {
         let serial = serial();
         let net = Topology::new(tag);
         let upstream = net.node.run_in(|| {
             let up = Upstream::start();
-            up.zone("example.com").a(WWW, 300, WWW_ADDR);
-            for (i, name) in load_names().iter().enumerate() {
-                up.a(name, 300, &format!("192.0.2.{}", 10 + i));
-            }
+            fill(&up);
             up
+        });
+        let kube_dns = opts.kube_proxy.then(|| {
+            kube_proxy_standin(&net.node);
+            net.node.run_in(|| {
+                let up = Upstream::start_at(KUBE_DNS_POD.parse().expect("addr"));
+                fill(&up);
+                up
+            })
         });
         let mut enable = Vec::new();
         if opts.enable_at_boot {
@@ -165,15 +223,21 @@ impl Node {
         let install = Install {
             binary: PathBuf::from(bin()),
             standin_addresses: (!has_setup_command()).then(|| format!("{LINK_LOCAL} {SERVICE_IP}")),
-            config: node_config(upstream.addr),
+            config: if config == "\0" {
+                node_config(upstream.addr)
+            } else {
+                config
+            },
             units: opts.units,
             enable,
+            from_package: opts.from_package,
         };
         let mut c = Container::prepare(tag, &install);
         c.boot(&net.node);
         Node {
             c,
             upstream,
+            kube_dns,
             net,
             _serial: serial,
         }
