@@ -102,13 +102,46 @@ pub struct Document {
 impl Document {
     /// Parses `text` and checks every key and value in it.
     pub fn parse(name: PathBuf, text: &str) -> Result<Self, ConfigError> {
+        Self::parse_with(name, text, DEPRECATED)
+    }
+
+    /// [`Document::parse`] with another list of deprecated keys (for tests).
+    pub fn parse_with(
+        name: PathBuf,
+        text: &str,
+        deprecated: &[Deprecated],
+    ) -> Result<Self, ConfigError> {
         let spans = toml_edit::ImDocument::parse(text.to_owned());
-        let de = toml::Deserializer::new(text);
-        let raw: RawConfig = match serde_path_to_error::deserialize(de) {
+        // Keys a later version removed are dropped with a warning, never refused: an
+        // upgrade must not turn a working node config into a refused one.
+        let mut cleaned = text.parse::<toml::Table>().ok();
+        let dropped = cleaned
+            .as_mut()
+            .map(|t| strip_deprecated(t, deprecated))
+            .unwrap_or_default();
+        for d in &dropped {
+            let at = spans
+                .as_ref()
+                .ok()
+                .and_then(|doc| span_of(doc, &KeyPath::of(d.key)))
+                .map(|r| r.start);
+            tracing::warn!(
+                "{}: key `{}` is deprecated since localdns {} and ignored: {}; remove it",
+                Location::at_offset(name.clone(), text, at),
+                d.key,
+                d.since,
+                d.instead
+            );
+        }
+        let parsed = match cleaned.filter(|_| !dropped.is_empty()) {
+            Some(table) => serde_path_to_error::deserialize(toml::Value::Table(table))
+                .map_err(|e| (KeyPath::from_serde(e.path()), e.into_inner())),
+            None => serde_path_to_error::deserialize(toml::Deserializer::new(text))
+                .map_err(|e| (KeyPath::from_serde(e.path()), e.into_inner())),
+        };
+        let raw: RawConfig = match parsed {
             Ok(raw) => raw,
-            Err(e) => {
-                let mut key = KeyPath::from_serde(e.path());
-                let inner = e.into_inner();
+            Err((mut key, inner)) => {
                 // toml's syntax messages may span lines; keep the error on one line for the journal.
                 let reason: Vec<&str> = inner
                     .message()
@@ -138,9 +171,10 @@ impl Document {
             key: None,
             reason,
         };
-        let table = text
+        let mut table = text
             .parse::<toml::Table>()
             .map_err(|e| invalid(e.message().to_owned()))?;
+        strip_deprecated(&mut table, deprecated);
         let spans = spans.map_err(|e| invalid(e.message().to_owned()))?;
         Ok(Self {
             name,
@@ -178,6 +212,41 @@ impl Document {
         let at = span_of(&self.spans, key).map(|s| s.start);
         Location::at_offset(self.name.clone(), &self.text, at)
     }
+}
+
+/// A key that a later version removed: accepted with a warning for at least one minor
+/// version after its removal, then refused like any unknown key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deprecated {
+    /// Dotted path, e.g. `network.some_key`.
+    pub key: &'static str,
+    /// The version that stopped using it.
+    pub since: &'static str,
+    /// What to do instead.
+    pub instead: &'static str,
+}
+
+/// Keys removed from the schema and still accepted. None yet: 0.1 is the first release.
+/// When a key goes, it moves here (and out of [`super::raw`]) in the same change.
+pub const DEPRECATED: &[Deprecated] = &[];
+
+/// Remove every key of `list` from `table`; returns the ones that were there.
+pub fn strip_deprecated(table: &mut toml::Table, list: &[Deprecated]) -> Vec<Deprecated> {
+    let mut found = Vec::new();
+    for d in list {
+        let mut parts: Vec<&str> = d.key.split('.').collect();
+        let Some(last) = parts.pop() else { continue };
+        let holder = parts
+            .into_iter()
+            .try_fold(&mut *table, |t, p| match t.get_mut(p) {
+                Some(toml::Value::Table(next)) => Some(next),
+                _ => None,
+            });
+        if holder.is_some_and(|t| t.remove(last).is_some()) {
+            found.push(*d);
+        }
+    }
+    found
 }
 
 /// The field name in serde's "unknown field `x`, expected …" message.

@@ -718,3 +718,38 @@ fn load_without_any_file_uses_the_embedded_default() {
     assert_eq!(c.listen.port, 5353);
     assert!(c.sources.is_empty());
 }
+
+#[test]
+fn a_deprecated_key_is_dropped_with_a_warning_not_refused() {
+    use super::document::{Deprecated, Document};
+    let list = [Deprecated {
+        key: "network.old_knob",
+        since: "0.2.0",
+        instead: "use network.interface",
+    }];
+    let text = "[network]\nold_knob = 1\ninterface = \"ldns0\"\n";
+    let doc = Document::parse_with("/etc/localdns/config.toml".into(), text, &list)
+        .expect("a deprecated key must not refuse the file");
+    let network = doc.table["network"].as_table().unwrap();
+    assert!(network.get("old_knob").is_none(), "the key was not dropped");
+    assert_eq!(network["interface"].as_str(), Some("ldns0"));
+    // Without the entry, the same key is an unknown key, named with its line.
+    let err = Document::parse_with("/etc/localdns/config.toml".into(), text, &[])
+        .err()
+        .expect("unknown key refused")
+        .to_string();
+    assert!(
+        err.contains("config.toml:2") && err.contains("old_knob"),
+        "{err}"
+    );
+    // Other errors in a file with a deprecated key still name their key.
+    let bad = "[network]\nold_knob = 1\ninterface = 7\n";
+    let err = Document::parse_with("/x.toml".into(), bad, &list)
+        .err()
+        .expect("bad value refused")
+        .to_string();
+    assert!(
+        err.contains("/x.toml:3") && err.contains("network.interface"),
+        "{err}"
+    );
+}

@@ -96,10 +96,11 @@ pub async fn setup(cfg: &Config) -> Result<Setup, NodeError> {
     if n.setup_rules {
         let (backend, wait) = (n.iptables_backend, n.xtables_wait);
         let (addresses, port) = (addresses.clone(), cfg.listen.port);
-        // A restart in this boot: the backend chosen at the first start (kube-proxy does
-        // not switch within a boot), and rules that are complete are only read back. This
-        // keeps a restart's setup to a few reads instead of a census of both backends,
-        // a write and a read-back.
+        // A restart in this boot (setup recorded a backend and no teardown cleared it):
+        // the rules were left in place for this start, so they are not read here; the
+        // daemon reads them back right after READY and puts back whatever is missing
+        // ([`watch`]). This keeps the restart's gap to the link check. The backend is the
+        // one chosen at the first start: kube-proxy does not switch within a boot.
         let recorded = crate::state::SetupRecord::read()
             .and_then(|r| r.backend)
             .and_then(|b| match (backend, b.as_str()) {
@@ -107,25 +108,28 @@ pub async fn setup(cfg: &Config) -> Result<Setup, NodeError> {
                 (crate::config::IptablesBackend::Auto, "legacy") => Some(Kind::Legacy),
                 _ => None,
             });
-        let (tables, snapshot) = tokio::task::spawn_blocking(move || {
-            let tables: Arc<dyn Tables> = Arc::new(match recorded {
-                Some(kind) => Iptables::new(kind, wait),
-                None => Iptables::choose(backend, wait)?,
-            });
-            let snapshot = firewall::adopt(tables.as_ref(), &addresses, port)?;
-            if recorded.is_none() {
+        if let Some(kind) = recorded {
+            tracing::info!(
+                backend = kind.name(),
+                "restart: the rules of the previous start stay; they are checked once serving"
+            );
+            rules = Some((Arc::new(Iptables::new(kind, wait)) as Arc<dyn Tables>, None));
+        } else {
+            let (tables, snapshot) = tokio::task::spawn_blocking(move || {
+                let tables: Arc<dyn Tables> = Arc::new(Iptables::choose(backend, wait)?);
+                let snapshot = firewall::adopt(tables.as_ref(), &addresses, port)?;
                 remove_from_other_backend(tables.kind(), wait);
-            }
-            Ok::<_, NodeError>((tables, snapshot))
-        })
-        .await??;
-        tracing::info!(
-            backend = tables.kind().name(),
-            "NOTRACK/ACCEPT rules installed for port {} of {}",
-            cfg.listen.port,
-            join(&cfg.listen.addresses)
-        );
-        rules = Some((tables, Some(snapshot)));
+                Ok::<_, NodeError>((tables, snapshot))
+            })
+            .await??;
+            tracing::info!(
+                backend = tables.kind().name(),
+                "NOTRACK/ACCEPT rules installed for port {} of {}",
+                cfg.listen.port,
+                join(&cfg.listen.addresses)
+            );
+            rules = Some((tables, Some(snapshot)));
+        }
     }
     crate::state::SetupRecord {
         interface: n.setup_interface.then(|| n.interface.clone()),
