@@ -3,6 +3,7 @@
 //! it on crash, restart, upgrade or removal.
 //!
 //! # Layout
+//! - [`cli`]: the command line as data (clap); the man page is rendered from it.
 //! - [`daemon`]: the life cycle of `localdns run`: kept sockets, node setup, serve, stop.
 //! - [`config`]: raw TOML → merged (`config.toml` + `conf.d/*.toml`) → validated [`config::Config`].
 //! - [`dns`]: the pure protocol core: query parsing, cache keys, stored answers, TTL rewriting.
@@ -20,6 +21,7 @@
 #![deny(unsafe_code)]
 
 pub mod cache;
+pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod dns;

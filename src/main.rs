@@ -1,43 +1,12 @@
-//! `localdns`: the command line. Parses arguments, loads the config, builds the runtime
-//! and hands over to the library; maps errors to exit codes (64 config, 1 runtime).
+//! `localdns`: the command line. Parses arguments ([`localdns::cli`]), loads the config,
+//! builds the runtime and hands over to the library; maps errors to exit codes (64 config,
+//! 1 runtime).
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::Parser;
+use localdns::cli::{Cli, Command, ConfigArgs};
 use localdns::{config, daemon, logging};
-
-/// Node-local DNS cache for Kubernetes nodes.
-#[derive(Parser)]
-#[command(version, about)]
-struct Cli {
-    /// What to do; `run` when omitted.
-    #[command(subcommand)]
-    command: Option<Command>,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Serve DNS (the daemon).
-    Run(ConfigArgs),
-    /// Validate the config and print the effective merged result.
-    CheckConfig(ConfigArgs),
-    /// Create the interface and addresses and install the rules (idempotent).
-    Setup(ConfigArgs),
-    /// Remove exactly what `setup` installs (idempotent; needs no valid config).
-    Teardown(ConfigArgs),
-}
-
-#[derive(Args, Default)]
-struct ConfigArgs {
-    /// Config file; `*.toml` in `conf.d/` beside it are merged in name order.
-    /// Without this flag and without any file, an embedded default is used.
-    #[arg(long, value_name = "PATH")]
-    config: Option<PathBuf>,
-    /// Drop-in directory (default: `conf.d` beside the config file).
-    #[arg(long, value_name = "DIR")]
-    conf_dir: Option<PathBuf>,
-}
 
 const EX_CONFIG: u8 = 64;
 
@@ -45,21 +14,19 @@ fn main() -> ExitCode {
     logging::init();
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Run(ConfigArgs::default()));
-    let (Command::Run(args)
-    | Command::CheckConfig(args)
-    | Command::Setup(args)
-    | Command::Teardown(args)) = &command;
-    let source = config::Source {
-        explicit: args.config.is_some(),
-        path: args
-            .config
-            .clone()
-            .unwrap_or_else(|| config::DEFAULT_PATH.into()),
-        conf_dir: args.conf_dir.clone(),
-    };
+    let source = command.config_args().source();
     match command {
         Command::Teardown(_) => exit(daemon::teardown(&source)),
-        Command::CheckConfig(_) => match config::load(&source) {
+        Command::CheckConfig(check) => match config::load(&source) {
+            // The package's postinst starts the service only when this passes.
+            Ok(cfg) if check.require_cluster_upstream && cfg.cluster.upstream.is_empty() => {
+                eprintln!(
+                    "localdns: {} names no cluster upstream ([cluster] upstream is empty): \
+                     fill it in, then systemctl start localdns",
+                    source.path.display()
+                );
+                ExitCode::from(EX_CONFIG)
+            }
             Ok(cfg) => {
                 print!("{}", config::render(&cfg));
                 ExitCode::SUCCESS

@@ -15,7 +15,7 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use common::client::{self, query, with_edns};
-use common::daemon::{check_config, Config, Daemon};
+use common::daemon::{check_config, check_config_with, Config, Daemon};
 use common::dig::dig;
 use common::metrics::{self, scrape};
 use common::upstream::{closed_port, Transport, Upstream};
@@ -857,6 +857,103 @@ fn check_config_reports_file_line_and_key() {
         shown.contains("15353") && shown.contains("127.0.0.1:10053"),
         "effective config: {shown}"
     );
+}
+
+/// A file of the repository, for the tests of what the packages ship.
+fn repo_file(path: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+/// `check-config`'s effective config without its `# from:` line, which names the file.
+fn effective(out: &std::process::Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    stdout
+        .lines()
+        .filter(|l| !l.starts_with("# from:"))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+/// The packages ship packaging/config.toml as /etc/localdns/config.toml: the documented
+/// node example with the cluster upstream left empty to fill in. It parses, and its merged
+/// result differs from config/example.toml's in that one key only.
+#[test]
+fn shipped_config_is_the_example_without_a_cluster_upstream() {
+    let shipped = check_config(&repo_file("packaging/config.toml"));
+    let example = check_config(&repo_file("config/example.toml"));
+    for out in [&shipped, &example] {
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let example = effective(&example);
+    let cluster_upstream = "\nupstream = [\"10.96.0.11:53\"]\n";
+    assert_eq!(example.matches(cluster_upstream).count(), 1, "{example}");
+    assert_eq!(
+        effective(&shipped),
+        example.replace(cluster_upstream, "\nupstream = []\n")
+    );
+}
+
+/// The packages' install scripts start the service only when this passes.
+#[test]
+fn check_config_can_require_a_cluster_upstream() {
+    let require = ["--require-cluster-upstream"];
+    let shipped = repo_file("packaging/config.toml");
+    let out = check_config_with(&shipped, &require);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "stderr: {err}");
+    let expected = format!(
+        "{} names no cluster upstream ([cluster] upstream is empty): \
+         fill it in, then systemctl start localdns",
+        shipped.display()
+    );
+    assert!(err.contains(&expected), "stderr: {err}");
+    assert!(out.stdout.is_empty(), "printed a config it refused");
+
+    let out = check_config_with(&repo_file("config/example.toml"), &require);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("10.96.0.11:53"));
+}
+
+/// `localdns --version` names the package version and the commit built from.
+#[test]
+fn version_names_the_package_version_and_the_commit() {
+    let out = std::process::Command::new(common::daemon::bin())
+        .arg("--version")
+        .output()
+        .expect("spawn");
+    assert!(out.status.success());
+    let commit = env!("LOCALDNS_BUILD_COMMIT");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!(
+            "localdns {} (git {commit})\n",
+            env!("LOCALDNS_BUILD_VERSION")
+        )
+    );
+    // build.rs took the commit from git, unless told otherwise or there is no git.
+    let head = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output();
+    match head {
+        Ok(head) if head.status.success() && option_env!("LOCALDNS_GIT_COMMIT").is_none() => {
+            assert_eq!(commit, String::from_utf8_lossy(&head.stdout).trim())
+        }
+        _ => assert!(
+            commit == "unknown" || commit.chars().all(|c| c.is_ascii_alphanumeric()),
+            "{commit}"
+        ),
+    }
 }
 
 #[test]

@@ -600,35 +600,8 @@ fn stop_under_load_hands_the_service_ip_to_kube_proxy_without_losing_a_query() {
     for name in harness::load_names() {
         let _ = answer(&node, &name);
     }
-    let kube_dns = node.kube_dns.as_ref().expect("kube-dns stand-in");
-    let before = kube_dns.seen().len();
-    let stream = Stream::start(
-        &node.net.pod,
-        service_ip_targets(),
-        150,
-        harness::load_names(),
-    );
-    std::thread::sleep(Duration::from_millis(700));
-    node.c.ok(&["systemctl", "stop", UNIT]);
-    std::thread::sleep(Duration::from_millis(1000));
-    let report = stream.finish();
-    println!("systemctl stop under 300 queries/s to the Service IP:\n{report}");
+    remove_under_load(&node, &["systemctl", "stop", UNIT]);
     assert_eq!(node.c.prop(UNIT, "ActiveState"), "inactive");
-    let total = report.total();
-    assert!(total.sent > 0);
-    assert_eq!(
-        total.unanswered(),
-        0,
-        "queries to the Service IP lost on the way from localdns to kube-proxy:\n{report}\n{}",
-        node.c.journal_text(UNIT, 30)
-    );
-    // The queries after the stop were answered by kube-dns through the DNAT.
-    assert!(
-        kube_dns.seen().len() > before,
-        "kube-dns behind the kube-proxy stand-in saw no query after the stop"
-    );
-    assert_eq!(node.net.node_link_index(LINK), None, "link left behind");
-    assert!(!node.net.node_rules().contains("LOCALDNS"));
     let j = node.c.journal_text(UNIT, 60);
     assert!(
         j.contains("final stop (stop job): removing the rules first"),
@@ -750,4 +723,283 @@ fn boot_starts_kubelet_after_localdns_is_ready() {
         "node DNS did not answer when kubelet started:\n{dig}"
     );
     node.assert_pod_answered();
+}
+
+// ---------------------------------------------------------------- the packages' life cycle
+
+/// The package of kind `ext` (`deb`, `rpm`) of this crate's version that `packaging/build`
+/// made, if any. Under CI (which builds them before the tests) a missing one is a failure.
+fn built_package(ext: &str) -> Option<std::path::PathBuf> {
+    let v = env!("CARGO_PKG_VERSION");
+    let name = match ext {
+        "deb" => format!("localdns_{v}-1_amd64.deb"),
+        _ => format!("localdns-{v}-1.x86_64.rpm"),
+    };
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/packages")
+        .join(name);
+    if !path.exists() {
+        let why = format!("no {}: run packaging/build", path.display());
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "CI: {why}");
+        eprintln!("SKIPPED: {why}");
+        return None;
+    }
+    Some(path)
+}
+
+/// The next release of the package of kind `ext`: the same binary packaged as version
+/// 99.0.0 by `packaging/build --no-build --version 99.0.0 --out DIR`.
+fn newer_package(ext: &str, dir: &std::path::Path) -> std::path::PathBuf {
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new(repo.join("packaging/build"))
+        .args(["--no-build", "--version", "99.0.0", "--out"])
+        .arg(dir)
+        .output()
+        .expect("packaging/build");
+    assert!(
+        out.status.success(),
+        "packaging/build --no-build --version 99.0.0: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::read_dir(dir)
+        .expect("out dir")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == ext))
+        .unwrap_or_else(|| panic!("packaging/build made no .{ext}"))
+}
+
+/// No conntrack entry for the intercepted addresses (queries skipped conntrack).
+fn assert_no_conntrack_for_dns(node: &Node) {
+    for ip in [LINK_LOCAL, SERVICE_IP] {
+        for dir in ["-d", "-s"] {
+            let ct = node.net.node.exec("conntrack", &["-L", dir, ip]);
+            let listed = String::from_utf8_lossy(&ct.stdout).into_owned();
+            assert!(
+                listed.trim().is_empty(),
+                "conntrack entries {dir} {ip}:\n{listed}"
+            );
+        }
+    }
+}
+
+fn assert_nothing_of_localdns_left(node: &Node, what: &str) {
+    assert_eq!(
+        node.net.node_link_index(LINK),
+        None,
+        "{what}: link left behind"
+    );
+    let rules = node.net.node_rules();
+    // The Service IP stays in the kube-proxy stand-in's DNAT rule, which is not ours.
+    for needle in ["LOCALDNS", "NOTRACK", LINK_LOCAL] {
+        assert!(
+            !rules.contains(needle),
+            "{what}: {needle} left in the rules:\n{rules}"
+        );
+    }
+}
+
+/// Upgrade with `cmd` (inside the container) under the four-way query stream: a restart
+/// that keeps the sockets, so no query may be lost or retried.
+fn upgrade_under_load(node: &Node, what: &str, cmd: &[&str]) {
+    let pid = node.main_pid();
+    let report = under_load(node, what, |n| {
+        let out = n.c.ok(cmd);
+        println!("{}:\n{out}", cmd.join(" "));
+        n.wait_new_main_pid(pid, Duration::from_secs(15));
+    });
+    let total = report.total();
+    assert!(total.sent > 0);
+    assert_eq!(
+        total.unanswered(),
+        0,
+        "queries lost in the upgrade:\n{report}"
+    );
+    assert_eq!(
+        total.retried, 0,
+        "the upgrade made clients retry:\n{report}"
+    );
+}
+
+/// Remove with `cmd` under a stream to the Service IP: kube-dns takes over through the
+/// kube-proxy stand-in and not a query is lost; nothing of localdns stays in the network.
+fn remove_under_load(node: &Node, cmd: &[&str]) {
+    let kube_dns = node.kube_dns.as_ref().expect("kube-dns stand-in");
+    let before = kube_dns.seen().len();
+    let stream = Stream::start(
+        &node.net.pod,
+        service_ip_targets(),
+        150,
+        harness::load_names(),
+    );
+    std::thread::sleep(Duration::from_millis(700));
+    let out = node.c.ok(cmd);
+    println!("{}:\n{out}", cmd.join(" "));
+    std::thread::sleep(Duration::from_millis(1000));
+    let report = stream.finish();
+    println!(
+        "{} under 300 queries/s to the Service IP:\n{report}",
+        cmd.join(" ")
+    );
+    assert_eq!(
+        report.total().unanswered(),
+        0,
+        "queries to the Service IP lost in the removal:\n{report}"
+    );
+    assert!(
+        kube_dns.seen().len() > before,
+        "kube-dns got no query after the removal"
+    );
+    assert_nothing_of_localdns_left(node, &cmd.join(" "));
+}
+
+/// A node with a kube-proxy stand-in and nothing of localdns, the package of kind `ext`
+/// and its next version copied in as `/root/localdns-{old,new}.EXT`, and the old one
+/// installed with `install` (which must enable and, with the node's drop-in naming the
+/// cluster upstream, start the unit). None when the package was not built.
+fn node_with_package(ext: &str, install: &[&str]) -> Option<Node> {
+    let old = built_package(ext)?;
+    let work = tempfile::tempdir().expect("tmp");
+    let newer = newer_package(ext, work.path());
+    let node = Node::boot(
+        ext,
+        Options {
+            kube_proxy: true,
+            from_package: true,
+            ..Options::default()
+        },
+    );
+    let c = &node.c;
+    c.copy_in(&old, &format!("/root/localdns-old.{ext}"));
+    c.copy_in(&newer, &format!("/root/localdns-new.{ext}"));
+    let mut cmd = install.to_vec();
+    let target = format!("/root/localdns-old.{ext}");
+    cmd.push(&target);
+    let out = c.ok(&cmd);
+    println!("{}:\n{out}", cmd.join(" "));
+    assert_eq!(c.systemctl(&["is-enabled", UNIT]).status.code(), Some(0));
+    assert_eq!(
+        c.prop(UNIT, "ActiveState"),
+        "active",
+        "{}",
+        c.journal_text(UNIT, 30)
+    );
+    node.assert_pod_answered();
+    Some(node)
+}
+
+#[test]
+fn deb_install_upgrade_remove_purge_lose_no_query() {
+    require_root_and_tools!("deb_install_upgrade_remove_purge_lose_no_query");
+    let Some(deb) = built_package("deb") else {
+        return;
+    };
+    let Some(node) = node_with_package("deb", &["dpkg", "-i"]) else {
+        return;
+    };
+    let c = &node.c;
+    let _ = node.net.node.exec("conntrack", &["-F"]);
+    node.assert_pod_answered();
+    assert_no_conntrack_for_dns(&node);
+
+    // Upgrade under load: a restart that keeps the sockets, so nothing is lost.
+    let conffile = c.ok(&["cat", "/etc/localdns/config.toml"]);
+    upgrade_under_load(
+        &node,
+        "dpkg -i of a newer version (upgrade)",
+        &["dpkg", "-i", "/root/localdns-new.deb"],
+    );
+    assert_eq!(
+        c.ok(&["dpkg-query", "-W", "-f", "${Version}", "localdns"]),
+        "99.0.0-1"
+    );
+    assert_eq!(
+        c.ok(&["cat", "/etc/localdns/config.toml"]),
+        conffile,
+        "conffile changed"
+    );
+
+    // Remove under load to the Service IP: kube-dns takes over through kube-proxy.
+    remove_under_load(&node, &["dpkg", "-r", "localdns"]);
+    assert!(!c.path("/usr/bin/localdns").exists());
+    assert!(!c.path("/usr/lib/systemd/system/localdns.service").exists());
+    assert!(
+        c.path("/etc/localdns/config.toml").exists(),
+        "remove must keep the config"
+    );
+
+    // Purge: nothing of localdns left.
+    c.ok(&["dpkg", "--purge", "localdns"]);
+    for path in [
+        "/etc/localdns",
+        "/var/lib/localdns",
+        "/run/localdns",
+        "/usr/libexec/localdns",
+    ] {
+        assert!(!c.path(path).exists(), "{path} left after purge");
+    }
+    let listed = c.exec(&["dpkg", "-s", "localdns"]);
+    assert!(
+        !listed.status.success(),
+        "dpkg still knows localdns after purge"
+    );
+    let units = c.exec(&["systemctl", "list-unit-files", "--no-legend", "localdns*"]);
+    let units = String::from_utf8_lossy(&units.stdout);
+    assert!(units.trim().is_empty(), "unit files left: {units}");
+    // Every file the package shipped is gone (directories shared with others may stay).
+    let listing = harness::netns::run("dpkg-deb", &["-c", deb.to_str().expect("utf-8")]);
+    for line in listing.lines().filter(|l| !l.starts_with('d')) {
+        let path = line
+            .split_whitespace()
+            .last()
+            .expect("path")
+            .trim_start_matches('.');
+        assert!(!c.path(path).exists(), "{path} left after purge");
+    }
+}
+
+#[test]
+fn deb_install_with_the_untouched_config_enables_but_does_not_start() {
+    require_root_and_tools!("deb_install_with_the_untouched_config_enables_but_does_not_start");
+    let Some(deb) = built_package("deb") else {
+        return;
+    };
+    let node = Node::boot_with_config(
+        "debfresh",
+        Options {
+            from_package: true,
+            ..Options::default()
+        },
+        String::new(),
+    );
+    let c = &node.c;
+    c.copy_in(&deb, "/root/localdns.deb");
+    let out = c.ok(&["dpkg", "-i", "/root/localdns.deb"]);
+    println!("dpkg -i:\n{out}");
+    assert_eq!(c.systemctl(&["is-enabled", UNIT]).status.code(), Some(0));
+    assert_eq!(c.prop(UNIT, "ActiveState"), "inactive");
+    assert!(
+        out.contains("cluster upstream") || out.contains("[cluster] upstream"),
+        "dpkg -i does not say why localdns was not started:\n{out}"
+    );
+    assert_nothing_of_localdns_left(&node, "an install that did not start");
+}
+
+#[test]
+fn rpm_install_upgrade_erase_lose_no_query() {
+    require_root_and_tools!("rpm_install_upgrade_erase_lose_no_query");
+    // Debian's rpm has its own empty database: dependencies are Debian's packages.
+    let Some(node) = node_with_package("rpm", &["rpm", "-i", "--nodeps"]) else {
+        return;
+    };
+    let c = &node.c;
+    upgrade_under_load(
+        &node,
+        "rpm -U of a newer version",
+        &["rpm", "-U", "--nodeps", "/root/localdns-new.rpm"],
+    );
+    remove_under_load(&node, &["rpm", "-e", "--nodeps", "localdns"]);
+    assert!(!c.path("/usr/bin/localdns").exists());
+    assert!(!c.systemctl(&["is-enabled", UNIT]).status.success());
 }

@@ -338,8 +338,14 @@ impl Drop for Daemon {
 
 /// `localdns check-config --config PATH`.
 pub fn check_config(path: &Path) -> Output {
+    check_config_with(path, &[])
+}
+
+/// `localdns check-config --config PATH FLAGS...`.
+pub fn check_config_with(path: &Path, flags: &[&str]) -> Output {
     Command::new(bin())
         .arg("check-config")
+        .args(flags)
         .arg("--config")
         .arg(path)
         .stdin(Stdio::null())

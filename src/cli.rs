@@ -1,0 +1,140 @@
+//! The command line as data: what `localdns` accepts, parsed by clap. It lives in the
+//! library rather than in `main.rs` so that the man page, `localdns(8)`, is rendered from
+//! this very definition (`examples/manpage.rs`, run by `packaging/build`) and can never
+//! drift from the binary.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config;
+
+/// `localdns --version`: the package version and the commit it was built from, e.g.
+/// `0.1.0 (git 196d1d0abcde)`. Both come from `build.rs` (`LOCALDNS_VERSION` and
+/// `LOCALDNS_GIT_COMMIT` override them).
+pub const VERSION: &str = concat!(
+    env!("LOCALDNS_BUILD_VERSION"),
+    " (git ",
+    env!("LOCALDNS_BUILD_COMMIT"),
+    ")"
+);
+
+/// `localdns --help` and the DESCRIPTION of localdns(8).
+const LONG_ABOUT: &str = "\
+Node-local DNS cache for Kubernetes nodes, run as a host systemd service (localdns.service) \
+started before kubelet.
+
+Without a subcommand, localdns runs the daemon. The config is /etc/localdns/config.toml, \
+then /etc/localdns/conf.d/*.toml in file-name order, each overriding the one before key by \
+key; `localdns check-config` shows the merged result.
+
+Exit status: 0 on success; 64 for a config error (its file, line and key are named); 1 for \
+any other error.";
+
+/// Node-local DNS cache for Kubernetes nodes.
+#[derive(Parser, Debug)]
+#[command(name = "localdns", version = VERSION, about, long_about = LONG_ABOUT)]
+pub struct Cli {
+    /// What to do; `run` when omitted.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Serve DNS (the daemon).
+    Run(ConfigArgs),
+    /// Validate the config and print the effective merged result.
+    CheckConfig(CheckArgs),
+    /// Create the interface and addresses and install the rules (idempotent).
+    Setup(ConfigArgs),
+    /// Remove exactly what `setup` installs (idempotent; needs no valid config).
+    Teardown(ConfigArgs),
+}
+
+impl Command {
+    /// Where this command reads its config from.
+    pub fn config_args(&self) -> &ConfigArgs {
+        match self {
+            Command::Run(args) | Command::Setup(args) | Command::Teardown(args) => args,
+            Command::CheckConfig(check) => &check.config,
+        }
+    }
+}
+
+#[derive(Args, Default, Debug)]
+pub struct ConfigArgs {
+    /// Config file; `*.toml` in `conf.d/` beside it are merged in name order.
+    /// Without this flag and without any file, an embedded default is used.
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Drop-in directory (default: `conf.d` beside the config file).
+    #[arg(long, value_name = "DIR")]
+    pub conf_dir: Option<PathBuf>,
+}
+
+impl ConfigArgs {
+    pub fn source(&self) -> config::Source {
+        config::Source {
+            explicit: self.config.is_some(),
+            path: self
+                .config
+                .clone()
+                .unwrap_or_else(|| config::DEFAULT_PATH.into()),
+            conf_dir: self.conf_dir.clone(),
+        }
+    }
+}
+
+#[derive(Args, Default, Debug)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Also fail (exit 64) when the merged config names no cluster upstream, as the
+    /// shipped config does until it is filled in. The package's install scripts start
+    /// the service only when this passes.
+    #[arg(long)]
+    pub require_cluster_upstream: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn version_names_the_commit() {
+        assert!(
+            VERSION.starts_with(env!("LOCALDNS_BUILD_VERSION")) && VERSION.contains(" (git "),
+            "{VERSION}"
+        );
+    }
+
+    #[test]
+    fn check_config_takes_the_config_flags_and_the_requirement() {
+        let cli = Cli::try_parse_from([
+            "localdns",
+            "check-config",
+            "--require-cluster-upstream",
+            "--config",
+            "/x/c.toml",
+        ])
+        .unwrap();
+        let Some(Command::CheckConfig(check)) = &cli.command else {
+            panic!("{cli:?}")
+        };
+        assert!(check.require_cluster_upstream);
+        let source = cli.command.as_ref().unwrap().config_args().source();
+        assert!(source.explicit);
+        assert_eq!(source.path, PathBuf::from("/x/c.toml"));
+        let run = Cli::try_parse_from(["localdns", "run"]).unwrap();
+        let source = run.command.unwrap().config_args().source();
+        assert!(!source.explicit);
+        assert_eq!(source.path, PathBuf::from(config::DEFAULT_PATH));
+    }
+}
