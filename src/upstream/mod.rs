@@ -94,7 +94,7 @@ impl Pool {
                     down_until: AtomicU64::new(0),
                     transport: match protocol {
                         Protocol::Udp => Transport::Udp(ports::Ports::new(addr, reuse)),
-                        Protocol::Tcp => Transport::Tcp(pipeline::Pipeline::new(addr)),
+                        Protocol::Tcp => Transport::Tcp(pipeline::Pipeline::new(addr, up.timeout)),
                     },
                 })
                 .collect(),
