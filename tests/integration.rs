@@ -673,12 +673,9 @@ fn serves_stale_when_the_upstream_dies() {
     assert!(scrape(d.metrics).value("localdns_stale_answers_total", &[]) >= 1.0);
 }
 
-/// Prefetch knobs beyond the brief's contract (`prefetch_min_hits`, `prefetch_percent`) are
-/// the ones the README documents. TTL 4 s and 75 %: a hit at 2.3 s is inside the prefetch
-/// window whether the daemon measures age in milliseconds (< 3 s left) or whole seconds
-/// (age 2, 2 s left), and the first hits at ~0 s are outside it either way.
-#[test]
-fn hot_entries_are_prefetched_before_expiry() {
+/// An upstream with `hot.example.com` (TTL 4 s) and a daemon that prefetches after 2 hits
+/// with 75 % of the TTL left, the name asked three times (asked upstream once); and when.
+fn hot_entry_asked_three_times() -> (Upstream, Daemon, Instant) {
     let up = Upstream::start();
     up.a("hot.example.com", 4, "192.0.2.7");
     let mut cfg = Config::to(up.addr);
@@ -689,6 +686,16 @@ fn hot_entries_are_prefetched_before_expiry() {
         ok(d.dns, "hot.example.com", A);
     }
     assert_eq!(up.count("hot.example.com", A), 1);
+    (up, d, t0)
+}
+
+/// Prefetch knobs beyond the brief's contract (`prefetch_min_hits`, `prefetch_percent`) are
+/// the ones the README documents. TTL 4 s and 75 %: a hit at 2.3 s is inside the prefetch
+/// window whether the daemon measures age in milliseconds (< 3 s left) or whole seconds
+/// (age 2, 2 s left), and the first hits at ~0 s are outside it either way.
+#[test]
+fn hot_entries_are_prefetched_before_expiry() {
+    let (up, d, t0) = hot_entry_asked_three_times();
     sleep(Duration::from_millis(2300).saturating_sub(t0.elapsed()));
     ok(d.dns, "hot.example.com", A);
     // The refresh runs in the background: poll for it (bounded).
@@ -1245,5 +1252,82 @@ fn a_node_without_resolvers_yet_serves_the_cluster_and_picks_them_up_later() {
     assert_eq!(
         client::addrs(&ok(d.dns, "www.example.net", A)),
         ["192.0.2.77"]
+    );
+}
+
+// ---------------------------------------------------------------- upstream faults (issue 9)
+
+/// One name that its authority answers later than the timeout, asked several times, must
+/// not mark the only server of a pool down: the next healthy name is still answered, over
+/// the default pool (UDP) and over the cluster pool (pipelined TCP). On the code before the
+/// fix the first slow query's three timed-out attempts marked the server down and the
+/// healthy name got SERVFAIL at once, for `down_time`.
+#[test]
+fn one_slow_name_does_not_mark_a_one_server_pool_down() {
+    let up = example_upstream();
+    up.a("slow.example.com", 300, "192.0.2.8")
+        .a("slow.default.svc.cluster.local", 300, "10.0.0.8")
+        .a("web.default.svc.cluster.local", 300, "10.0.0.9");
+    up.set_name_delay("slow.example.com", Duration::from_secs(5));
+    up.set_name_delay("slow.default.svc.cluster.local", Duration::from_secs(5));
+    let mut cfg = Config::to(up.addr);
+    cfg.timeout = "200ms".into();
+    let d = Daemon::start(&cfg);
+    for (slow, healthy, want) in [
+        ("slow.example.com", "www.example.com", "192.0.2.1"),
+        (
+            "slow.default.svc.cluster.local",
+            "web.default.svc.cluster.local",
+            "10.0.0.9",
+        ),
+    ] {
+        for i in 0..3 {
+            let r = client::udp_timeout(d.dns, &query(slow, A), Duration::from_secs(3))
+                .unwrap_or_else(|e| panic!("{slow} #{i}: {e}"));
+            assert_eq!(r.response_code(), ResponseCode::ServFail, "{slow} #{i}");
+        }
+        let t = Instant::now();
+        let r =
+            client::udp_timeout(d.dns, &query(healthy, A), Duration::from_secs(3)).expect("answer");
+        assert_eq!(
+            r.response_code(),
+            ResponseCode::NoError,
+            "{healthy} after {slow} timed out (answered in {:?}): {r:?}",
+            t.elapsed()
+        );
+        assert_eq!(client::addrs(&r), [want]);
+    }
+}
+
+/// When every server of a pool is marked down, a query still tries one of them instead of
+/// failing at once: a server that was dead and is back answers before its `down_time` ends.
+#[test]
+fn a_pool_with_every_server_down_still_tries_one() {
+    let up = example_upstream();
+    for i in 0..6 {
+        up.a(&format!("d{i}.example.com"), 300, "192.0.2.6");
+    }
+    up.set_silent(true);
+    let mut cfg = Config::to(up.addr);
+    cfg.timeout = "200ms".into();
+    cfg.down_time = "60s".into();
+    let d = Daemon::start(&cfg);
+    // Distinct names time out: the server is down.
+    for i in 0..3 {
+        let r = client::udp_timeout(
+            d.dns,
+            &query(&format!("d{i}.example.com"), A),
+            Duration::from_secs(3),
+        )
+        .expect("answer");
+        assert_eq!(r.response_code(), ResponseCode::ServFail);
+    }
+    up.set_silent(false);
+    let r = client::udp_timeout(d.dns, &query("d5.example.com", A), Duration::from_secs(3))
+        .expect("answer");
+    assert_eq!(
+        r.response_code(),
+        ResponseCode::NoError,
+        "a pool whose only server is down must still try it: {r:?}"
     );
 }

@@ -7,7 +7,8 @@
 //! queries localdns sent it per (lower-cased name, type) and over which transport.
 //!
 //! Knobs a test can turn while it runs: `set_silent` (receive and count, never answer: a black
-//! hole), `set_delay` (answer late: for coalescing), and `shutdown` (close both sockets: the
+//! hole), `set_delay` (answer late: for coalescing), `set_name_delay` (answer one name late:
+//! an authority that is slow for one name only), and `shutdown` (close both sockets: the
 //! port refuses afterwards).
 //!
 //! Size limits are applied here and not left to hickory: a UDP answer that does not fit the
@@ -74,6 +75,8 @@ struct State {
     seen: Mutex<Vec<Seen>>,
     silent: AtomicBool,
     delay: Mutex<Duration>,
+    /// Extra delay per name (keyed like `key`), on top of `delay`.
+    name_delay: Mutex<HashMap<String, Duration>>,
     /// Names (keyed like `key`) answered with SERVFAIL.
     servfail: Mutex<Vec<String>>,
 }
@@ -185,7 +188,15 @@ impl RequestHandler for Handler {
         if self.0.silent.load(Ordering::SeqCst) {
             return fail.into();
         }
-        let delay = *self.0.delay.lock().unwrap();
+        let delay = *self.0.delay.lock().unwrap()
+            + self
+                .0
+                .name_delay
+                .lock()
+                .unwrap()
+                .get(&qname)
+                .copied()
+                .unwrap_or_default();
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
@@ -298,6 +309,7 @@ impl Upstream {
             seen: Mutex::new(Vec::new()),
             silent: AtomicBool::new(false),
             delay: Mutex::new(Duration::ZERO),
+            name_delay: Mutex::new(HashMap::new()),
             servfail: Mutex::new(Vec::new()),
         });
         let addr = udp.local_addr().expect("addr");
@@ -408,6 +420,15 @@ impl Upstream {
 
     pub fn set_delay(&self, delay: Duration) {
         *self.state.delay.lock().unwrap() = delay;
+    }
+
+    /// Answer `name` (any type) `delay` late from now on; other names are not delayed.
+    pub fn set_name_delay(&self, name: &str, delay: Duration) {
+        self.state
+            .name_delay
+            .lock()
+            .unwrap()
+            .insert(key(name), delay);
     }
 
     pub fn seen(&self) -> Vec<Seen> {
