@@ -1331,3 +1331,95 @@ fn a_pool_with_every_server_down_still_tries_one() {
         "a pool whose only server is down must still try it: {r:?}"
     );
 }
+
+/// Over `max_in_flight` a query whose answer has expired but is inside the serve-stale
+/// window gets that stale answer, not SERVFAIL (before the fix: SERVFAIL).
+#[test]
+fn overload_serves_stale_answers() {
+    let up = example_upstream();
+    for i in 0..2 {
+        let name = format!("slow{i}.example.com");
+        up.a(&name, 300, "192.0.2.9");
+        up.set_name_delay(&name, Duration::from_secs(2));
+    }
+    let mut cfg = Config::to(up.addr);
+    cfg.upstream_extra = "max_in_flight = 2".into();
+    let d = Daemon::start(&cfg);
+    assert_eq!(client::ttls(&ok(d.dns, "short.example.com", A)), [1]);
+    sleep(Duration::from_millis(1100));
+    let server = d.dns;
+    let slow: Vec<_> = (0..2)
+        .map(|i| {
+            std::thread::spawn(move || {
+                client::udp_timeout(
+                    server,
+                    &query(&format!("slow{i}.example.com"), A),
+                    Duration::from_secs(5),
+                )
+            })
+        })
+        .collect();
+    // Both slow names reached the upstream: the two in-flight slots are taken.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while up.count("slow0.example.com", A) + up.count("slow1.example.com", A) < 2 {
+        assert!(Instant::now() < deadline, "slow queries never sent");
+        sleep(Duration::from_millis(5));
+    }
+    let r = client::udp(d.dns, &query("short.example.com", A)).expect("answer");
+    assert_eq!(
+        r.response_code(),
+        ResponseCode::NoError,
+        "overloaded, with a stale answer in the cache: {r:?}"
+    );
+    assert_eq!(client::addrs(&r), ["192.0.2.3"]);
+    assert_eq!(
+        client::ttls(&r),
+        [30],
+        "stale answers carry stale_answer_ttl"
+    );
+    // A name with nothing cached still gets SERVFAIL at once.
+    let r = client::udp(d.dns, &query("www.example.com", A)).expect("answer");
+    assert_eq!(r.response_code(), ResponseCode::ServFail);
+    let m = scrape(d.metrics);
+    assert_eq!(m.value("localdns_overload_total", &[]), 2.0);
+    assert!(m.value("localdns_stale_answers_total", &[]) >= 1.0);
+    for t in slow {
+        let _ = t.join();
+    }
+}
+
+/// Clients waiting on one name being resolved are bounded (1024): the rest get SERVFAIL at
+/// once (no stale answer here) and are counted; the upstream is still asked once.
+#[test]
+fn coalesced_waiters_are_bounded() {
+    use std::net::UdpSocket;
+    let up = example_upstream();
+    // Under the 1 s attempt timeout: one upstream query answers them all.
+    up.set_name_delay("www.example.com", Duration::from_millis(800));
+    let d = daemon_for(&up);
+    let sock = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let n = 1100;
+    for _ in 0..n {
+        sock.send_to(&client::encode(&query("www.example.com", A)), d.dns)
+            .expect("send");
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let m = scrape(d.metrics);
+        let refused = m
+            .get("localdns_coalesce_overflow_total", &[])
+            .unwrap_or(0.0);
+        let queries = m.value("localdns_queries_total", &[]);
+        if queries >= n as f64 {
+            assert_eq!(refused, (n - 1024) as f64, "waiters beyond the bound");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{queries} of {n} queries received"
+        );
+        sleep(Duration::from_millis(20));
+    }
+    sleep(Duration::from_millis(1000));
+    assert_eq!(up.count("www.example.com", A), 1);
+}
