@@ -1423,3 +1423,29 @@ fn coalesced_waiters_are_bounded() {
     sleep(Duration::from_millis(1000));
     assert_eq!(up.count("www.example.com", A), 1);
 }
+
+/// A prefetch that fails (the upstream answers SERVFAIL quickly) is not started again on
+/// the next hit: hits in the prefetch window send one refresh, not one each (before the
+/// fix every hit after a failed refresh sent another).
+#[test]
+fn a_failed_prefetch_backs_off() {
+    let (up, d, t0) = hot_entry_asked_three_times();
+    up.set_servfail("hot.example.com");
+    sleep(Duration::from_millis(2300).saturating_sub(t0.elapsed()));
+    let mut hits = 0;
+    while t0.elapsed() < Duration::from_millis(3700) {
+        let r = ok(d.dns, "hot.example.com", A);
+        assert_eq!(client::addrs(&r), ["192.0.2.7"]);
+        hits += 1;
+        sleep(Duration::from_millis(20));
+    }
+    sleep(Duration::from_millis(100));
+    let asked = up.count("hot.example.com", A);
+    assert!(hits >= 20, "{hits} hits in the window");
+    assert_eq!(
+        asked,
+        2,
+        "{hits} hits in the prefetch window sent {} refreshes to a failing upstream",
+        asked - 1
+    );
+}

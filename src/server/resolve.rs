@@ -177,6 +177,8 @@ impl Resolver {
         if waiting.contains_key(&key)
             || self.in_flight.load(Relaxed) >= self.settings.load().max_in_flight
         {
+            drop(waiting);
+            self.cache.prefetch_failed(&key);
             return;
         }
         waiting.insert(key, Vec::new());
@@ -191,7 +193,7 @@ impl Resolver {
         self.runtime.spawn(async move {
             let outcome = this.fetch(&key).await;
             if prefetch && !matches!(outcome, Outcome::Cached(_)) {
-                this.cache.clear_prefetch_mark(&key);
+                this.cache.prefetch_failed(&key);
             }
             let waiters = this.waiting.lock().remove(&key).unwrap_or_default();
             for w in waiters {
