@@ -1449,3 +1449,51 @@ fn a_failed_prefetch_backs_off() {
         asked - 1
     );
 }
+
+/// Fault 1 on loopback (the namespace test in tests/netns.rs is the realistic one): the
+/// cluster upstream's pipelined TCP connection goes silent (still open, nothing read or
+/// answered); the next cluster name must be answered on a new connection within 3 s.
+/// Before the fix the silent connection was kept and the name got SERVFAIL.
+#[test]
+fn a_silent_pipelined_connection_is_replaced() {
+    use common::upstream::TcpRelay;
+    let up = example_upstream();
+    for i in 0..8 {
+        up.a(&format!("s{i}.default.svc.cluster.local"), 300, "10.0.0.7");
+    }
+    let relay = TcpRelay::start(up.addr);
+    let mut cfg = Config::to(up.addr);
+    cfg.cluster = vec![relay.addr];
+    let d = Daemon::start(&cfg);
+    assert_eq!(
+        client::addrs(&ok(d.dns, "s0.default.svc.cluster.local", A)),
+        ["10.0.0.7"]
+    );
+    assert_eq!(relay.accepted(), 1);
+    relay.silence_existing();
+    let t = Instant::now();
+    let r = client::udp_timeout(
+        d.dns,
+        &query("s1.default.svc.cluster.local", A),
+        Duration::from_secs(5),
+    )
+    .expect("answer");
+    let took = t.elapsed();
+    assert_eq!(
+        r.response_code(),
+        ResponseCode::NoError,
+        "after {took:?}: {r:?}"
+    );
+    assert!(took < Duration::from_secs(3), "answered after {took:?}");
+    assert_eq!(relay.accepted(), 2, "one new connection");
+    // The new connection carries the next names at once.
+    for i in 2..5 {
+        let t = Instant::now();
+        ok(d.dns, &format!("s{i}.default.svc.cluster.local"), A);
+        assert!(
+            t.elapsed() < Duration::from_millis(900),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+}

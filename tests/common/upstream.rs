@@ -477,3 +477,102 @@ impl Drop for Upstream {
         self.shutdown();
     }
 }
+
+/// A TCP relay in front of an upstream, on its own port of 127.0.0.1. `silence_existing`
+/// makes the connections open at that moment go silent the way a peer that died without a
+/// RST does: they stay open, but nothing they carry is read or forwarded any more (in
+/// either direction). Connections accepted afterwards are relayed as usual, like a Service
+/// that kube-proxy moved to a live backend.
+pub struct TcpRelay {
+    pub addr: SocketAddr,
+    state: Arc<RelayState>,
+}
+
+#[derive(Default)]
+struct RelayState {
+    stop: AtomicBool,
+    /// Connections accepted so far; those numbered below `silent_below` are silent.
+    accepted: std::sync::atomic::AtomicUsize,
+    silent_below: std::sync::atomic::AtomicUsize,
+    /// Silent connections are kept here, open, until the relay is dropped.
+    held: Mutex<Vec<std::net::TcpStream>>,
+}
+
+impl TcpRelay {
+    pub fn start(to: SocketAddr) -> TcpRelay {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind relay");
+        let addr = listener.local_addr().expect("addr");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let state = Arc::new(RelayState::default());
+        let st = state.clone();
+        std::thread::spawn(move || {
+            while !st.stop.load(Ordering::SeqCst) {
+                let Ok((client, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                let n = st.accepted.fetch_add(1, Ordering::SeqCst);
+                let Ok(server) = std::net::TcpStream::connect(to) else {
+                    continue;
+                };
+                let _ = client.set_nonblocking(false);
+                for (from, into) in [
+                    (client.try_clone(), server.try_clone()),
+                    (server.try_clone(), client.try_clone()),
+                ] {
+                    let (Ok(from), Ok(into)) = (from, into) else {
+                        continue;
+                    };
+                    let st = st.clone();
+                    std::thread::spawn(move || pump(from, into, n, &st));
+                }
+                st.held.lock().unwrap().extend([client, server]);
+            }
+        });
+        TcpRelay { addr, state }
+    }
+
+    /// The connections open now go silent (see the type's doc); later ones are relayed.
+    pub fn silence_existing(&self) {
+        let n = self.state.accepted.load(Ordering::SeqCst);
+        self.state.silent_below.store(n, Ordering::SeqCst);
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.state.accepted.load(Ordering::SeqCst)
+    }
+}
+
+/// Copy `from` into `into` until either closes or connection `n` is silenced; a silenced
+/// pump stops reading (so the sender's data piles up unread) and exits, leaving the
+/// sockets open in `held`.
+fn pump(mut from: std::net::TcpStream, mut into: std::net::TcpStream, n: usize, st: &RelayState) {
+    use std::io::{Read, Write};
+    let silent = || n < st.silent_below.load(Ordering::SeqCst) || st.stop.load(Ordering::SeqCst);
+    let _ = from.set_read_timeout(Some(Duration::from_millis(20)));
+    let mut buf = [0u8; 4096];
+    while !silent() {
+        match from.read(&mut buf) {
+            Ok(0) => return,
+            Ok(k) => {
+                if silent() || into.write_all(&buf[..k]).is_err() {
+                    return;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+impl Drop for TcpRelay {
+    fn drop(&mut self) {
+        self.state.stop.store(true, Ordering::SeqCst);
+        self.state.held.lock().unwrap().clear();
+    }
+}
