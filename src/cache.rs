@@ -26,7 +26,8 @@ pub struct Entry {
     stored_ms: u64,
     hits: AtomicU32,
     referenced: AtomicBool,
-    prefetching: AtomicBool,
+    /// 0, [`PREFETCH_RUNNING`], or the time (ms) before which no prefetch starts.
+    prefetch_mark: AtomicU64,
 }
 
 impl Entry {
@@ -42,6 +43,25 @@ impl Entry {
     fn expired_beyond(&self, now_ms: u64, stale_ms: u64) -> bool {
         now_ms.saturating_sub(self.stored_ms) >= u64::from(self.answer.ttl) * 1000 + stale_ms
     }
+}
+
+/// The prefetch mark of an entry being refreshed.
+const PREFETCH_RUNNING: u64 = u64::MAX;
+/// After a failed prefetch (no answer, SERVFAIL, REFUSED, or not started), the entry is not
+/// prefetched again for this long: an upstream that fails fast would otherwise get one
+/// refresh per hit in the prefetch window.
+pub const PREFETCH_BACKOFF_MS: u64 = 5000;
+
+/// May a prefetch of an entry whose mark is `mark` start at `now`? Never while one runs
+/// (the mark is then [`PREFETCH_RUNNING`], later than any time), nor during a back-off.
+fn prefetch_allowed(mark: u64, now: u64) -> bool {
+    now >= mark
+}
+
+/// The mark of an entry whose prefetch failed at `now`.
+fn prefetch_backoff(now: u64) -> u64 {
+    now.saturating_add(PREFETCH_BACKOFF_MS)
+        .min(PREFETCH_RUNNING - 1)
 }
 
 /// When to refresh an entry before it expires.
@@ -190,7 +210,14 @@ impl Cache {
             && hits >= min_hits
             && u64::from(entry.answer.ttl - age.min(entry.answer.ttl)) * 100
                 < u64::from(entry.answer.ttl) * u64::from(self.prefetch_percent.load(r))
-            && !entry.prefetching.swap(true, Ordering::Relaxed);
+            && {
+                let mark = entry.prefetch_mark.load(r);
+                prefetch_allowed(mark, now)
+                    && entry
+                        .prefetch_mark
+                        .compare_exchange(mark, PREFETCH_RUNNING, r, r)
+                        .is_ok()
+            };
         Hit::Fresh {
             value: f(entry, age),
             prefetch,
@@ -221,7 +248,7 @@ impl Cache {
             stored_ms: now,
             hits: AtomicU32::new(0),
             referenced: AtomicBool::new(false),
-            prefetching: AtomicBool::new(false),
+            prefetch_mark: AtomicU64::new(0),
         });
         let (hash, shard) = self.locate(key.as_bytes());
         let mut shard = shard.write();
@@ -247,10 +274,12 @@ impl Cache {
         Some(entry)
     }
 
-    /// Allow the entry for `key` to be prefetched again (after a failed refresh).
-    pub fn clear_prefetch_mark(&self, key: &Key) {
+    /// A prefetch of `key` failed or could not start: allow the next one only after
+    /// [`PREFETCH_BACKOFF_MS`].
+    pub fn prefetch_failed(&self, key: &Key) {
         if let Some(e) = self.get(key) {
-            e.prefetching.store(false, Ordering::Relaxed);
+            e.prefetch_mark
+                .store(prefetch_backoff(self.now_ms()), Ordering::Relaxed);
         }
     }
 
@@ -410,11 +439,40 @@ mod tests {
             })
             .collect();
         assert_eq!(marks, [false, true, false, false]);
-        c.clear_prefetch_mark(&k);
-        assert!(matches!(
-            c.with_fresh(&k, c.now_ms(), |_, _| ()),
-            Hit::Fresh { prefetch: true, .. }
-        ));
+        // A failed prefetch backs off: no mark until PREFETCH_BACKOFF_MS have passed.
+        c.prefetch_failed(&k);
+        let now = c.now_ms();
+        for at in [now, now + PREFETCH_BACKOFF_MS - 1] {
+            assert!(matches!(
+                c.with_fresh(&k, at, |_, _| ()),
+                Hit::Fresh {
+                    prefetch: false,
+                    ..
+                }
+            ));
+        }
+        let later = now + PREFETCH_BACKOFF_MS;
+        let marks: Vec<bool> = (0..2)
+            .map(|_| match c.with_fresh(&k, later, |_, _| ()) {
+                Hit::Fresh { prefetch, .. } => prefetch,
+                Hit::Miss => panic!("miss"),
+            })
+            .collect();
+        assert_eq!(marks, [true, false]);
+    }
+
+    #[test]
+    fn prefetch_back_off_policy() {
+        assert!(prefetch_allowed(0, 0), "never tried");
+        assert!(
+            !prefetch_allowed(PREFETCH_RUNNING, u64::MAX - 1),
+            "one runs"
+        );
+        let mark = prefetch_backoff(1000);
+        assert_eq!(mark, 1000 + PREFETCH_BACKOFF_MS);
+        assert!(!prefetch_allowed(mark, mark - 1));
+        assert!(prefetch_allowed(mark, mark));
+        assert_eq!(prefetch_backoff(u64::MAX - 1), PREFETCH_RUNNING - 1);
     }
 
     #[test]

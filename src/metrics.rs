@@ -35,6 +35,7 @@ pub struct Metrics {
     pub tcp: Hot,
     pub misses: AtomicU64,
     pub coalesced: AtomicU64,
+    pub coalesce_overflow: AtomicU64,
     pub stale_answers: AtomicU64,
     pub prefetches: AtomicU64,
     pub upstream_queries: AtomicU64,
@@ -99,7 +100,7 @@ impl Metrics {
                 ("{transport=\"tcp\"}", tcp_q),
             ],
         );
-        let counters: [(&str, &str, u64); 14] = [
+        let counters: [(&str, &str, u64); 15] = [
             (
                 "localdns_cache_hits_total",
                 "Queries answered from a fresh cache entry.",
@@ -114,6 +115,11 @@ impl Metrics {
                 "localdns_coalesced_total",
                 "Misses that joined an identical upstream query in flight.",
                 l(&self.coalesced),
+            ),
+            (
+                "localdns_coalesce_overflow_total",
+                "Misses beyond the bound on clients waiting for one name (answered stale or SERVFAIL).",
+                l(&self.coalesce_overflow),
             ),
             (
                 "localdns_stale_answers_total",
@@ -152,7 +158,7 @@ impl Metrics {
             ),
             (
                 "localdns_overload_total",
-                "Queries refused with SERVFAIL because too many upstream queries were in flight.",
+                "Misses over max_in_flight upstream queries (answered stale when cached, else SERVFAIL).",
                 l(&self.overload),
             ),
             (

@@ -673,12 +673,9 @@ fn serves_stale_when_the_upstream_dies() {
     assert!(scrape(d.metrics).value("localdns_stale_answers_total", &[]) >= 1.0);
 }
 
-/// Prefetch knobs beyond the brief's contract (`prefetch_min_hits`, `prefetch_percent`) are
-/// the ones the README documents. TTL 4 s and 75 %: a hit at 2.3 s is inside the prefetch
-/// window whether the daemon measures age in milliseconds (< 3 s left) or whole seconds
-/// (age 2, 2 s left), and the first hits at ~0 s are outside it either way.
-#[test]
-fn hot_entries_are_prefetched_before_expiry() {
+/// An upstream with `hot.example.com` (TTL 4 s) and a daemon that prefetches after 2 hits
+/// with 75 % of the TTL left, the name asked three times (asked upstream once); and when.
+fn hot_entry_asked_three_times() -> (Upstream, Daemon, Instant) {
     let up = Upstream::start();
     up.a("hot.example.com", 4, "192.0.2.7");
     let mut cfg = Config::to(up.addr);
@@ -689,6 +686,16 @@ fn hot_entries_are_prefetched_before_expiry() {
         ok(d.dns, "hot.example.com", A);
     }
     assert_eq!(up.count("hot.example.com", A), 1);
+    (up, d, t0)
+}
+
+/// Prefetch knobs beyond the brief's contract (`prefetch_min_hits`, `prefetch_percent`) are
+/// the ones the README documents. TTL 4 s and 75 %: a hit at 2.3 s is inside the prefetch
+/// window whether the daemon measures age in milliseconds (< 3 s left) or whole seconds
+/// (age 2, 2 s left), and the first hits at ~0 s are outside it either way.
+#[test]
+fn hot_entries_are_prefetched_before_expiry() {
+    let (up, d, t0) = hot_entry_asked_three_times();
     sleep(Duration::from_millis(2300).saturating_sub(t0.elapsed()));
     ok(d.dns, "hot.example.com", A);
     // The refresh runs in the background: poll for it (bounded).
@@ -1343,4 +1350,247 @@ fn a_node_without_resolvers_yet_serves_the_cluster_and_picks_them_up_later() {
         client::addrs(&ok(d.dns, "www.example.net", A)),
         ["192.0.2.77"]
     );
+}
+
+// ---------------------------------------------------------------- upstream faults (issue 9)
+
+/// One name that its authority answers later than the timeout, asked several times, must
+/// not mark the only server of a pool down: the next healthy name is still answered, over
+/// the default pool (UDP) and over the cluster pool (pipelined TCP). On the code before the
+/// fix the first slow query's three timed-out attempts marked the server down and the
+/// healthy name got SERVFAIL at once, for `down_time`.
+#[test]
+fn one_slow_name_does_not_mark_a_one_server_pool_down() {
+    let up = example_upstream();
+    up.a("slow.example.com", 300, "192.0.2.8")
+        .a("slow.default.svc.cluster.local", 300, "10.0.0.8")
+        .a("web.default.svc.cluster.local", 300, "10.0.0.9");
+    up.set_name_delay("slow.example.com", Duration::from_secs(5));
+    up.set_name_delay("slow.default.svc.cluster.local", Duration::from_secs(5));
+    let mut cfg = Config::to(up.addr);
+    cfg.timeout = "200ms".into();
+    let d = Daemon::start(&cfg);
+    for (slow, healthy, want) in [
+        ("slow.example.com", "www.example.com", "192.0.2.1"),
+        (
+            "slow.default.svc.cluster.local",
+            "web.default.svc.cluster.local",
+            "10.0.0.9",
+        ),
+    ] {
+        for i in 0..3 {
+            let r = client::udp_timeout(d.dns, &query(slow, A), Duration::from_secs(3))
+                .unwrap_or_else(|e| panic!("{slow} #{i}: {e}"));
+            assert_eq!(r.response_code(), ResponseCode::ServFail, "{slow} #{i}");
+        }
+        let t = Instant::now();
+        let r =
+            client::udp_timeout(d.dns, &query(healthy, A), Duration::from_secs(3)).expect("answer");
+        assert_eq!(
+            r.response_code(),
+            ResponseCode::NoError,
+            "{healthy} after {slow} timed out (answered in {:?}): {r:?}",
+            t.elapsed()
+        );
+        assert_eq!(client::addrs(&r), [want]);
+    }
+}
+
+/// When every server of a pool is marked down, a query still tries one of them instead of
+/// failing at once: a server that was dead and is back answers before its `down_time` ends.
+#[test]
+fn a_pool_with_every_server_down_still_tries_one() {
+    let up = example_upstream();
+    for i in 0..6 {
+        up.a(&format!("d{i}.example.com"), 300, "192.0.2.6");
+    }
+    up.set_silent(true);
+    let mut cfg = Config::to(up.addr);
+    cfg.timeout = "200ms".into();
+    cfg.down_time = "60s".into();
+    let d = Daemon::start(&cfg);
+    // Distinct names time out: the server is down.
+    for i in 0..3 {
+        let r = client::udp_timeout(
+            d.dns,
+            &query(&format!("d{i}.example.com"), A),
+            Duration::from_secs(3),
+        )
+        .expect("answer");
+        assert_eq!(r.response_code(), ResponseCode::ServFail);
+    }
+    up.set_silent(false);
+    let r = client::udp_timeout(d.dns, &query("d5.example.com", A), Duration::from_secs(3))
+        .expect("answer");
+    assert_eq!(
+        r.response_code(),
+        ResponseCode::NoError,
+        "a pool whose only server is down must still try it: {r:?}"
+    );
+}
+
+/// Over `max_in_flight` a query whose answer has expired but is inside the serve-stale
+/// window gets that stale answer, not SERVFAIL (before the fix: SERVFAIL).
+#[test]
+fn overload_serves_stale_answers() {
+    let up = example_upstream();
+    for i in 0..2 {
+        let name = format!("slow{i}.example.com");
+        up.a(&name, 300, "192.0.2.9");
+        up.set_name_delay(&name, Duration::from_secs(2));
+    }
+    let mut cfg = Config::to(up.addr);
+    cfg.upstream_extra = "max_in_flight = 2".into();
+    let d = Daemon::start(&cfg);
+    assert_eq!(client::ttls(&ok(d.dns, "short.example.com", A)), [1]);
+    sleep(Duration::from_millis(1100));
+    let server = d.dns;
+    let slow: Vec<_> = (0..2)
+        .map(|i| {
+            std::thread::spawn(move || {
+                client::udp_timeout(
+                    server,
+                    &query(&format!("slow{i}.example.com"), A),
+                    Duration::from_secs(5),
+                )
+            })
+        })
+        .collect();
+    // Both slow names reached the upstream: the two in-flight slots are taken.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while up.count("slow0.example.com", A) + up.count("slow1.example.com", A) < 2 {
+        assert!(Instant::now() < deadline, "slow queries never sent");
+        sleep(Duration::from_millis(5));
+    }
+    let r = client::udp(d.dns, &query("short.example.com", A)).expect("answer");
+    assert_eq!(
+        r.response_code(),
+        ResponseCode::NoError,
+        "overloaded, with a stale answer in the cache: {r:?}"
+    );
+    assert_eq!(client::addrs(&r), ["192.0.2.3"]);
+    assert_eq!(
+        client::ttls(&r),
+        [30],
+        "stale answers carry stale_answer_ttl"
+    );
+    // A name with nothing cached still gets SERVFAIL at once.
+    let r = client::udp(d.dns, &query("www.example.com", A)).expect("answer");
+    assert_eq!(r.response_code(), ResponseCode::ServFail);
+    let m = scrape(d.metrics);
+    assert_eq!(m.value("localdns_overload_total", &[]), 2.0);
+    assert!(m.value("localdns_stale_answers_total", &[]) >= 1.0);
+    for t in slow {
+        let _ = t.join();
+    }
+}
+
+/// Clients waiting on one name being resolved are bounded (1024): the rest get SERVFAIL at
+/// once (no stale answer here) and are counted; the upstream is still asked once.
+#[test]
+fn coalesced_waiters_are_bounded() {
+    use std::net::UdpSocket;
+    let up = example_upstream();
+    // Under the 1 s attempt timeout: one upstream query answers them all.
+    up.set_name_delay("www.example.com", Duration::from_millis(800));
+    let d = daemon_for(&up);
+    let sock = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let n = 1100;
+    for _ in 0..n {
+        sock.send_to(&client::encode(&query("www.example.com", A)), d.dns)
+            .expect("send");
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let m = scrape(d.metrics);
+        let refused = m
+            .get("localdns_coalesce_overflow_total", &[])
+            .unwrap_or(0.0);
+        let queries = m.value("localdns_queries_total", &[]);
+        if queries >= n as f64 {
+            assert_eq!(refused, (n - 1024) as f64, "waiters beyond the bound");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{queries} of {n} queries received"
+        );
+        sleep(Duration::from_millis(20));
+    }
+    sleep(Duration::from_millis(1000));
+    assert_eq!(up.count("www.example.com", A), 1);
+}
+
+/// A prefetch that fails (the upstream answers SERVFAIL quickly) is not started again on
+/// the next hit: hits in the prefetch window send one refresh, not one each (before the
+/// fix every hit after a failed refresh sent another).
+#[test]
+fn a_failed_prefetch_backs_off() {
+    let (up, d, t0) = hot_entry_asked_three_times();
+    up.set_servfail("hot.example.com");
+    sleep(Duration::from_millis(2300).saturating_sub(t0.elapsed()));
+    let mut hits = 0;
+    while t0.elapsed() < Duration::from_millis(3700) {
+        let r = ok(d.dns, "hot.example.com", A);
+        assert_eq!(client::addrs(&r), ["192.0.2.7"]);
+        hits += 1;
+        sleep(Duration::from_millis(20));
+    }
+    sleep(Duration::from_millis(100));
+    let asked = up.count("hot.example.com", A);
+    assert!(hits >= 20, "{hits} hits in the window");
+    assert_eq!(
+        asked,
+        2,
+        "{hits} hits in the prefetch window sent {} refreshes to a failing upstream",
+        asked - 1
+    );
+}
+
+/// Fault 1 on loopback (the namespace test in tests/netns.rs is the realistic one): the
+/// cluster upstream's pipelined TCP connection goes silent (still open, nothing read or
+/// answered); the next cluster name must be answered on a new connection within 3 s.
+/// Before the fix the silent connection was kept and the name got SERVFAIL.
+#[test]
+fn a_silent_pipelined_connection_is_replaced() {
+    use common::upstream::TcpRelay;
+    let up = example_upstream();
+    for i in 0..8 {
+        up.a(&format!("s{i}.default.svc.cluster.local"), 300, "10.0.0.7");
+    }
+    let relay = TcpRelay::start(up.addr);
+    let mut cfg = Config::to(up.addr);
+    cfg.cluster = vec![relay.addr];
+    let d = Daemon::start(&cfg);
+    assert_eq!(
+        client::addrs(&ok(d.dns, "s0.default.svc.cluster.local", A)),
+        ["10.0.0.7"]
+    );
+    assert_eq!(relay.accepted(), 1);
+    relay.silence_existing();
+    let t = Instant::now();
+    let r = client::udp_timeout(
+        d.dns,
+        &query("s1.default.svc.cluster.local", A),
+        Duration::from_secs(5),
+    )
+    .expect("answer");
+    let took = t.elapsed();
+    assert_eq!(
+        r.response_code(),
+        ResponseCode::NoError,
+        "after {took:?}: {r:?}"
+    );
+    assert!(took < Duration::from_secs(3), "answered after {took:?}");
+    assert_eq!(relay.accepted(), 2, "one new connection");
+    // The new connection carries the next names at once.
+    for i in 2..5 {
+        let t = Instant::now();
+        ok(d.dns, &format!("s{i}.default.svc.cluster.local"), A);
+        assert!(
+            t.elapsed() < Duration::from_millis(900),
+            "{:?}",
+            t.elapsed()
+        );
+    }
 }

@@ -7,7 +7,7 @@
 mod helpers;
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use helpers::*;
 
@@ -379,4 +379,126 @@ fn drift_is_repaired() {
     );
     assert!(count("interface") >= 2 && count("address") >= 2 && count("rules") >= 4);
     drop(d);
+}
+
+/// Issue 9, fault 1: the kube-dns pod behind the cluster upstream's Service IP dies with
+/// its node (its packets are dropped, no RST) and kube-proxy moves the Service to a live
+/// pod. localdns's pipelined TCP connection stays conntracked to the dead pod; it must be
+/// given up and a new one dialled (which the DNAT sends to the live pod), so cluster names
+/// resolve again within 3 s. Before the fix the silent connection was kept (its queries
+/// only timed out) and the server was marked down: names still failed 10 s later.
+#[test]
+fn a_silent_cluster_upstream_is_replaced_within_3_s() {
+    require_netns!();
+    let node = Netns::new("node");
+    let kdns = Netns::new("kdns");
+    let dir = tempfile::tempdir().unwrap();
+    node.sh(&format!(
+        "ip link add n1 type veth peer name k0 netns {kdns}
+         ip addr add 10.244.1.1/24 dev n1
+         ip link set n1 up
+         ip route add 10.96.0.0/12 dev n1",
+        kdns = kdns.name
+    ));
+    kdns.sh("ip addr add 10.244.1.2/24 dev k0
+         ip addr add 10.244.1.4/24 dev k0
+         ip link set k0 up
+         ip route add default via 10.244.1.1");
+    // kube-proxy stand-in: the kube-dns-upstream Service IP → pod A, through conntrack.
+    node.sh(
+        "iptables -t nat -N KUBE-SVC
+         iptables -t nat -A KUBE-SVC -d 10.96.0.20/32 -p tcp --dport 53 -j DNAT --to-destination 10.244.1.2:53
+         iptables -t nat -A KUBE-SVC -d 10.96.0.20/32 -p udp --dport 53 -j DNAT --to-destination 10.244.1.2:53
+         iptables -t nat -A OUTPUT -j KUBE-SVC",
+    );
+    let pod_b = std::net::Ipv4Addr::new(192, 0, 2, 4);
+    let _a = FakeDns::start(&kdns, &[sa("10.244.1.2:53")], VIA_KUBE_DNS);
+    let _b = FakeDns::start(&kdns, &[sa("10.244.1.4:53")], pod_b);
+    let cfg = dir.path().join("config.toml");
+    std::fs::write(
+        &cfg,
+        "[listen]
+addresses = [\"127.0.0.1\"]
+port = 53
+udp_threads = 1
+[cluster]
+upstream = [\"10.96.0.20:53\"]
+protocol = \"tcp\"
+[upstream]
+servers = [\"10.244.1.4:53\"]
+[network]
+setup_interface = false
+setup_rules = false
+[metrics]
+address = \"127.0.0.1:9253\"
+",
+    )
+    .unwrap();
+    let d = Daemon::start(&node, &cfg, dir.path());
+    let (node_ns, kdns_ns) = (node.name.clone(), kdns.name.clone());
+    let (recovered, after) = node.enter(move || {
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let server = sa("127.0.0.1:53");
+        let mut id = 0u16;
+        let mut ask = |name: String| {
+            id += 1;
+            ask_udp(&sock, server, id, &name)
+        };
+        // Warm: the pipelined connection to pod A carries a few queries.
+        for i in 0..3 {
+            assert_eq!(
+                ask(format!("warm{i}.default.svc.cluster.local")),
+                Some(VIA_KUBE_DNS)
+            );
+        }
+        // Pod A goes silent; the Service moves to pod B.
+        let sh = |ns: &str, line: &str| {
+            let out = std::process::Command::new("ip")
+                .args(["netns", "exec", ns, "sh", "-ec", line])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{line}: {out:?}");
+        };
+        sh(
+            &kdns_ns,
+            "iptables -A INPUT -p tcp -d 10.244.1.2 --dport 53 -j DROP
+             iptables -A OUTPUT -p tcp -s 10.244.1.2 --sport 53 -j DROP",
+        );
+        sh(
+            &node_ns,
+            "iptables -t nat -R KUBE-SVC 1 -d 10.96.0.20/32 -p tcp --dport 53 -j DNAT --to-destination 10.244.1.4:53
+             iptables -t nat -R KUBE-SVC 2 -d 10.96.0.20/32 -p udp --dport 53 -j DNAT --to-destination 10.244.1.4:53",
+        );
+        let start = Instant::now();
+        let mut i = 0;
+        let recovered = loop {
+            i += 1;
+            let got = ask(format!("svc{i}.default.svc.cluster.local"));
+            if got == Some(pod_b) {
+                break Some(start.elapsed());
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                break None;
+            }
+        };
+        // And it stays recovered: the next names are answered at once.
+        let after: Vec<_> = (0..5)
+            .map(|j| ask(format!("after{j}.default.svc.cluster.local")))
+            .collect();
+        (recovered, after)
+    });
+    let took = recovered.unwrap_or_else(|| {
+        panic!(
+            "cluster names still fail 10 s after the upstream went silent:\n{}",
+            d.log_text()
+        )
+    });
+    eprintln!("cluster names resolve again {took:?} after the upstream went silent");
+    assert!(
+        took < Duration::from_secs(3),
+        "recovered only after {took:?}:\n{}",
+        d.log_text()
+    );
+    assert_eq!(after, vec![Some(pod_b); 5]);
 }

@@ -113,7 +113,7 @@ pub struct RawUpstream {
     /// Upstream queries in flight at most.
     #[serde(deserialize_with = "at_least_one_usize")]
     pub max_in_flight: usize,
-    /// Consecutive failures that mark a server down.
+    /// Failures of distinct questions, with no answer in between, that mark a server down.
     #[serde(deserialize_with = "at_least_one_u32")]
     pub down_after_failures: u32,
     /// How long a down server is skipped.

@@ -4,8 +4,11 @@
 //! Listeners call [`Resolver::miss`] from any thread; it never blocks. The first miss for a
 //! key starts one task; identical misses that arrive while it runs join its waiter list
 //! and are answered from the same upstream response, each with its own ID, letter case
-//! and EDNS. The number of keys being resolved at once is capped; over the cap a query
-//! gets SERVFAIL at once (counted), so a dead upstream cannot grow memory without bound.
+//! and EDNS. The number of keys being resolved at once is capped, and so is the number of
+//! clients waiting on one key ([`MAX_WAITERS`]): a query over either cap is answered at
+//! once (counted), from an expired entry still in the serve-stale window when there is one
+//! (overload is exactly when a stale answer helps), else with SERVFAIL. So a dead upstream
+//! cannot grow memory without bound.
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
@@ -38,6 +41,33 @@ pub enum ReplyTo {
 pub struct Waiter {
     pub reply: ReplyTo,
     pub packet: Vec<u8>,
+}
+
+/// Clients waiting on one key at most; more are answered at once (stale or SERVFAIL).
+pub const MAX_WAITERS: usize = 1024;
+
+/// What to do with a miss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admit {
+    /// Join the resolution of the same key in flight.
+    Join,
+    /// Start resolving the key.
+    Start,
+    /// Answer at once: too many clients wait on this key.
+    TooManyWaiters,
+    /// Answer at once: too many keys are being resolved.
+    Overload,
+}
+
+/// The miss-path admission policy: `waiters` on the key when it is being resolved,
+/// `in_flight` keys being resolved of at most `max_in_flight`.
+fn admit(waiters: Option<usize>, in_flight: usize, max_in_flight: usize) -> Admit {
+    match waiters {
+        Some(n) if n >= MAX_WAITERS => Admit::TooManyWaiters,
+        Some(_) => Admit::Join,
+        None if in_flight >= max_in_flight => Admit::Overload,
+        None => Admit::Start,
+    }
 }
 
 /// What the upstream exchange produced for a key.
@@ -111,20 +141,34 @@ impl Resolver {
     pub fn miss(self: &Arc<Self>, key: Key, waiter: Waiter) {
         inc(&self.metrics.misses);
         let mut waiting = self.waiting.lock();
-        if let Some(list) = waiting.get_mut(&key) {
-            list.push(waiter);
-            inc(&self.metrics.coalesced);
-            return;
+        let admit = admit(
+            waiting.get(&key).map(Vec::len),
+            self.in_flight.load(Relaxed),
+            self.settings.load().max_in_flight,
+        );
+        match admit {
+            Admit::Join => {
+                if let Some(list) = waiting.get_mut(&key) {
+                    list.push(waiter);
+                }
+                inc(&self.metrics.coalesced);
+            }
+            Admit::Start => {
+                waiting.insert(key, vec![waiter]);
+                drop(waiting);
+                self.start(key, false);
+            }
+            Admit::TooManyWaiters | Admit::Overload => {
+                drop(waiting);
+                inc(if admit == Admit::Overload {
+                    &self.metrics.overload
+                } else {
+                    &self.metrics.coalesce_overflow
+                });
+                let outcome = self.stale(&key).map_or(Outcome::Fail, Outcome::Stale);
+                self.respond(waiter, &outcome);
+            }
         }
-        if self.in_flight.load(Relaxed) >= self.settings.load().max_in_flight {
-            drop(waiting);
-            inc(&self.metrics.overload);
-            self.respond(waiter, &Outcome::Fail);
-            return;
-        }
-        waiting.insert(key, vec![waiter]);
-        drop(waiting);
-        self.start(key, false);
     }
 
     /// Refresh `key` before it expires, unless it is already being resolved.
@@ -133,6 +177,8 @@ impl Resolver {
         if waiting.contains_key(&key)
             || self.in_flight.load(Relaxed) >= self.settings.load().max_in_flight
         {
+            drop(waiting);
+            self.cache.prefetch_failed(&key);
             return;
         }
         waiting.insert(key, Vec::new());
@@ -147,7 +193,7 @@ impl Resolver {
         self.runtime.spawn(async move {
             let outcome = this.fetch(&key).await;
             if prefetch && !matches!(outcome, Outcome::Cached(_)) {
-                this.cache.clear_prefetch_mark(&key);
+                this.cache.prefetch_failed(&key);
             }
             let waiters = this.waiting.lock().remove(&key).unwrap_or_default();
             for w in waiters {
@@ -278,5 +324,21 @@ pub fn send(metrics: &Metrics, to: ReplyTo, msg: Vec<u8>) {
     };
     if !ok {
         inc(&metrics.send_errors);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admission() {
+        assert_eq!(admit(None, 0, 10), Admit::Start);
+        assert_eq!(admit(None, 9, 10), Admit::Start);
+        assert_eq!(admit(None, 10, 10), Admit::Overload);
+        // Joining costs no upstream query: allowed over max_in_flight, up to the bound.
+        assert_eq!(admit(Some(1), 10, 10), Admit::Join);
+        assert_eq!(admit(Some(MAX_WAITERS - 1), 0, 10), Admit::Join);
+        assert_eq!(admit(Some(MAX_WAITERS), 0, 10), Admit::TooManyWaiters);
     }
 }

@@ -2,23 +2,27 @@
 //! TCP exchanges, persistent pipelined TCP.
 //!
 //! A pool tries its servers in order (first healthy first, like resolv.conf), each attempt
-//! bounded by the pool's timeout. A server that fails `down_after_failures` times in a row
-//! is marked down and skipped for `down_time`; then the question of one query is sent to
-//! it on the side (that client is still answered by a healthy server, so no client waits
-//! on a server that may still be dead; the mark is renewed when the probe is sent), and a
-//! success brings it back. When every server is down, the probe is the query's only
-//! attempt; when none is due for a probe either, the pool fails at once, so callers can
-//! answer from stale entries without waiting for timeouts.
+//! bounded by the pool's timeout. When a server is down is decided in [`health`]: failures
+//! of `down_after_failures` distinct questions with no answer in between (one slow name
+//! never takes a server down). A down server is skipped for `down_time`; then the question
+//! of one query is sent to it on the side (that client is still answered by a healthy
+//! server, so no client waits on a server that may still be dead; the mark is renewed when
+//! the probe is sent), and a success brings it back. When every server is down, one of
+//! them (the one due first) is still tried, once: a pool never fails every query at once
+//! just because of its marks.
 
 pub mod exchange;
+pub mod health;
 pub mod pipeline;
 pub mod ports;
 pub mod route;
 
+use std::hash::{BuildHasher, BuildHasherDefault};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
 
 use crate::config::{self, Protocol};
 use crate::dns::answer::write_upstream_query;
@@ -30,8 +34,8 @@ pub use route::Router;
 /// Why a pool gave no answer.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
-    #[error("all upstream servers are marked down")]
-    AllDown,
+    #[error("no upstream servers (resolv.conf lists none yet)")]
+    NoServers,
     #[error("upstream {server}: {source}")]
     Failed {
         server: SocketAddr,
@@ -52,9 +56,8 @@ enum Transport {
 #[derive(Debug)]
 struct Server {
     addr: SocketAddr,
-    failures: AtomicU32,
-    /// Milliseconds on the pool's clock until which the server is skipped; 0 = up.
-    down_until: AtomicU64,
+    /// Health on the pool's clock (touched on the miss path only).
+    health: Mutex<health::Health>,
     transport: Transport,
 }
 
@@ -69,6 +72,7 @@ pub struct Pool {
     attempts: usize,
     down_after: u32,
     down_time: Duration,
+    policy: health::Policy,
     reuse: ports::Reuse,
     epoch: Instant,
 }
@@ -90,11 +94,10 @@ impl Pool {
                 .iter()
                 .map(|&addr| Server {
                     addr,
-                    failures: AtomicU32::new(0),
-                    down_until: AtomicU64::new(0),
+                    health: Mutex::new(health::Health::default()),
                     transport: match protocol {
                         Protocol::Udp => Transport::Udp(ports::Ports::new(addr, reuse)),
-                        Protocol::Tcp => Transport::Tcp(pipeline::Pipeline::new(addr)),
+                        Protocol::Tcp => Transport::Tcp(pipeline::Pipeline::new(addr, up.timeout)),
                     },
                 })
                 .collect(),
@@ -103,6 +106,12 @@ impl Pool {
             attempts: up.attempts.max(1),
             down_after: up.down_after_failures.max(1),
             down_time: up.down_time,
+            policy: health::Policy::new(
+                up.down_after_failures,
+                up.down_time.as_millis() as u64,
+                up.timeout.as_millis() as u64,
+                up.attempts as u32,
+            ),
             reuse,
             epoch: Instant::now(),
         }
@@ -113,42 +122,50 @@ impl Pool {
     }
 
     /// Servers to try, in order, and at most one down server due for a probe (marked so
-    /// that concurrent queries do not all probe it).
+    /// that concurrent queries do not all probe it). When every server is down and none is
+    /// due, the one due first is returned as the probe anyway.
     fn candidates(&self) -> (Vec<usize>, Option<usize>) {
         let now = self.now_ms();
         let mut up = Vec::with_capacity(self.servers.len());
         let mut probe = None;
+        let mut first_due: Option<(u64, usize)> = None;
         for (i, s) in self.servers.iter().enumerate() {
-            let until = s.down_until.load(Relaxed);
-            if until == 0 {
-                up.push(i);
-            } else if until <= now && probe.is_none() {
-                let next = now + self.down_time.as_millis() as u64;
-                if s.down_until
-                    .compare_exchange(until, next, Relaxed, Relaxed)
-                    .is_ok()
-                {
+            let mut h = s.health.lock();
+            match h.state(now) {
+                health::State::Up => up.push(i),
+                health::State::ProbeDue if probe.is_none() => {
+                    h.probe_taken(now, &self.policy);
                     probe = Some(i);
                 }
+                health::State::ProbeDue | health::State::Down => {
+                    if first_due.map_or(true, |(until, _)| h.down_until() < until) {
+                        first_due = Some((h.down_until(), i));
+                    }
+                }
             }
+        }
+        if up.is_empty() && probe.is_none() {
+            probe = first_due.map(|(_, i)| i);
         }
         (up, probe)
     }
 
     fn succeeded(&self, s: &Server) {
-        s.failures.store(0, Relaxed);
-        if s.down_until.swap(0, Relaxed) != 0 {
+        if s.health.lock().succeeded() {
             tracing::info!(upstream = %s.addr, pool = %self.name, "upstream answers again, marked up");
         }
     }
 
-    fn failed(&self, s: &Server, err: &ExchangeError) {
-        let n = s.failures.fetch_add(1, Relaxed) + 1;
-        if n >= self.down_after && s.down_until.load(Relaxed) == 0 {
-            let until = self.now_ms() + self.down_time.as_millis() as u64;
-            s.down_until.store(until, Relaxed);
-            tracing::warn!(upstream = %s.addr, pool = %self.name, error = %err, failures = n,
-                "upstream marked down");
+    fn failed(&self, s: &Server, key: &Key, err: &ExchangeError) {
+        let question = BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+            .hash_one(key.as_bytes());
+        let marked = s
+            .health
+            .lock()
+            .failed(question, self.now_ms(), &self.policy);
+        if let Some(n) = marked {
+            tracing::warn!(upstream = %s.addr, pool = %self.name, error = %err, questions = n,
+                "upstream marked down: distinct questions failed with no answer in between");
         }
     }
 
@@ -160,21 +177,25 @@ impl Pool {
         metrics: &Arc<Metrics>,
     ) -> Result<Answer, UpstreamError> {
         let (up, probe) = self.candidates();
-        let order: Vec<&Server> = match (up.is_empty(), probe) {
-            (true, None) => return Err(UpstreamError::AllDown),
-            // Nothing else to ask: the probe is this query's only chance.
-            (true, Some(p)) => vec![&self.servers[p]],
+        let (order, attempts): (Vec<&Server>, usize) = match (up.is_empty(), probe) {
+            // Only a pool without servers has neither.
+            (true, None) => return Err(UpstreamError::NoServers),
+            // Nothing else to ask: the probe is this query's only attempt.
+            (true, Some(p)) => (vec![&self.servers[p]], 1),
             // Probe on the side with the same question, so that no client waits on a
             // server that may still be dead; a success marks it up again.
             (false, probe) => {
                 if let Some(p) = probe {
                     self.spawn_probe(p, *key, *policy, Arc::clone(metrics));
                 }
-                up.iter().map(|&i| &self.servers[i]).collect()
+                (
+                    up.iter().map(|&i| &self.servers[i]).collect(),
+                    self.attempts,
+                )
             }
         };
         let mut last = None;
-        for attempt in 0..self.attempts {
+        for attempt in 0..attempts {
             let server = order[attempt % order.len()];
             inc(&metrics.upstream_queries);
             let result =
@@ -189,7 +210,7 @@ impl Pool {
                 Err(e) => {
                     inc(&metrics.upstream_failures);
                     tracing::debug!(upstream = %server.addr, pool = %self.name, error = %e, "upstream attempt failed");
-                    self.failed(server, &e);
+                    self.failed(server, key, &e);
                     last = Some((server.addr, e));
                 }
             }
@@ -218,7 +239,7 @@ impl Pool {
                 Err(e) => {
                     inc(&metrics.upstream_failures);
                     tracing::debug!(upstream = %server.addr, pool = %pool.name, error = %e, "probe of a down upstream failed");
-                    pool.failed(server, &e);
+                    pool.failed(server, &key, &e);
                 }
             }
         });
@@ -296,7 +317,7 @@ impl Pool {
     pub fn health(&self) -> Vec<(SocketAddr, bool)> {
         self.servers
             .iter()
-            .map(|s| (s.addr, s.down_until.load(Relaxed) == 0))
+            .map(|s| (s.addr, s.health.lock().is_up()))
             .collect()
     }
 }

@@ -7,7 +7,8 @@
 //! queries localdns sent it per (lower-cased name, type) and over which transport.
 //!
 //! Knobs a test can turn while it runs: `set_silent` (receive and count, never answer: a black
-//! hole), `set_delay` (answer late: for coalescing), and `shutdown` (close both sockets: the
+//! hole), `set_delay` (answer late: for coalescing), `set_name_delay` (answer one name late:
+//! an authority that is slow for one name only), and `shutdown` (close both sockets: the
 //! port refuses afterwards).
 //!
 //! Size limits are applied here and not left to hickory: a UDP answer that does not fit the
@@ -74,6 +75,8 @@ struct State {
     seen: Mutex<Vec<Seen>>,
     silent: AtomicBool,
     delay: Mutex<Duration>,
+    /// Extra delay per name (keyed like `key`), on top of `delay`.
+    name_delay: Mutex<HashMap<String, Duration>>,
     /// Names (keyed like `key`) answered with SERVFAIL.
     servfail: Mutex<Vec<String>>,
 }
@@ -185,7 +188,15 @@ impl RequestHandler for Handler {
         if self.0.silent.load(Ordering::SeqCst) {
             return fail.into();
         }
-        let delay = *self.0.delay.lock().unwrap();
+        let delay = *self.0.delay.lock().unwrap()
+            + self
+                .0
+                .name_delay
+                .lock()
+                .unwrap()
+                .get(&qname)
+                .copied()
+                .unwrap_or_default();
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
@@ -298,6 +309,7 @@ impl Upstream {
             seen: Mutex::new(Vec::new()),
             silent: AtomicBool::new(false),
             delay: Mutex::new(Duration::ZERO),
+            name_delay: Mutex::new(HashMap::new()),
             servfail: Mutex::new(Vec::new()),
         });
         let addr = udp.local_addr().expect("addr");
@@ -410,6 +422,15 @@ impl Upstream {
         *self.state.delay.lock().unwrap() = delay;
     }
 
+    /// Answer `name` (any type) `delay` late from now on; other names are not delayed.
+    pub fn set_name_delay(&self, name: &str, delay: Duration) {
+        self.state
+            .name_delay
+            .lock()
+            .unwrap()
+            .insert(key(name), delay);
+    }
+
     pub fn seen(&self) -> Vec<Seen> {
         self.state.seen.lock().unwrap().clone()
     }
@@ -454,5 +475,104 @@ impl Upstream {
 impl Drop for Upstream {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+/// A TCP relay in front of an upstream, on its own port of 127.0.0.1. `silence_existing`
+/// makes the connections open at that moment go silent the way a peer that died without a
+/// RST does: they stay open, but nothing they carry is read or forwarded any more (in
+/// either direction). Connections accepted afterwards are relayed as usual, like a Service
+/// that kube-proxy moved to a live backend.
+pub struct TcpRelay {
+    pub addr: SocketAddr,
+    state: Arc<RelayState>,
+}
+
+#[derive(Default)]
+struct RelayState {
+    stop: AtomicBool,
+    /// Connections accepted so far; those numbered below `silent_below` are silent.
+    accepted: std::sync::atomic::AtomicUsize,
+    silent_below: std::sync::atomic::AtomicUsize,
+    /// Silent connections are kept here, open, until the relay is dropped.
+    held: Mutex<Vec<std::net::TcpStream>>,
+}
+
+impl TcpRelay {
+    pub fn start(to: SocketAddr) -> TcpRelay {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind relay");
+        let addr = listener.local_addr().expect("addr");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let state = Arc::new(RelayState::default());
+        let st = state.clone();
+        std::thread::spawn(move || {
+            while !st.stop.load(Ordering::SeqCst) {
+                let Ok((client, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                let n = st.accepted.fetch_add(1, Ordering::SeqCst);
+                let Ok(server) = std::net::TcpStream::connect(to) else {
+                    continue;
+                };
+                let _ = client.set_nonblocking(false);
+                for (from, into) in [
+                    (client.try_clone(), server.try_clone()),
+                    (server.try_clone(), client.try_clone()),
+                ] {
+                    let (Ok(from), Ok(into)) = (from, into) else {
+                        continue;
+                    };
+                    let st = st.clone();
+                    std::thread::spawn(move || pump(from, into, n, &st));
+                }
+                st.held.lock().unwrap().extend([client, server]);
+            }
+        });
+        TcpRelay { addr, state }
+    }
+
+    /// The connections open now go silent (see the type's doc); later ones are relayed.
+    pub fn silence_existing(&self) {
+        let n = self.state.accepted.load(Ordering::SeqCst);
+        self.state.silent_below.store(n, Ordering::SeqCst);
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.state.accepted.load(Ordering::SeqCst)
+    }
+}
+
+/// Copy `from` into `into` until either closes or connection `n` is silenced; a silenced
+/// pump stops reading (so the sender's data piles up unread) and exits, leaving the
+/// sockets open in `held`.
+fn pump(mut from: std::net::TcpStream, mut into: std::net::TcpStream, n: usize, st: &RelayState) {
+    use std::io::{Read, Write};
+    let silent = || n < st.silent_below.load(Ordering::SeqCst) || st.stop.load(Ordering::SeqCst);
+    let _ = from.set_read_timeout(Some(Duration::from_millis(20)));
+    let mut buf = [0u8; 4096];
+    while !silent() {
+        match from.read(&mut buf) {
+            Ok(0) => return,
+            Ok(k) => {
+                if silent() || into.write_all(&buf[..k]).is_err() {
+                    return;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+impl Drop for TcpRelay {
+    fn drop(&mut self) {
+        self.state.stop.store(true, Ordering::SeqCst);
+        self.state.held.lock().unwrap().clear();
     }
 }
