@@ -181,11 +181,13 @@ pub fn teardown(source: &Source) -> anyhow::Result<()> {
                 },
                 rules: true,
                 xtables_wait: defaults.xtables_wait,
+                created_tables: Vec::new(),
             }
         }
     };
     if let Some(r) = &recorded {
         what.rules |= r.rules;
+        what.created_tables.clone_from(&r.created_tables);
         if let Some(i) = &r.interface {
             if !what.interfaces.contains(i) {
                 what.interfaces.push(i.clone());

@@ -145,6 +145,9 @@ pub struct SetupRecord {
     /// The systemd invocation (`INVOCATION_ID`) whose ExecStartPre ran the setup: the
     /// daemon of the same invocation does not install everything a second time.
     pub invocation: Option<String>,
+    /// nf_tables tables (`ip raw`) that iptables-nft created for localdns's rules: teardown
+    /// deletes them again when they are left empty.
+    pub created_tables: Vec<String>,
 }
 
 impl SetupRecord {
@@ -160,6 +163,9 @@ impl SetupRecord {
         if let Some(i) = &self.invocation {
             out.push_str(&format!("invocation={i}\n"));
         }
+        for t in &self.created_tables {
+            out.push_str(&format!("created_table={t}\n"));
+        }
         out
     }
 
@@ -171,6 +177,7 @@ impl SetupRecord {
                 Some(("rules", v)) => r.rules = v == "true",
                 Some(("backend", v)) if !v.is_empty() => r.backend = Some(v.to_owned()),
                 Some(("invocation", v)) if !v.is_empty() => r.invocation = Some(v.to_owned()),
+                Some(("created_table", v)) if !v.is_empty() => r.created_tables.push(v.to_owned()),
                 _ => {}
             }
         }
@@ -183,9 +190,19 @@ impl SetupRecord {
         Some(SetupRecord::parse(&text))
     }
 
-    /// Save it in `$RUNTIME_DIRECTORY` (when there is one).
-    pub fn write(&self) {
+    /// Save it in `$RUNTIME_DIRECTORY` (when there is one). Tables recorded by an earlier
+    /// setup of this boot stay recorded: a restart's setup finds them already there, but
+    /// localdns made them.
+    pub fn write(mut self) {
         let Some(dir) = runtime_dir() else { return };
+        for t in SetupRecord::read()
+            .map(|r| r.created_tables)
+            .unwrap_or_default()
+        {
+            if !self.created_tables.contains(&t) {
+                self.created_tables.push(t);
+            }
+        }
         if let Err(e) = write_atomic(&dir.join(SETUP_RECORD), self.render().as_bytes()) {
             tracing::warn!(
                 "cannot record the setup in {}: {e}; teardown without a readable config \
@@ -357,6 +374,7 @@ mod tests {
             rules: true,
             backend: Some("nft".into()),
             invocation: Some("0123abcd".into()),
+            created_tables: vec!["ip raw".into(), "ip6 raw".into()],
         };
         assert_eq!(SetupRecord::parse(&r.render()), r);
         assert_eq!(SetupRecord::parse("garbage\n"), SetupRecord::default());

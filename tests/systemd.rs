@@ -538,6 +538,7 @@ fn watchdog_keeps_a_pinging_daemon_and_restarts_a_wedged_one() {
 fn stop_leaves_no_link_and_no_rule() {
     require_root_and_tools!("stop_leaves_no_link_and_no_rule");
     let node = Node::boot("stop", Options::default());
+    let tables_before = node.c.ok(&["nft", "list", "tables"]);
     node.start_localdns();
     assert!(
         node.net.node_link_index(LINK).is_some(),
@@ -555,6 +556,11 @@ fn stop_leaves_no_link_and_no_rule() {
         node.net.node_link_index(LINK),
         None,
         "link {LINK} left behind"
+    );
+    assert_eq!(
+        node.c.ok(&["nft", "list", "tables"]),
+        tables_before,
+        "the nf_tables tables differ from before the start"
     );
     let after = node.net.node_rules();
     for needle in [LINK_LOCAL, SERVICE_IP, "LOCALDNS", "NOTRACK"] {
@@ -789,6 +795,13 @@ fn assert_nothing_of_localdns_left(node: &Node, what: &str) {
         node.net.node_link_index(LINK),
         None,
         "{what}: link left behind"
+    );
+    // iptables-nft made the raw tables for localdns's NOTRACK rules (the test's own rules
+    // are in filter and nat): teardown deletes them again.
+    let tables = node.c.ok(&["nft", "list", "tables"]);
+    assert!(
+        !tables.contains("raw"),
+        "{what}: tables created for localdns left behind:\n{tables}"
     );
     let rules = node.net.node_rules();
     // The Service IP stays in the kube-proxy stand-in's DNAT rule, which is not ours.

@@ -19,6 +19,7 @@
 pub mod firewall;
 pub mod iptables;
 pub mod link;
+pub mod nft;
 pub mod repair;
 pub mod rules;
 
@@ -93,6 +94,7 @@ pub async fn setup(cfg: &Config) -> Result<Setup, NodeError> {
         );
     }
     let mut rules = None;
+    let mut created = Vec::new();
     if n.setup_rules {
         let (backend, wait) = (n.iptables_backend, n.xtables_wait);
         let (addresses, port) = (addresses.clone(), cfg.listen.port);
@@ -115,13 +117,16 @@ pub async fn setup(cfg: &Config) -> Result<Setup, NodeError> {
             );
             rules = Some((Arc::new(Iptables::new(kind, wait)) as Arc<dyn Tables>, None));
         } else {
-            let (tables, snapshot) = tokio::task::spawn_blocking(move || {
+            let (tables, snapshot, made) = tokio::task::spawn_blocking(move || {
                 let tables: Arc<dyn Tables> = Arc::new(Iptables::choose(backend, wait)?);
+                let before = (tables.kind() == Kind::Nft).then(nft::tables).flatten();
                 let snapshot = firewall::adopt(tables.as_ref(), &addresses, port)?;
+                let made = created_tables(before.as_deref(), tables.kind());
                 remove_from_other_backend(tables.kind(), wait);
-                Ok::<_, NodeError>((tables, snapshot))
+                Ok::<_, NodeError>((tables, snapshot, made))
             })
             .await??;
+            created = made;
             tracing::info!(
                 backend = tables.kind().name(),
                 "NOTRACK/ACCEPT rules installed for port {} of {}",
@@ -136,6 +141,7 @@ pub async fn setup(cfg: &Config) -> Result<Setup, NodeError> {
         rules: n.setup_rules,
         backend: rules.as_ref().map(|(t, _)| t.kind().name().to_owned()),
         invocation: std::env::var("INVOCATION_ID").ok(),
+        created_tables: created,
     }
     .write();
     Ok(Setup { rules })
@@ -173,6 +179,32 @@ pub fn done_in_this_invocation(cfg: &Config) -> Option<Setup> {
     })
 }
 
+/// The nf_tables tables that exist now and did not in `before` (what the install made).
+fn created_tables(before: Option<&[String]>, kind: Kind) -> Vec<String> {
+    if kind != Kind::Nft {
+        return Vec::new();
+    }
+    let Some(before) = before else {
+        tracing::info!(
+            "nft is not installed: the nf_tables tables iptables-nft creates for the rules \
+             stay (empty) after teardown"
+        );
+        return Vec::new();
+    };
+    let made: Vec<String> = nft::tables()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|t| !before.contains(t))
+        .collect();
+    if !made.is_empty() {
+        tracing::info!(
+            "iptables-nft created the tables {}; teardown deletes them when they are empty",
+            made.join(", ")
+        );
+    }
+    made
+}
+
 /// Rules left in the other backend by an earlier install (the node switched between
 /// nft and legacy) would shadow nothing but confuse everyone: they go.
 fn remove_from_other_backend(used: Kind, wait: std::time::Duration) {
@@ -200,6 +232,8 @@ pub struct Removal {
     pub rules: bool,
     /// Bound on each wait for the xtables lock.
     pub xtables_wait: std::time::Duration,
+    /// nf_tables tables setup created (`ip raw`): deleted when left empty.
+    pub created_tables: Vec<String>,
 }
 
 impl Removal {
@@ -214,6 +248,7 @@ impl Removal {
                 .collect(),
             rules: n.setup_rules,
             xtables_wait: n.xtables_wait,
+            created_tables: Vec::new(),
         }
     }
 }
@@ -247,8 +282,19 @@ pub fn remove_rules(expected: bool, wait: std::time::Duration) -> Result<(), Rul
 /// Removes what [`setup`] installs: the rules (see [`remove_rules`]) and the links of
 /// `what` with their addresses. Idempotent; removes nothing that is not localdns's.
 pub async fn teardown(what: &Removal) -> Result<(), NodeError> {
-    let (expected, wait) = (what.rules, what.xtables_wait);
-    tokio::task::spawn_blocking(move || remove_rules(expected, wait)).await??;
+    let (expected, wait, tables) = (what.rules, what.xtables_wait, what.created_tables.clone());
+    tokio::task::spawn_blocking(move || {
+        remove_rules(expected, wait)?;
+        for t in tables {
+            match nft::delete_if_empty(&t) {
+                Ok(true) => tracing::info!("removed table {t}, which setup had created"),
+                Ok(false) => {}
+                Err(e) => tracing::warn!("cannot remove table {t}: {e}"),
+            }
+        }
+        Ok::<_, RulesError>(())
+    })
+    .await??;
     if !what.interfaces.is_empty() {
         let nl = Netlink::connect()?;
         for name in &what.interfaces {

@@ -9,9 +9,11 @@ use std::sync::OnceLock;
 /// Debian packages in the image: systemd as PID 1, what the unit runs besides localdns
 /// (iptables for the rules, procps for ExecReload's kill; the package depends on both),
 /// iproute2 and conntrack to look around, dig for the kubelet stand-in, and rpm for the
-/// .rpm package's life cycle (Debian's rpm runs its scriptlets against this systemd).
-const PACKAGES: &str =
-    "systemd,systemd-sysv,dbus,iptables,iproute2,conntrack,procps,libnss-systemd,bind9-dnsutils,rpm";
+/// .rpm package's life cycle (Debian's rpm runs its scriptlets against this systemd), and
+/// nftables, whose `nft` deletes the tables iptables-nft created for localdns (and lists
+/// what is left).
+const PACKAGES: &str = "systemd,systemd-sysv,dbus,iptables,iproute2,conntrack,procps,\
+                        libnss-systemd,bind9-dnsutils,rpm,nftables";
 const SUITE: &str = "bookworm";
 const MIRROR: &str = "http://deb.debian.org/debian";
 
