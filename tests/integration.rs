@@ -613,7 +613,10 @@ fn failover_marks_a_black_hole_down() {
     }
     let mut cfg = Config::to(up.addr);
     cfg.servers = vec![hole.addr, up.addr];
-    cfg.timeout = "400ms".into();
+    // Wall-clock bounds below tell "not waiting for the dead server" from "waited for its
+    // timeout": the timeout is long (1.5 s) so that the bound (1 s, a loopback answer
+    // takes a few ms) cannot be broken by a busy 2-core machine, yet still tells them apart.
+    cfg.timeout = "1500ms".into();
     cfg.down_after_failures = 3;
     cfg.down_time = "60s".into();
     let d = Daemon::start(&cfg);
@@ -631,7 +634,7 @@ fn failover_marks_a_black_hole_down() {
         let r = client::udp(d.dns, &query(&format!("n{i}.example.com"), A)).unwrap();
         assert_eq!(client::addrs(&r), ["192.0.2.9"]);
         assert!(
-            t.elapsed() < Duration::from_millis(300),
+            t.elapsed() < Duration::from_secs(1),
             "query {i} took {:?}: dead upstream still tried",
             t.elapsed()
         );
@@ -982,8 +985,11 @@ fn upstream_concurrency_cap_answers_servfail_and_counts() {
     for i in 0..6 {
         up.a(&format!("slow{i}.example.com"), 300, "192.0.2.9");
     }
-    up.set_delay(Duration::from_millis(800));
+    // The upstream takes 3 s; a refusal must come "at once", checked as under 1.5 s: far
+    // above a loaded machine's scheduling noise, far below the delay it is told from.
+    up.set_delay(Duration::from_secs(3));
     let mut cfg = Config::to(up.addr);
+    cfg.timeout = "5s".into();
     cfg.upstream_extra = "max_in_flight = 2".into();
     let d = Daemon::start(&cfg);
     let server = d.dns;
@@ -994,7 +1000,7 @@ fn upstream_concurrency_cap_answers_servfail_and_counts() {
                 let r = client::udp_timeout(
                     server,
                     &query(&format!("slow{i}.example.com"), A),
-                    Duration::from_secs(3),
+                    Duration::from_secs(6),
                 )
                 .expect("answer");
                 (r.response_code(), started.elapsed())
@@ -1019,7 +1025,9 @@ fn upstream_concurrency_cap_answers_servfail_and_counts() {
     );
     // Refused at once, not after waiting for the upstream.
     assert!(
-        refused.iter().all(|(_, t)| *t < Duration::from_millis(500)),
+        refused
+            .iter()
+            .all(|(_, t)| *t < Duration::from_millis(1500)),
         "{answers:?}"
     );
     let m = scrape(d.metrics);
@@ -1252,7 +1260,9 @@ fn a_down_upstream_is_probed_back_without_delaying_clients() {
     first.set_silent(true);
     let mut cfg = Config::to(second.addr);
     cfg.servers = vec![first.addr, second.addr];
-    cfg.timeout = "300ms".into();
+    // "At once" below is under 1 s, told from waiting for the 2 s timeout: noise on a busy
+    // machine stays far below 1 s for a loopback answer.
+    cfg.timeout = "2s".into();
     cfg.down_after_failures = 2;
     cfg.down_time = "1s".into();
     let d = Daemon::start(&cfg);
@@ -1271,7 +1281,7 @@ fn a_down_upstream_is_probed_back_without_delaying_clients() {
     let (addrs, took) = ask();
     assert_eq!(addrs, ["192.0.2.9"]);
     assert!(
-        took < Duration::from_millis(250),
+        took < Duration::from_secs(1),
         "waited {took:?} on a down server"
     );
     assert_eq!(
@@ -1291,7 +1301,7 @@ fn a_down_upstream_is_probed_back_without_delaying_clients() {
         "the probing query is answered by a healthy server"
     );
     assert!(
-        took < Duration::from_millis(250),
+        took < Duration::from_secs(1),
         "the probe delayed a client: {took:?}"
     );
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -1315,6 +1325,11 @@ fn a_node_without_resolvers_yet_serves_the_cluster_and_picks_them_up_later() {
     let resolver = match Upstream::start_on_port_53() {
         Ok(u) => u,
         Err(why) => {
+            // CI runs as root, where port 53 can always be bound: there this is a failure.
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI: a_node_without_resolvers_yet…: {why}"
+            );
             println!("SKIP a_node_without_resolvers_yet…: {why}");
             return;
         }

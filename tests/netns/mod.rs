@@ -47,11 +47,17 @@ pub fn missing_capability() -> Option<String> {
     }
 }
 
-/// Returns early from a test, saying why, when the machine cannot run it.
+/// Returns early from a test, saying why, when the machine cannot run it. Under CI
+/// (`CI=true`, root, tools installed by `.ci/run`) that is a failure instead of a skip.
 #[macro_export]
 macro_rules! require_netns {
     () => {
         if let Some(why) = $crate::helpers::missing_capability() {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI: {}: {why}",
+                module_path!()
+            );
             eprintln!("SKIP {}: {why}", module_path!());
             return;
         }
