@@ -1201,34 +1201,25 @@ fn idle_tcp_connections_are_closed() {
     );
 }
 
+/// A TCP connection to `server` on which one query was answered (so the server holds
+/// it), or None when the server closed it instead (over `tcp_max_connections`).
+fn answered_tcp(server: SocketAddr) -> Option<std::net::TcpStream> {
+    let mut c = client::tcp_connect(server).expect("connect");
+    let _ = std::io::Write::write_all(&mut c, &client::tcp_frame(&query("www.example.com", A)));
+    client::tcp_read(&mut c).ok().map(|_| c)
+}
+
 #[test]
 fn tcp_connections_over_the_cap_are_closed_at_once() {
-    use std::io::Read;
     let up = example_upstream();
     let mut cfg = Config::to(up.addr);
     cfg.listen_extra = "tcp_max_connections = 2".into();
     let d = Daemon::start(&cfg);
     // Two connections that have each been answered once: both are held by the server.
     let held: Vec<_> = (0..2)
-        .map(|_| {
-            let mut c = client::tcp_connect(d.dns).expect("connect");
-            std::io::Write::write_all(&mut c, &client::tcp_frame(&query("www.example.com", A)))
-                .expect("write");
-            client::tcp_read(&mut c).expect("answer");
-            c
-        })
+        .map(|_| answered_tcp(d.dns).expect("answer"))
         .collect();
-    let mut third = client::tcp_connect(d.dns).expect("connect");
-    third
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
-    let _ = std::io::Write::write_all(&mut third, &client::tcp_frame(&query("www.example.com", A)));
-    let mut buf = [0u8; 16];
-    assert_eq!(
-        third.read(&mut buf).unwrap_or(0),
-        0,
-        "third connection refused"
-    );
+    assert!(answered_tcp(d.dns).is_none(), "third connection refused");
     assert_eq!(
         scrape(d.metrics).value("localdns_tcp_refused_total", &[]),
         1.0
@@ -1246,6 +1237,74 @@ fn tcp_connections_over_the_cap_are_closed_at_once() {
         );
         sleep(Duration::from_millis(10));
     }
+}
+
+#[test]
+fn tcp_max_connections_is_one_total_across_listen_addresses() {
+    let up = example_upstream();
+    let mut cfg = Config::to(up.addr);
+    cfg.listen_extra = "tcp_max_connections = 2".into();
+    cfg.listen_also = vec!["127.0.0.2".into()];
+    let d = Daemon::start(&cfg);
+    let second = SocketAddr::new("127.0.0.2".parse().unwrap(), d.dns.port());
+    // Both slots held on the first address, each answered once so the server holds them.
+    let _held: Vec<_> = (0..2)
+        .map(|_| answered_tcp(d.dns).expect("answer"))
+        .collect();
+    // The second address shares the total: its first connection is over it.
+    assert!(
+        answered_tcp(second).is_none(),
+        "a connection on the second address beyond the total was served"
+    );
+    assert_eq!(
+        scrape(d.metrics).value("localdns_tcp_refused_total", &[]),
+        1.0
+    );
+}
+
+#[test]
+fn a_tcp_client_that_stops_reading_is_closed_within_the_idle_timeout() {
+    let up = example_upstream();
+    let mut cfg = Config::to(up.addr);
+    cfg.listen_extra = "tcp_idle_timeout = \"1s\"\ntcp_max_connections = 1".into();
+    let d = Daemon::start(&cfg);
+    // Warm the cache so that every answer is a hit of about 2.5 kB.
+    client::tcp(d.dns, &query("big.example.com", RecordType::TXT)).expect("answer");
+    // 10000 queries (25 MB of answers, more than loopback buffers hold), never read.
+    // The stalled client holds the only slot (the warm-up's may take a moment to free).
+    let stalled = loop {
+        if let Some(c) = answered_tcp(d.dns) {
+            break c;
+        }
+        sleep(Duration::from_millis(20));
+    };
+    let started = Instant::now();
+    let frames: Vec<u8> = (0..10_000)
+        .flat_map(|_| client::tcp_frame(&query("big.example.com", RecordType::TXT)))
+        .collect();
+    let mut writer = stalled.try_clone().expect("clone");
+    let flood = std::thread::spawn(move || {
+        let _ = std::io::Write::write_all(&mut writer, &frames);
+    });
+    // The only slot is the stalled client's until the server closes it: then a fresh
+    // connection is answered. Without a write timeout that never happens. The bound is
+    // the 1 s idle timeout plus 5 s for a busy machine: far from "never", far above noise.
+    let deadline = started + Duration::from_secs(6);
+    loop {
+        if client::tcp(d.dns, &query("www.example.com", A)).is_ok() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a client that stopped reading still holds its connection after {:?}",
+            started.elapsed()
+        );
+        sleep(Duration::from_millis(50));
+    }
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(900), "closed after {took:?}");
+    drop(stalled);
+    let _ = flood.join();
 }
 
 #[test]

@@ -295,13 +295,15 @@ impl Server {
         }
         let mut tasks = tokio::task::JoinSet::new();
         let l = &self.config.listen;
+        // One total for all listeners, as documented.
+        let tcp_slots = Arc::new(tokio::sync::Semaphore::new(l.tcp_max_connections));
         for (_, listener) in self.tcp {
             let listener = tokio::net::TcpListener::from_std(listener)?;
             tasks.spawn(tcp::serve(
                 listener,
                 Arc::clone(&self.resolver),
                 l.tcp_idle_timeout,
-                l.tcp_max_connections,
+                Arc::clone(&tcp_slots),
             ));
         }
         if let Some(listener) = self.http {

@@ -40,14 +40,14 @@ pub fn adopt(fd: std::os::fd::OwnedFd, addr: SocketAddr) -> io::Result<std::net:
     Ok(sock.into())
 }
 
-/// Accept connections until the task is dropped.
+/// Accept connections until the task is dropped. `slots` is shared by every listener:
+/// `tcp_max_connections` is a total for the daemon, not a number per address.
 pub async fn serve(
     listener: TcpListener,
     resolver: Arc<Resolver>,
     idle: Duration,
-    max_connections: usize,
+    slots: Arc<Semaphore>,
 ) {
-    let slots = Arc::new(Semaphore::new(max_connections));
     loop {
         let (stream, _peer) = match listener.accept().await {
             Ok(c) => c,
@@ -77,17 +77,25 @@ async fn connection(stream: TcpStream, resolver: Arc<Resolver>, idle: Duration) 
     let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
     let pending = Arc::new(Semaphore::new(MAX_PENDING));
     let answered = Arc::clone(&pending);
+    // A client that stops reading stalls the writer, not the daemon: each write gets the
+    // idle timeout, and a stalled writer closes `pending`, which wakes a reader waiting for
+    // room; the reader's own reads have the same timeout.
     let write = tokio::spawn(async move {
         let mut writer = BufWriter::new(writer);
-        while let Some(msg) = rx.recv().await {
-            writer.write_all(&(msg.len() as u16).to_be_bytes()).await?;
-            writer.write_all(&msg).await?;
-            if rx.is_empty() {
-                writer.flush().await?;
+        let result = async {
+            while let Some(msg) = rx.recv().await {
+                within(idle, writer.write_all(&(msg.len() as u16).to_be_bytes())).await?;
+                within(idle, writer.write_all(&msg)).await?;
+                if rx.is_empty() {
+                    within(idle, writer.flush()).await?;
+                }
+                answered.add_permits(1);
             }
-            answered.add_permits(1);
+            within(idle, writer.shutdown()).await
         }
-        writer.shutdown().await
+        .await;
+        answered.close();
+        result
     });
     let mut out = Vec::with_capacity(4096);
     loop {
@@ -130,4 +138,17 @@ async fn connection(stream: TcpStream, resolver: Arc<Resolver>, idle: Duration) 
     drop(tx);
     // Answers still being resolved hold their own sender; the writer ends after the last.
     write.await.unwrap_or(Ok(()))
+}
+
+/// `io` with a deadline: a peer that stops reading turns into a timed-out error.
+async fn within<T>(
+    limit: Duration,
+    io: impl std::future::Future<Output = io::Result<T>>,
+) -> io::Result<T> {
+    tokio::time::timeout(limit, io).await.unwrap_or_else(|_| {
+        Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "client stopped reading",
+        ))
+    })
 }

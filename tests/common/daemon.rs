@@ -47,6 +47,8 @@ pub struct Config {
     pub upstream_extra: String,
     /// Raw TOML lines added to the `[listen]` table.
     pub listen_extra: String,
+    /// More addresses to listen on, on the same port as `dns` (e.g. "127.0.0.2").
+    pub listen_also: Vec<String>,
     /// Raw TOML appended at the end (extra tables such as more `[[stub]]`s).
     pub extra: String,
 }
@@ -71,6 +73,7 @@ impl Config {
             cache_extra: String::new(),
             upstream_extra: String::new(),
             listen_extra: String::new(),
+            listen_also: Vec::new(),
             extra: String::new(),
         }
     }
@@ -87,7 +90,7 @@ impl Config {
             s,
             r#"# written by tests/common/daemon.rs
 [listen]
-addresses = ["{ip}"]
+addresses = ["{ip}"{also}]
 port = {port}
 {listen_extra}
 [cluster]
@@ -105,6 +108,11 @@ down_time = "{down_time}"
 {upstream_extra}
 "#,
             ip = listen.ip(),
+            also = self
+                .listen_also
+                .iter()
+                .map(|a| format!(", \"{a}\""))
+                .collect::<String>(),
             port = listen.port(),
             domain = self.cluster_domain,
             cluster = list(&self.cluster),
