@@ -43,8 +43,6 @@ pub enum AnswerError {
     Mismatch,
     #[error("response truncated")]
     Truncated,
-    #[error("OPT record is not the last record")]
-    OptNotLast,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,10 +88,18 @@ impl Answer {
             if r.rtype == TYPE_OPT && section == Section::Additional {
                 opt = Some(*r);
             } else {
-                records.push((section, *r));
+                // RFC 2181 §8: a TTL with the top bit set is read as 0.
+                let ttl = if r.ttl > i32::MAX as u32 { 0 } else { r.ttl };
+                records.push((section, wire::Record { ttl, ..*r }));
             }
         })
         .ok_or(AnswerError::Malformed)?;
+        // RFC 6891 allows the OPT anywhere in the additional section. The copy ends where
+        // it starts (so no compression pointer moves); additional records after it are
+        // left out, which RFC 2181 §9 allows for the additional section.
+        if let Some(o) = opt {
+            records.retain(|(_, r)| r.start < o.start);
+        }
 
         let rcode = h.rcode();
         let kind = match rcode {
@@ -130,15 +136,16 @@ impl Answer {
             Kind::Uncacheable => 0,
         };
 
-        // Copy without the OPT record; it must be last so no compression pointer moves.
-        let body_end = match opt {
-            Some(o) if o.end != end => return Err(AnswerError::OptNotLast),
-            Some(o) => o.start,
-            None => end,
-        };
+        // Copy up to the OPT record (see above). Not authoritative: a replay says so.
+        let body_end = opt.map_or(end, |o| o.start);
         let mut wire = resp[..body_end].to_vec().into_boxed_slice();
         wire::put_u16(&mut wire, 0, 0);
-        let arcount = h.arcount - u16::from(opt.is_some());
+        let flags = h.flags & !wire::FLAG_AA;
+        wire::put_u16(&mut wire, 2, flags);
+        let arcount = records
+            .iter()
+            .filter(|(s, _)| *s == Section::Additional)
+            .count() as u16;
         wire::put_u16(&mut wire, 10, arcount);
 
         let mut ttl_offsets = Vec::with_capacity(records.len());
@@ -347,6 +354,72 @@ pub(crate) mod tests {
             Answer::from_upstream(&r, 10, &key, &floored).unwrap().ttl,
             100
         );
+    }
+
+    #[test]
+    fn opt_before_other_additional_records_is_accepted() {
+        let q = query(10, "a.example", 1, None);
+        let key = parse(&q).key();
+        let mut r = response(&q, 0, &[(Section::Answer, 1, 300, vec![1, 2, 3, 4])], true);
+        // An A record after the OPT in the additional section (RFC 6891 allows it).
+        r.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 5, 6, 7, 8]);
+        wire::put_u16(&mut r, 10, 2);
+        let a = Answer::from_upstream(&r, 10, &key, &POLICY).unwrap();
+        assert_eq!((a.kind, a.ttl), (Kind::Positive, 300));
+        let mut out = Vec::new();
+        a.render(&mut out, &parse(&q), Ttl::Age(0), 512);
+        let h = Header::read(&out).unwrap();
+        assert_eq!((h.ancount, h.nscount, h.arcount), (1, 0, 0));
+        let rec = wire::read_record(&out, q.len()).unwrap();
+        assert_eq!(
+            (rec.end, &out[rec.rdata..rec.end]),
+            (out.len(), &[1, 2, 3, 4][..])
+        );
+    }
+
+    #[test]
+    fn ttls_with_the_top_bit_set_are_read_as_zero() {
+        let q = query(10, "a.example", 1, None);
+        let key = parse(&q).key();
+        for big in [1u32 << 31, u32::MAX] {
+            let r = response(
+                &q,
+                0,
+                &[
+                    (Section::Answer, 1, big, vec![1, 2, 3, 4]),
+                    (Section::Answer, 1, 300, vec![1, 2, 3, 5]),
+                ],
+                false,
+            );
+            let a = Answer::from_upstream(&r, 10, &key, &POLICY).unwrap();
+            assert_eq!((a.kind, a.ttl), (Kind::Positive, 0), "ttl {big}");
+            let mut out = Vec::new();
+            a.render(&mut out, &parse(&q), Ttl::Age(0), 512);
+            assert_eq!(wire::read_record(&out, q.len()).unwrap().ttl, 0);
+        }
+        let r = response(
+            &q,
+            0,
+            &[(Section::Answer, 1, (1 << 31) - 1, vec![1, 2, 3, 4])],
+            false,
+        );
+        let a = Answer::from_upstream(&r, 10, &key, &POLICY).unwrap();
+        assert_eq!(a.ttl, POLICY.max_ttl);
+    }
+
+    #[test]
+    fn the_upstreams_aa_bit_is_not_replayed() {
+        let q = query(10, "a.example", 1, None);
+        let key = parse(&q).key();
+        let mut r = response(&q, 0, &[(Section::Answer, 1, 300, vec![1, 2, 3, 4])], false);
+        let flags = wire::u16_at(&r, 2).unwrap();
+        wire::put_u16(&mut r, 2, flags | wire::FLAG_AA);
+        let a = Answer::from_upstream(&r, 10, &key, &POLICY).unwrap();
+        let mut out = Vec::new();
+        a.render(&mut out, &parse(&q), Ttl::Age(0), 512);
+        let h = Header::read(&out).unwrap();
+        assert_eq!(h.flags & wire::FLAG_AA, 0);
+        assert_eq!(h.flags & wire::FLAG_QR, wire::FLAG_QR);
     }
 
     #[test]
