@@ -149,20 +149,39 @@ pub fn serve(
         }
         let slices: [[IoSlice<'_>; 1]; BATCH] =
             std::array::from_fn(|i| [IoSlice::new(outs.get(i).map_or(&[][..], |o| &o[..]))]);
-        let sent = sendmmsg(
-            fd,
-            &mut send_headers,
-            slices[..replies.len()].iter(),
-            &replies[..],
-            [],
-            MsgFlags::MSG_DONTWAIT,
-        )
-        .map(|r| r.count())
-        .unwrap_or(0);
-        for _ in sent..replies.len() {
+        let failed = send_batch(replies.len(), |from| {
+            sendmmsg(
+                fd,
+                &mut send_headers,
+                slices[from..replies.len()].iter(),
+                &replies[from..],
+                [],
+                MsgFlags::MSG_DONTWAIT,
+            )
+            .map(|r| r.count())
+        });
+        for _ in 0..failed {
             inc(&resolver.metrics.send_errors);
         }
     }
+}
+
+/// Send messages `0..n` with `send(from)`, which sends from `from` on and says how many
+/// went (`sendmmsg` stops at the first that fails). One failing destination costs only its
+/// own answer: sending resumes after it. Returns how many failed. In the usual case (all
+/// sent) this is one call.
+fn send_batch(n: usize, mut send: impl FnMut(usize) -> nix::Result<usize>) -> usize {
+    let (mut from, mut failed) = (0, 0);
+    while from < n {
+        match send(from) {
+            Ok(sent) if sent > 0 => from += sent,
+            _ => {
+                failed += 1;
+                from += 1;
+            }
+        }
+    }
+    failed
 }
 
 fn to_socket_addr(a: &nix::sys::socket::SockaddrStorage) -> Option<SocketAddr> {
@@ -171,4 +190,41 @@ fn to_socket_addr(a: &nix::sys::socket::SockaddrStorage) -> Option<SocketAddr> {
     }
     a.as_sockaddr_in6()
         .map(|v6| SocketAddr::from((v6.ip(), v6.port())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::send_batch;
+
+    /// A stand-in for `sendmmsg` where the destinations in `bad` fail: it sends from
+    /// `from` up to the first bad one, and fails when that is the first.
+    fn fake(bad: &[usize], sent: &mut Vec<usize>, n: usize, from: usize) -> nix::Result<usize> {
+        let stop = (from..n).find(|i| bad.contains(i)).unwrap_or(n);
+        if stop == from {
+            return Err(nix::errno::Errno::EPERM);
+        }
+        sent.extend(from..stop);
+        Ok(stop - from)
+    }
+
+    #[test]
+    fn a_failing_destination_does_not_drop_the_rest_of_the_batch() {
+        for (n, bad, calls_max) in [
+            (4, vec![], 1),
+            (4, vec![1], 3),
+            (4, vec![0], 2),
+            (4, vec![3], 2),
+            (5, vec![1, 2], 4),
+            (3, vec![0, 1, 2], 3),
+        ] {
+            let (mut sent, mut calls) = (Vec::new(), 0);
+            let failed = send_batch(n, |from| {
+                calls += 1;
+                fake(&bad, &mut sent, n, from)
+            });
+            let want: Vec<usize> = (0..n).filter(|i| !bad.contains(i)).collect();
+            assert_eq!((sent, failed), (want, bad.len()), "n {n} bad {bad:?}");
+            assert!(calls <= calls_max, "n {n} bad {bad:?}: {calls} calls");
+        }
+    }
 }
