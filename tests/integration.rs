@@ -1307,6 +1307,45 @@ fn a_tcp_client_that_stops_reading_is_closed_within_the_idle_timeout() {
     let _ = flood.join();
 }
 
+/// CPU time (user + system) the process has used, in clock ticks (1/100 s here).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // Fields after the command name (which ends with ')'): utime and stime are 14 and 15.
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime")
+}
+
+#[test]
+fn accept_errors_do_not_spin() {
+    let up = example_upstream();
+    let d = Daemon::start(&Config::to(up.addr));
+    scrape(d.metrics);
+    // No file descriptor left: every accept fails (EMFILE) while the connections wait in
+    // the backlog, so a loop that accepts again at once burns a core.
+    let open = std::fs::read_dir(format!("/proc/{}/fd", d.pid()))
+        .expect("fds")
+        .count();
+    let limit = format!("--nofile={open}:{open}");
+    let out = std::process::Command::new("prlimit")
+        .args(["--pid", &d.pid().to_string(), &limit])
+        .output()
+        .expect("prlimit");
+    assert!(out.status.success(), "{out:?}");
+    let _waiting = (
+        std::net::TcpStream::connect(d.metrics).expect("connect http"),
+        std::net::TcpStream::connect(d.dns).expect("connect dns"),
+    );
+    sleep(Duration::from_millis(200));
+    let before = cpu_ticks(d.pid());
+    sleep(Duration::from_secs(2));
+    let used = cpu_ticks(d.pid()) - before;
+    eprintln!("accept failing: {used} ticks of CPU in 2 s");
+    // A spinning loop takes about 200 ticks in 2 s (less only if starved of CPU, which
+    // cannot push it up); 20 accepts a second with a log line each take a few.
+    assert!(used < 40, "{used} ticks of CPU in 2 s with accept failing");
+}
+
 #[test]
 fn a_down_upstream_is_probed_back_without_delaying_clients() {
     // The first server answers 192.0.2.1, the second 192.0.2.9: answers say who was asked.

@@ -11,9 +11,7 @@ use super::resolve::Resolver;
 
 pub async fn serve(listener: TcpListener, resolver: Arc<Resolver>) {
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
-            continue;
-        };
+        let mut stream = super::accept(&listener, "HTTP").await;
         let resolver = Arc::clone(&resolver);
         tokio::spawn(async move {
             let mut buf = [0u8; 2048];

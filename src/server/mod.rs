@@ -123,6 +123,24 @@ pub struct BindError {
 }
 
 /// The name a socket is kept under in systemd's fd store (no ':' allowed there).
+/// After a failed accept (out of file descriptors, buffers...), the pause before the next:
+/// the error usually persists while the connection waits in the backlog, so accepting again
+/// at once would spin a core.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// The next connection on `listener`; an error is logged and followed by [`ACCEPT_BACKOFF`].
+async fn accept(listener: &tokio::net::TcpListener, what: &str) -> tokio::net::TcpStream {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _peer)) => return stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "{what} accept failed");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+            }
+        }
+    }
+}
+
 fn socket_name(proto: &str, addr: SocketAddr, index: Option<usize>) -> String {
     let ip = addr.ip().to_string().replace(':', "_");
     match index {

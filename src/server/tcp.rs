@@ -49,14 +49,7 @@ pub async fn serve(
     slots: Arc<Semaphore>,
 ) {
     loop {
-        let (stream, _peer) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "TCP accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+        let stream = super::accept(&listener, "TCP").await;
         let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
             inc(&resolver.metrics.tcp_refused);
             drop(stream);
