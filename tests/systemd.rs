@@ -522,14 +522,89 @@ fn watchdog_keeps_a_pinging_daemon_and_restarts_a_wedged_one() {
         "the watchdog killed a healthy daemon: it does not send WATCHDOG=1\n{}",
         c.journal_text(UNIT, 20)
     );
-    // Wedge it: a stopped process sends no ping; systemd aborts it and restarts it.
-    c.ok(&["kill", "-STOP", &pid.to_string()]);
+    // Wedge one serving loop, not the process: SIGSTOP (even sent to one thread with
+    // tgkill) stops the whole thread group, so the thread `udp-0` is stopped with ptrace
+    // instead (PTRACE_SEIZE + PTRACE_INTERRUPT stop only that thread). Every other thread
+    // runs on, the watchdog task included: only its check of each loop's heartbeat can
+    // stop the pings, and then systemd aborts the daemon and restarts it.
+    let tid = c
+        .host_thread(pid, "udp-0")
+        .expect("no thread udp-0 in the daemon");
+    let stopped = StoppedThread::new(tid);
     node.wait_new_main_pid(pid, Duration::from_secs(30));
+    drop(stopped);
     let j = c.journal(UNIT);
     assert!(j
         .iter()
         .any(|e| field(e, "MESSAGE").contains("Watchdog timeout")));
+    assert!(
+        j.iter()
+            .any(|e| field(e, "MESSAGE").contains("stopped going round their loop")),
+        "the pings stopped for another reason than the stopped loop"
+    );
     node.assert_pod_answered();
+}
+
+/// One thread of another process held stopped by ptrace until this is dropped. The
+/// tracer is a thread of its own: ptrace ties a tracee to the thread that attached.
+struct StoppedThread {
+    release: Option<std::sync::mpsc::Sender<()>>,
+    tracer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl StoppedThread {
+    fn new(tid: u32) -> StoppedThread {
+        use nix::sys::ptrace;
+        use nix::unistd::Pid;
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let (ready, attached) = std::sync::mpsc::channel();
+        let tracer = std::thread::spawn(move || {
+            let t = Pid::from_raw(tid as i32);
+            let r = ptrace::seize(t, ptrace::Options::empty()).and_then(|()| ptrace::interrupt(t));
+            let ok = r.is_ok();
+            let _ = ready.send(r);
+            if !ok {
+                return;
+            }
+            // Held until released; exiting the tracer thread detaches (and resumes it if
+            // the process still exists). Meanwhile the tracer reaps the thread when the
+            // process is killed: a traced thread that exits stays a zombie until its tracer
+            // waits for it, and the process would not be seen to exit.
+            loop {
+                use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+                let flags = WaitPidFlag::__WALL | WaitPidFlag::WNOHANG;
+                if matches!(
+                    waitpid(t, Some(flags)),
+                    Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) | Err(_)
+                ) {
+                    break;
+                }
+                if !matches!(
+                    wait.recv_timeout(Duration::from_millis(50)),
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                ) {
+                    break;
+                }
+            }
+        });
+        attached
+            .recv()
+            .expect("tracer thread")
+            .unwrap_or_else(|e| panic!("ptrace thread {tid}: {e}"));
+        StoppedThread {
+            release: Some(release),
+            tracer: Some(tracer),
+        }
+    }
+}
+
+impl Drop for StoppedThread {
+    fn drop(&mut self) {
+        drop(self.release.take());
+        if let Some(t) = self.tracer.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 // ---------------------------------------------------------------- stop

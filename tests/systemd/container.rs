@@ -348,6 +348,29 @@ impl Container {
     }
 
     /// The unit's journal entries of this boot (`journalctl -o export`).
+    /// The host's ID of the thread named `thread` (`/proc/PID/task/TID/comm`) of the
+    /// process that has PID `inside` in the container.
+    pub fn host_thread(&self, inside: u32, thread: &str) -> Option<u32> {
+        let leader = self.leader.expect("container not booted");
+        let ns = |pid: u32| std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok();
+        let want = ns(leader)?;
+        let host = std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+            let nspid = status.lines().find(|l| l.starts_with("NSpid:"))?;
+            let last: u32 = nspid.split_whitespace().last()?.parse().ok()?;
+            (last == inside && ns(pid).as_ref() == Some(&want)).then_some(pid)
+        })?;
+        std::fs::read_dir(format!("/proc/{host}/task"))
+            .ok()?
+            .flatten()
+            .find_map(|e| {
+                let tid: u32 = e.file_name().to_str()?.parse().ok()?;
+                let comm = std::fs::read_to_string(format!("/proc/{host}/task/{tid}/comm")).ok()?;
+                (comm.trim() == thread).then_some(tid)
+            })
+    }
+
     pub fn journal(&self, unit: &str) -> Vec<Entry> {
         let out = self.exec(&["journalctl", "-b", "-u", unit, "-o", "export", "--no-pager"]);
         parse_export(&out.stdout)
