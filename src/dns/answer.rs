@@ -86,14 +86,20 @@ impl Answer {
         let mut records =
             Vec::with_capacity(h.ancount as usize + h.nscount as usize + h.arcount as usize);
         let mut opt = None;
+        let mut opts = 0;
         let end = wire::walk_records(resp, qend, &h, |section, r| {
             if r.rtype == TYPE_OPT && section == Section::Additional {
                 opt = Some(*r);
+                opts += 1;
             } else {
                 records.push((section, *r));
             }
         })
         .ok_or(AnswerError::Malformed)?;
+        // At most one OPT (RFC 6891 §6.1.1): one left in would sit beside the client's.
+        if opts > 1 {
+            return Err(AnswerError::Malformed);
+        }
 
         let rcode = h.rcode();
         let kind = match rcode {
