@@ -15,7 +15,7 @@ use localdns::dns::{Answer, Key, Query, Ttl, TtlPolicy};
 use localdns_fuzz::{assert_answers, assert_well_formed};
 
 /// Whether a name in `resp` (an owner, or in the RDATA of the types RFC 1035 lets
-/// compress) points into the header, whose ID and counts localdns rewrites when it serves.
+/// compress, and those hickory decompresses) points into the header, whose ID and counts localdns rewrites when it serves.
 fn points_into_header(resp: &[u8]) -> bool {
     let (Some(h), Some(qend)) = (Header::read(resp), question_end(resp)) else {
         return false;
@@ -25,7 +25,9 @@ fn points_into_header(resp: &[u8]) -> bool {
         names.push(r.start);
         match r.rtype {
             2 | 5 | 12 | 39 => names.push(r.rdata),
-            15 => names.push(r.rdata + 2),
+            // MX; SVCB and HTTPS (hickory reads their target compressed too).
+            15 | 64 | 65 => names.push(r.rdata + 2),
+            33 => names.push(r.rdata + 6),
             6 => names.extend(
                 [Some(r.rdata), wire::skip_name(resp, r.rdata)]
                     .into_iter()
