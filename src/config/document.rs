@@ -150,6 +150,12 @@ impl Document {
                     .filter(|l| !l.is_empty())
                     .collect();
                 let reason = reason.join(": ");
+                // toml has no message for some syntax errors (a key with no value at the end).
+                let reason = if reason.is_empty() {
+                    "invalid TOML syntax".to_owned()
+                } else {
+                    reason
+                };
                 // serde_path_to_error usually records the unknown key itself; make sure.
                 if let Some(field) = unknown_field(&reason) {
                     if key.0.last() != Some(&Seg::Key(field.to_owned())) {

@@ -84,9 +84,11 @@ impl Answer {
         let mut records =
             Vec::with_capacity(h.ancount as usize + h.nscount as usize + h.arcount as usize);
         let mut opt = None;
+        let mut opts = 0;
         let end = wire::walk_records(resp, qend, &h, |section, r| {
             if r.rtype == TYPE_OPT && section == Section::Additional {
                 opt = Some(*r);
+                opts += 1;
             } else {
                 // RFC 2181 §8: a TTL with the top bit set is read as 0.
                 let ttl = if r.ttl > i32::MAX as u32 { 0 } else { r.ttl };
@@ -94,6 +96,10 @@ impl Answer {
             }
         })
         .ok_or(AnswerError::Malformed)?;
+        // At most one OPT (RFC 6891 §6.1.1): one left in would sit beside the client's.
+        if opts > 1 {
+            return Err(AnswerError::Malformed);
+        }
         // RFC 6891 allows the OPT anywhere in the additional section. The copy ends where
         // it starts (so no compression pointer moves); additional records after it are
         // left out, which RFC 2181 §9 allows for the additional section.

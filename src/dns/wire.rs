@@ -98,9 +98,11 @@ pub fn skip_name(b: &[u8], mut at: usize) -> Option<usize> {
                 at += len;
             }
             0xc0 => {
-                // The pointer target must lie before the pointer (RFC 1035 §4.1.4).
+                // The pointer target must lie before the pointer (RFC 1035 §4.1.4) and
+                // past the header: no name starts inside it, and the hit path rewrites
+                // the header (ID, counts), so a name read from there would change.
                 let target = (u16_at(b, at)? & 0x3fff) as usize;
-                if target >= at {
+                if target >= at || target < 12 {
                     return None;
                 }
                 return Some(at + 2);
