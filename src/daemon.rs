@@ -16,7 +16,12 @@ use crate::{node, systemd};
 /// whatever goes wrong, a start fails within this time (60 s with the default 5 s wait,
 /// under systemd's 90 s start timeout) and is restarted, instead of holding up the boot.
 pub fn setup_limit(cfg: &Config) -> Duration {
-    Duration::from_secs(30) + cfg.network.xtables_wait * 6
+    node_limit(cfg.network.xtables_wait)
+}
+
+/// [`setup_limit`] for a given xtables lock wait (teardown may have no config).
+fn node_limit(xtables_wait: Duration) -> Duration {
+    Duration::from_secs(30) + xtables_wait * 6
 }
 
 /// After the rules are removed on a final stop, the sockets are still read this long: what
@@ -194,8 +199,7 @@ pub fn teardown(source: &Source) -> anyhow::Result<()> {
             }
         }
     }
-    let limit = Duration::from_secs(30) + what.xtables_wait * 6;
-    once(limit, || node::teardown(&what))?;
+    once(node_limit(what.xtables_wait), || node::teardown(&what))?;
     SetupRecord::clear();
     Ok(())
 }

@@ -23,6 +23,13 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// The kind [`Kind::name`] names.
+    pub fn from_name(name: &str) -> Option<Kind> {
+        [Kind::Nft, Kind::Legacy]
+            .into_iter()
+            .find(|k| k.name() == name)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Kind::Nft => "nft",

@@ -104,12 +104,8 @@ pub async fn setup(cfg: &Config) -> Result<Setup, NodeError> {
         // ([`watch`]). This keeps the restart's gap to the link check. The backend is the
         // one chosen at the first start: kube-proxy does not switch within a boot.
         let recorded = crate::state::SetupRecord::read()
-            .and_then(|r| r.backend)
-            .and_then(|b| match (backend, b.as_str()) {
-                (crate::config::IptablesBackend::Auto, "nft") => Some(Kind::Nft),
-                (crate::config::IptablesBackend::Auto, "legacy") => Some(Kind::Legacy),
-                _ => None,
-            });
+            .and_then(|r| Kind::from_name(r.backend.as_deref()?))
+            .filter(|_| backend == crate::config::IptablesBackend::Auto);
         if let Some(kind) = recorded {
             tracing::info!(
                 backend = kind.name(),
@@ -162,11 +158,13 @@ pub fn done_in_this_invocation(cfg: &Config) -> Option<Setup> {
     if !same {
         return None;
     }
-    let rules = match (n.setup_rules, record.backend.as_deref()) {
+    let rules = match (
+        n.setup_rules,
+        record.backend.as_deref().and_then(Kind::from_name),
+    ) {
         (false, _) => None,
-        (true, Some("nft")) => Some(Kind::Nft),
-        (true, Some("legacy")) => Some(Kind::Legacy),
-        (true, _) => return None,
+        (true, Some(kind)) => Some(kind),
+        (true, None) => return None,
     };
     tracing::info!("the link and rules were set up by `localdns setup` of this start");
     Some(Setup {
