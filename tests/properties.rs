@@ -263,8 +263,8 @@ fn a_key_without_value_at_the_end_names_a_reason() {
 
 /// fuzz/upstream_answer: a compression pointer into the upstream's header (its ID here)
 /// was stored as is, and once the hit path wrote the client's ID there the name read other
-/// bytes and the answer did not decode. Owner names with such a pointer are now refused
-/// (`wire::skip_name`); names inside RDATA (NS, CNAME, SOA, ...) are not checked yet.
+/// bytes and the answer did not decode. Such names are refused, owners and those inside
+/// RDATA (NS, CNAME, SOA, MX, SRV, ...) alike, as are names read from a TTL field.
 #[test]
 fn a_pointer_into_the_header_is_refused() {
     // ID 0x0009: byte 0 reads as a root label through the pointer c000.
@@ -279,4 +279,38 @@ fn a_pointer_into_the_header_is_refused() {
         Answer::from_upstream(&resp, id, &key, &POLICY),
         Err(AnswerError::Malformed)
     );
+}
+
+#[test]
+fn a_name_in_rdata_pointing_into_the_header_or_a_ttl_is_refused() {
+    for (rtype, prefix) in [
+        (5u16, &[][..]),
+        (2, &[]),
+        (12, &[]),
+        (15, &[0, 10]),
+        (33, &[0, 1, 0, 1, 0, 53]),
+    ] {
+        for target in [0x00u8, 0x19] {
+            // One record of `rtype` whose RDATA name is a pointer to `target`: the ID
+            // (0x0000 reads as the root name), or the record's own TTL (offset 0x19).
+            let mut resp = upstream_answer(0x0000, b"\x01a\x00", 1, &[0]);
+            let rec = resp.len() - 16;
+            resp[rec + 2..rec + 4].copy_from_slice(&rtype.to_be_bytes());
+            resp.truncate(rec + 10);
+            let rdata = [prefix, &[0xc0, target][..]].concat();
+            resp.extend_from_slice(&(rdata.len() as u16).to_be_bytes());
+            resp.extend_from_slice(&rdata);
+            assert_eq!(rec + 6, 0x19, "the TTL's offset");
+            let (id, key) = key_of(&resp).unwrap();
+            assert_eq!(
+                Answer::from_upstream(&resp, id, &key, &POLICY),
+                Err(AnswerError::Malformed),
+                "type {rtype}, pointer to {target:#x}"
+            );
+            // The same record pointing at the question name is kept.
+            let n = resp.len();
+            resp[n - 1] = 0x0c;
+            assert!(Answer::from_upstream(&resp, id, &key, &POLICY).is_ok());
+        }
+    }
 }

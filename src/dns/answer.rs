@@ -144,6 +144,17 @@ impl Answer {
 
         // Copy up to the OPT record (see above). Not authoritative: a replay says so.
         let body_end = opt.map_or(end, |o| o.start);
+        // Every name a client will read back, owners and those in RDATA, must read the
+        // same from what is served: nothing in the header or a TTL (both rewritten), nothing
+        // past the cut (fuzz finding 1, README "Fuzzing").
+        let rewritten: Vec<usize> = records.iter().map(|(_, r)| r.ttl_offset()).collect();
+        let readable = |at| wire::check_name(resp, at, body_end, &rewritten);
+        for (_, r) in &records {
+            if readable(r.start) != Some(r.fixed) {
+                return Err(AnswerError::Malformed);
+            }
+            wire::rdata_names(r, readable).ok_or(AnswerError::Malformed)?;
+        }
         let mut wire = resp[..body_end].to_vec().into_boxed_slice();
         wire::put_u16(&mut wire, 0, 0);
         let flags = h.flags & !wire::FLAG_AA;
@@ -155,8 +166,7 @@ impl Answer {
         wire::put_u16(&mut wire, 10, arcount);
 
         let mut ttl_offsets = Vec::with_capacity(records.len());
-        for (_, r) in &records {
-            let off = r.ttl_offset();
+        for ((_, r), &off) in records.iter().zip(&rewritten) {
             let stored = match kind {
                 Kind::Positive => r
                     .ttl
@@ -360,6 +370,42 @@ pub(crate) mod tests {
             Answer::from_upstream(&r, 10, &key, &floored).unwrap().ttl,
             100
         );
+    }
+
+    /// A CNAME answer whose RDATA is `target` (as wire bytes, pointers allowed).
+    fn cname(target: &[u8]) -> (Vec<u8>, Key) {
+        let q = query(10, "a.example", 1, None);
+        let key = parse(&q).key();
+        (
+            response(&q, 0, &[(Section::Answer, 5, 300, target.to_vec())], false),
+            key,
+        )
+    }
+
+    #[test]
+    fn names_in_rdata_must_read_the_same_when_served() {
+        // Compressed to the question name (offset 12), and to its label "example": kept.
+        for ok in [&[0xc0, 12][..], &[1, b'b', 0xc0, 14]] {
+            let (r, key) = cname(ok);
+            let a = Answer::from_upstream(&r, 10, &key, &POLICY).unwrap();
+            assert_eq!(a.kind, Kind::Positive);
+        }
+        // Into the header (rewritten with the client's ID and counts), into the record's
+        // own TTL (rewritten as it ages), forwards, and a name running past its RDATA.
+        let ttl_at = 12 + 15 + 2 + 4; // header, question, owner pointer, type and class
+        for bad in [
+            &[0xc0, 2][..],
+            &[0xc0, ttl_at as u8],
+            &[0xc0, 60],
+            &[3, b'a', b'b'],
+        ] {
+            let (r, key) = cname(bad);
+            assert_eq!(
+                Answer::from_upstream(&r, 10, &key, &POLICY),
+                Err(AnswerError::Malformed),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

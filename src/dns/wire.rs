@@ -112,6 +112,82 @@ pub fn skip_name(b: &[u8], mut at: usize) -> Option<usize> {
     }
 }
 
+/// Read the name at `at` the way a client will, following every compression pointer, and
+/// check that each byte it is read from lies in `HEADER_LEN..limit` and outside the
+/// 4-byte fields at `rewritten` (sorted offsets): localdns rewrites the header and TTLs
+/// when it serves, and cuts the message at `limit`, so a name read from there would
+/// change or dangle. Pointers must go backwards. Returns the offset just past the name
+/// in place.
+pub fn check_name(b: &[u8], at: usize, limit: usize, rewritten: &[usize]) -> Option<usize> {
+    let limit = limit.min(b.len());
+    let clean = |from: usize, len: usize| {
+        let first = rewritten.partition_point(|&o| o + 4 <= from);
+        from >= HEADER_LEN
+            && from + len <= limit
+            && rewritten.get(first).map_or(true, |&o| o >= from + len)
+    };
+    let (mut pos, mut end, mut total) = (at, None, 0usize);
+    // Each loop adds a label (bounded by the 255 octets of a name) or follows a pointer
+    // strictly backwards (a chain of those ends), so this terminates; the bound is a belt.
+    for _ in 0..256 {
+        let len = usize::from(*b.get(pos)?);
+        match len & 0xc0 {
+            0x00 => {
+                if !clean(pos, 1 + len) {
+                    return None;
+                }
+                if len == 0 {
+                    return Some(end.unwrap_or(pos + 1));
+                }
+                total += len + 1;
+                if total > 255 {
+                    return None;
+                }
+                pos += 1 + len;
+            }
+            0xc0 => {
+                let target = usize::from(u16_at(b, pos)? & 0x3fff);
+                if !clean(pos, 2) || target >= pos {
+                    return None;
+                }
+                end.get_or_insert(pos + 2);
+                pos = target;
+            }
+            _ => return None,
+        }
+    }
+    None
+}
+
+/// Call `f` (which returns the offset past the name) for each domain name in the RDATA of `r`, for the types whose names may be
+/// compressed (RFC 1035 §3.3, RFC 3597 §4) and those decoders read compressed anyway
+/// (SRV, SVCB, HTTPS, DNAME): these are read back by clients after localdns serves them.
+/// A name that does not end inside the RDATA yields None.
+pub fn rdata_names(r: &Record, mut f: impl FnMut(usize) -> Option<usize>) -> Option<()> {
+    let (first, count) = match r.rtype {
+        // NS, MD, MF, CNAME, MB, MG, MR, PTR, DNAME
+        2..=5 | 7..=9 | 12 | 39 => (0, 1),
+        // SOA: MNAME RNAME; MINFO: RMAILBX EMAILBX; RP: mbox txt
+        6 | 14 | 17 => (0, 2),
+        // MX, AFSDB, RT, KX: a 16-bit preference first; SVCB, HTTPS: the priority.
+        15 | 18 | 21 | 36 | 64 | 65 => (2, 1),
+        // SRV: priority, weight, port.
+        33 => (6, 1),
+        _ => return Some(()),
+    };
+    let mut at = r.rdata + first;
+    for _ in 0..count {
+        if at >= r.end {
+            return None;
+        }
+        at = f(at)?;
+        if at > r.end {
+            return None;
+        }
+    }
+    Some(())
+}
+
 /// One resource record located in a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Record {
@@ -223,6 +299,32 @@ mod tests {
         assert_eq!(skip_name(&long, 0), None);
         assert_eq!(skip_name(&[3, b'a'], 0), None);
         assert_eq!(skip_name(&[0x40], 0), None);
+    }
+
+    #[test]
+    fn check_name_follows_pointers_and_refuses_rewritten_or_cut_bytes() {
+        // header(12) + "a.b." at 12 + pointer to "b." at 19 + label "x" then pointer to 12.
+        let mut m = vec![0u8; 12];
+        m.extend_from_slice(&[1, b'a', 1, b'b', 0]);
+        m.extend_from_slice(&[0xc0, 14]);
+        m.extend_from_slice(&[1, b'x', 0xc0, 12]);
+        assert_eq!(check_name(&m, 12, m.len(), &[]), Some(17));
+        assert_eq!(check_name(&m, 17, m.len(), &[]), Some(19));
+        assert_eq!(check_name(&m, 19, m.len(), &[]), Some(23));
+        // The pointed-to "b." sits in a rewritten field, or past the cut.
+        assert_eq!(check_name(&m, 17, m.len(), &[11]), None);
+        assert_eq!(check_name(&m, 17, m.len(), &[15]), None);
+        assert_eq!(check_name(&m, 17, m.len(), &[16]), None);
+        assert_eq!(check_name(&m, 17, m.len(), &[8]), Some(19));
+        assert_eq!(check_name(&m, 19, 22, &[]), None);
+        // A label read from the header, a pointer to itself, a loop through a label.
+        let mut h = vec![0u8; 12];
+        h.extend_from_slice(&[0xc0, 4]);
+        assert_eq!(check_name(&h, 12, h.len(), &[]), None);
+        let mut l = vec![0u8; 12];
+        l.extend_from_slice(&[1, b'a', 0xc0, 12]);
+        assert_eq!(check_name(&l, 14, l.len(), &[]), None);
+        assert_eq!(check_name(&l, 12, l.len(), &[]), None);
     }
 
     #[test]
