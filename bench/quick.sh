@@ -18,43 +18,19 @@
 # Environment: SHARED_BENCH [REPO/../shared/bench], DUR (hit seconds per round) [5].
 set -euo pipefail
 
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-SHARED_BENCH=$(cd "${SHARED_BENCH:-$ROOT/../shared/bench}" && pwd)
-B=/tmp/bench
-ADDR=127.0.0.20 PORT=5300
 MODE=${1:?usage: bench/quick.sh hit|miss [ROUNDS] [-- SERVER COMMAND...]}; shift
 ROUNDS=3
 if [ $# -gt 0 ] && [ "$1" != -- ]; then ROUNDS=$1; shift; fi
 [ "${1:-}" = -- ] && shift
+case "$MODE" in hit|miss) ;; *) echo "mode must be hit or miss" >&2; exit 2 ;; esac
+# shellcheck source=bench/lib.sh
+. "$(dirname "$0")/lib.sh"
 if [ $# -gt 0 ]; then CMD=("$@"); else
   (cd "$ROOT" && cargo build --release --quiet)
   CMD=("$ROOT/target/release/localdns" run --config "$ROOT/bench/localdns.toml")
 fi
-case "$MODE" in hit|miss) ;; *) echo "mode must be hit or miss" >&2; exit 2 ;; esac
-for t in dnsperf dig nsd taskset; do command -v $t >/dev/null || { echo "missing $t (see bench/run.sh)" >&2; exit 1; }; done
-
-exec 9>/tmp/bench-run.lock   # never beside bench/run.sh: they share /tmp/bench and the CPUs
-flock -n 9 || { echo "# a benchmark is running; waiting for it" >&2; flock 9; }
-mkdir -p "$B" && cp -rf "$SHARED_BENCH"/. "$B"/ && chmod -R u+w "$B"
-[ -f "$B/data/miss.txt" ] || "$B/gen-data.sh" >/dev/null
-ask() { dig +tries=1 +time=1 @$ADDR -p $PORT host-9999.example.test A 2>/dev/null | grep -q 'status: NOERROR'; }
-# A second server on the same address would share the load through SO_REUSEPORT.
-if ask; then echo "something already answers on $ADDR:$PORT" >&2; exit 1; fi
-
-UP_STARTED=0 PID=
-cleanup() {
-  [ -n "$PID" ] && kill "$PID" 2>/dev/null && wait "$PID" 2>/dev/null
-  [ "$UP_STARTED" = 1 ] && "$B/upstream.sh" stop 2>/dev/null
-  return 0
-}
-trap cleanup EXIT
-if ! "$B/upstream.sh" status >/dev/null 2>&1; then "$B/upstream.sh" start 0 2>/dev/null; UP_STARTED=1; fi
-
-taskset -c 1 "${CMD[@]}" >/tmp/bench/quick-server.log 2>&1 &
-PID=$!
-for _ in $(seq 100); do ask && break; sleep 0.1; done
-ask || { echo "server did not answer; see /tmp/bench/quick-server.log" >&2; exit 1; }
-cpu_ns() { cat /proc/"$PID"/task/*/schedstat 2>/dev/null | awk '{s+=$1} END{print s+0}'; }
+bench_setup
+bench_start_server "${CMD[@]}"
 perf() { taskset -c 0 dnsperf -s $ADDR -p $PORT -c 16 -q 200 "$@" 2>&1; }
 
 if [ "$MODE" = hit ]; then perf -d "$B/data/hit.txt" -n 2 -q 20 >/dev/null; fi
