@@ -18,15 +18,24 @@
 //! JSON is a stable, documented interface (libnftables-json(5)).
 //!
 //! The semantics are those of the iptables rules ([`super::rules`]):
-//! - chain `prerouting` (hook prerouting, priority raw = -300, before conntrack at -200):
-//!   `ip daddr IP meta l4proto { tcp, udp } th dport 53 socket wildcard 0 notrack`. The
-//!   `socket` expression finds the socket the packet would be delivered to; the rule
-//!   matches only when one is found that is bound to a specific address (`wildcard 0`), so
-//!   it fails open while localdns is dead: the query is tracked and kube-proxy DNATs it
-//!   to kube-dns. This is exactly iptables' `-m socket` without `--nowildcard` (which
-//!   ignores sockets bound to 0.0.0.0 or ::): any socket of another daemon bound to the
-//!   wildcard address on port 53 does not match. (`socket transparent 0` would match
-//!   those too; nft has no bare "a socket exists" match.)
+//! - chain `prerouting` (hook prerouting, priority raw = -300, before conntrack at -200),
+//!   per address, two rules that together are iptables' `-m socket` (without
+//!   `--nowildcard`): "a socket would receive this packet, not counting a full socket
+//!   bound to the wildcard address":
+//!   - `ip daddr IP meta l4proto { tcp, udp } th dport 53 socket wildcard 1 return`: the
+//!     only socket found is bound to 0.0.0.0 or :: (another daemon's): leave the packet
+//!     to conntrack and kube-proxy;
+//!   - `ip daddr IP meta l4proto { tcp, udp } th dport 53 socket transparent 0 notrack`:
+//!     any other socket found (the `socket` expression fails, and the rule with it,
+//!     when none is): skip conntrack.
+//!
+//!   While localdns is dead no socket is found, the query is tracked and kube-proxy
+//!   DNATs it to kube-dns: fail-open. nft has no bare "a socket exists" match, and
+//!   `socket wildcard 0` alone is not enough: the `wildcard` key fails on sockets that are
+//!   not full sockets, such as a TCP connection between SYN and handshake (a request
+//!   socket) or in TIME_WAIT, so the ACK of every new TCP connection would be tracked,
+//!   and DNATed to kube-dns on the Service IP. `transparent` is read from every kind of
+//!   socket (localdns never sets IP_TRANSPARENT).
 //! - chain `output` (hook output, priority raw): queries from the node itself, and
 //!   localdns's answers, skip conntrack unconditionally (the `socket` expression is
 //!   not useful on output: the packet's own socket is the sender's).
@@ -125,13 +134,13 @@ fn port(field: &'static str, port: u16) -> Statement<'static> {
     is(payload("th", field), Expression::Number(port.into()))
 }
 
-/// `socket wildcard 0`: a socket bound to the packet's own destination address.
-fn bound_socket() -> Statement<'static> {
+/// `socket KEY VALUE`.
+fn socket(key: SocketAttr, value: u32) -> Statement<'static> {
     is(
         Expression::Named(NamedExpression::Socket(Socket {
-            key: Cow::Owned(SocketAttr::Wildcard),
+            key: Cow::Owned(key),
         })),
-        Expression::Number(0),
+        Expression::Number(value),
     )
 }
 
@@ -160,7 +169,18 @@ pub fn contents(addresses: &[IpAddr], port_: u16) -> Vec<NfListObject<'static>> 
                 address(ip, "daddr"),
                 tcp_or_udp(),
                 port("dport", port_),
-                bound_socket(),
+                socket(SocketAttr::Wildcard, 1),
+                Statement::Return(None),
+            ],
+            format!("{TAG}: DNS to {ip} is left to conntrack while only a wildcard socket listens"),
+        )));
+        out.push(NfListObject::Rule(rule(
+            "prerouting",
+            vec![
+                address(ip, "daddr"),
+                tcp_or_udp(),
+                port("dport", port_),
+                socket(SocketAttr::Transparent, 0),
                 Statement::Notrack,
             ],
             format!("{TAG}: DNS to {ip} skips conntrack while a socket listens"),
@@ -326,12 +346,20 @@ mod tests {
                 "policy": "accept"}}})
         );
         assert_eq!(objects[4]["add"]["chain"]["hook"], "output");
-        // Per address: one prerouting rule, two output rules.
+        // Per address: two prerouting rules, two output rules.
         let rules: Vec<&serde_json::Value> = objects
             .iter()
             .filter_map(|o| o["add"].get("rule"))
             .collect();
-        assert_eq!(rules.len(), 6);
+        assert_eq!(rules.len(), 8);
+        // A wildcard-bound socket (another daemon's) does not count: return, no notrack.
+        assert_eq!(
+            rules[0]["expr"][3],
+            serde_json::json!({"match": {"op": "==", "left": {"socket": {"key": "wildcard"}}, "right": 1}})
+        );
+        assert_eq!(rules[0]["expr"][4], serde_json::json!({"return": null}));
+        // Then the notrack rule, after the return.
+        let rules = &rules[1..];
         assert_eq!(
             rules[0],
             &serde_json::json!({"family": "inet", "table": "localdns", "chain": "prerouting",
@@ -340,27 +368,29 @@ mod tests {
                 {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}}, "right": "169.254.20.10"}},
                 {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": {"set": ["tcp", "udp"]}}},
                 {"match": {"op": "==", "left": {"payload": {"protocol": "th", "field": "dport"}}, "right": 53}},
-                {"match": {"op": "==", "left": {"socket": {"key": "wildcard"}}, "right": 0}},
+                {"match": {"op": "==", "left": {"socket": {"key": "transparent"}}, "right": 0}},
                 {"notrack": null}
             ]})
         );
         assert_eq!(
-            rules[1]["expr"][0]["match"]["left"]["payload"]["protocol"],
+            rules[2]["expr"][0]["match"]["left"]["payload"]["protocol"],
             "ip6"
         );
-        assert_eq!(rules[1]["expr"][0]["match"]["right"], "fd00::a");
+        assert_eq!(rules[2]["expr"][0]["match"]["right"], "fd00::a");
         // Output: no socket match (unconditional), queries and answers.
-        for r in &rules[2..] {
+        let rules = &rules[3..];
+        assert_eq!(rules.len(), 4);
+        for r in rules {
             assert_eq!(r["chain"], "output");
             assert!(!r.to_string().contains("socket"), "{r}");
             assert!(r.to_string().contains("notrack"), "{r}");
         }
         assert_eq!(
-            rules[3]["expr"][0]["match"]["left"]["payload"]["field"],
+            rules[1]["expr"][0]["match"]["left"]["payload"]["field"],
             "saddr"
         );
         assert_eq!(
-            rules[3]["expr"][2]["match"]["left"]["payload"]["field"],
+            rules[1]["expr"][2]["match"]["left"]["payload"]["field"],
             "sport"
         );
         // Nothing but localdns's own table is named.
