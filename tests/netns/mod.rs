@@ -576,6 +576,18 @@ address = \"127.0.0.1:9253\"
     path
 }
 
+/// Moves the periodic rules check of `config` out of the way (1 h), so that only
+/// netlink events can explain a repair within a test.
+pub fn events_only(config: &Path) {
+    let text = std::fs::read_to_string(config).unwrap();
+    let slow = text.replace(
+        "rules_check_interval = \"1s\"",
+        "rules_check_interval = \"1h\"",
+    );
+    assert_ne!(text, slow);
+    std::fs::write(config, slow).unwrap();
+}
+
 /// `localdns setup|teardown` in a namespace; (success, stderr).
 pub fn localdns_cmd(ns: &Netns, cmd: &str, config: &Path) -> (bool, String) {
     let out = Command::new("ip")
