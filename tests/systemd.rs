@@ -745,12 +745,15 @@ fn a_refused_config_without_a_last_good_one_still_tears_down_on_stop() {
     node.c.ok(&["systemctl", "stop", UNIT]);
     assert_eq!(node.net.node_link_index(LINK), None, "link left behind");
     let rules = node.net.node_rules();
-    assert!(!rules.contains("LOCALDNS"), "rules left behind:\n{rules}");
+    assert!(
+        !rules.to_lowercase().contains("localdns"),
+        "rules left behind:\n{rules}"
+    );
     // And a start with it fails loudly (exit 64) without leaving anything either.
     let out = node.c.systemctl(&["start", UNIT]);
     assert!(!out.status.success());
     assert_eq!(node.net.node_link_index(LINK), None, "link left behind");
-    assert!(!node.net.node_rules().contains("LOCALDNS"));
+    assert!(!node.net.node_rules().to_lowercase().contains("localdns"));
 }
 
 // ---------------------------------------------------------------- boot ordering
