@@ -118,6 +118,21 @@ fn conntrack_free(backend: &'static str) {
     );
     eprintln!("{backend}: {total} queries answered by localdns, 0 conntrack entries for port 53");
     drop(d);
+    // Teardown removes all of it, the ACCEPT rules in the filter table too.
+    let (ok, log) = localdns_cmd(&t.node, "teardown", &cfg);
+    assert!(ok, "teardown:\n{log}");
+    for save in [
+        "iptables-nft-save",
+        "ip6tables-nft-save",
+        "iptables-legacy-save",
+    ] {
+        let rules = save_normalised(&t.node, save);
+        assert!(!rules.contains("LOCALDNS"), "{save}:\n{rules}");
+    }
+    assert!(t
+        .node
+        .try_run(&["nft", "list", "table", "inet", "localdns"])
+        .is_err());
 }
 
 #[test]
