@@ -624,6 +624,11 @@ fn stop_leaves_no_link_and_no_rule() {
         before.contains(LINK_LOCAL),
         "setup installed no rule:\n{before}"
     );
+    // No KUBE-* chain on this node: `auto` picked the nftables backend.
+    assert!(
+        before.contains("# nftables\ntable inet localdns {"),
+        "{before}"
+    );
 
     node.c.ok(&["systemctl", "stop", UNIT]);
     assert_eq!(node.c.prop(UNIT, "ActiveState"), "inactive");
