@@ -655,6 +655,17 @@ fn stop_leaves_no_link_and_no_rule() {
             .any(|e| field(e, "MESSAGE").contains("job stop; removing")),
         "stop-post did not tear down on the stop job"
     );
+    // The unit's sandbox lets the daemon join the nftables notifications.
+    assert!(
+        !j.iter()
+            .any(|e| field(e, "MESSAGE").contains("nftables notifications")),
+        "{j:?}"
+    );
+    assert!(
+        j.iter()
+            .any(|e| field(e, "MESSAGE").contains("firewall chosen: no iptables backend holds")),
+        "{j:?}"
+    );
 }
 
 /// The stream of the stop tests: the Service IP only. The link-local address has no
