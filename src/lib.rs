@@ -11,11 +11,12 @@
 //! - [`upstream`]: routing by zone, upstream pools with failover and health, UDP/TCP exchange.
 //! - [`server`]: listeners (UDP hit-path loops, TCP), the miss path, the HTTP endpoint.
 //! - [`node`]: the node's network setup: the link holding the listen addresses
-//!   (rtnetlink), the NOTRACK/ACCEPT rules (iptables), setup/teardown, drift repair.
+//!   (rtnetlink), the NOTRACK/ACCEPT rules (nftables or iptables), setup/teardown, drift
+//!   repair (netlink events).
 //! - [`metrics`]: counters and their Prometheus rendering.
 //! - [`systemd`]: sd_notify readiness, status, watchdog and reload; the fd store.
 //! - [`state`]: what is kept between runs: the last good config, what setup created.
-//! - [`process`]: helper programs (iptables, systemctl) run with a time bound.
+//! - [`process`]: helper programs (nft, iptables, systemctl) run with a time bound.
 //! - [`logging`]: journald or stderr.
 // One audited exception: adopting the descriptors systemd passes (`systemd::adopt`).
 #![deny(unsafe_code)]

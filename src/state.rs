@@ -140,7 +140,8 @@ pub struct SetupRecord {
     pub interface: Option<String>,
     /// Whether setup installed rules.
     pub rules: bool,
-    /// The iptables backend the rules went to (`nft`, `legacy`).
+    /// The firewall the rules went to (`nftables`, `iptables-nft`, `iptables-legacy`;
+    /// earlier versions wrote `nft`, `legacy`, which are still read).
     pub backend: Option<String>,
     /// The systemd invocation (`INVOCATION_ID`) whose ExecStartPre ran the setup: the
     /// daemon of the same invocation does not install everything a second time.

@@ -869,6 +869,33 @@ fn check_config_reports_file_line_and_key() {
     );
 }
 
+/// The old `network.iptables_backend` still works, as `network.firewall`, with a warning
+/// that names its file and line and the new key.
+#[test]
+fn the_old_iptables_backend_key_is_an_alias_with_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = dir.path().join("old.toml");
+    std::fs::write(
+        &old,
+        "[listen]\naddresses = [\"127.0.0.1\"]\n[upstream]\nservers = [\"127.0.0.1:10053\"]\n\
+         [network]\nsetup_rules = false\niptables_backend = \"legacy\"\n",
+    )
+    .unwrap();
+    let out = check_config(&old);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stderr: {err}");
+    let path = old.display().to_string();
+    assert!(
+        err.contains(&format!(
+            "{path}:7: key `network.iptables_backend` is deprecated"
+        )) && err.contains("use `network.firewall`"),
+        "{err}"
+    );
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(shown.contains("firewall = \"iptables-legacy\""), "{shown}");
+    assert!(!shown.contains("iptables_backend"), "{shown}");
+}
+
 /// A file of the repository, for the tests of what the packages ship.
 fn repo_file(path: &str) -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path)

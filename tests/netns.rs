@@ -35,14 +35,53 @@ fn conntrack_free(backend: &'static str) {
     assert!(t.dns_conntrack().is_empty());
 
     let cfg = config(dir.path(), "auto");
+    if backend == "nftables" {
+        // The node's iptables filter table drops by default (in: established traffic,
+        // loopback, ICMPv6): localdns must add its ACCEPT rules there, or pods get no
+        // answer (their queries skip conntrack, so they are not "established").
+        t.node.sh("for c in iptables-nft ip6tables-nft; do
+               $c -A INPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
+               $c -A INPUT -i lo -j ACCEPT
+               $c -P INPUT DROP
+             done
+             ip6tables-nft -A INPUT -p icmpv6 -j ACCEPT");
+    }
     let d = Daemon::start(&t.node, &cfg, dir.path());
-    let other = if backend == "nft" { "legacy" } else { "nft" };
-    let mine = save_normalised(&t.node, &format!("iptables-{backend}-save"));
-    assert!(
-        mine.contains("LOCALDNS-PREROUTING"),
-        "auto picked {backend}:\n{mine}"
-    );
-    assert!(!save_normalised(&t.node, &format!("iptables-{other}-save")).contains("LOCALDNS"));
+    if backend == "nftables" {
+        let table = t.node.sh("nft list table inet localdns");
+        assert_eq!(
+            table.matches("socket wildcard 1 return").count(),
+            3,
+            "{table}"
+        );
+        assert_eq!(
+            table.matches("socket transparent 0 notrack").count(),
+            3,
+            "{table}"
+        );
+        let log = d.log_text();
+        assert!(log.contains("kube-proxy runs in nftables mode"), "{log}");
+        assert!(
+            log.contains("iptables-nft filter drops by default (INPUT); ip6tables-nft filter drops by default (INPUT): ACCEPT rules"),
+            "one log line says what was done:\n{log}"
+        );
+        let filter = save_normalised(&t.node, "iptables-nft-save");
+        assert_eq!(filter.matches("-j LOCALDNS-").count(), 2, "{filter}");
+        assert!(!filter.contains("LOCALDNS-PREROUTING"), "{filter}");
+        assert!(!save_normalised(&t.node, "iptables-legacy-save").contains("LOCALDNS"));
+    } else {
+        let other = if backend == "nft" { "legacy" } else { "nft" };
+        let mine = save_normalised(&t.node, &format!("iptables-{backend}-save"));
+        assert!(
+            mine.contains("LOCALDNS-PREROUTING"),
+            "auto picked {backend}:\n{mine}"
+        );
+        assert!(!save_normalised(&t.node, &format!("iptables-{other}-save")).contains("LOCALDNS"));
+        assert!(t
+            .node
+            .try_run(&["nft", "list", "table", "inet", "localdns"])
+            .is_err());
+    }
 
     let pod = t.pod.enter(|| {
         let mut all = Vec::new();
@@ -79,6 +118,21 @@ fn conntrack_free(backend: &'static str) {
     );
     eprintln!("{backend}: {total} queries answered by localdns, 0 conntrack entries for port 53");
     drop(d);
+    // Teardown removes all of it, the ACCEPT rules in the filter table too.
+    let (ok, log) = localdns_cmd(&t.node, "teardown", &cfg);
+    assert!(ok, "teardown:\n{log}");
+    for save in [
+        "iptables-nft-save",
+        "ip6tables-nft-save",
+        "iptables-legacy-save",
+    ] {
+        let rules = save_normalised(&t.node, save);
+        assert!(!rules.contains("LOCALDNS"), "{save}:\n{rules}");
+    }
+    assert!(t
+        .node
+        .try_run(&["nft", "list", "table", "inet", "localdns"])
+        .is_err());
 }
 
 #[test]
@@ -91,6 +145,128 @@ fn conntrack_free_with_iptables_nft() {
 fn conntrack_free_with_iptables_legacy() {
     require_netns!();
     conntrack_free("legacy");
+}
+
+/// Beside kube-proxy in nftables mode, `auto` picks the nftables backend; with the
+/// iptables filter table dropping by default, the ACCEPT rules go there.
+#[test]
+fn conntrack_free_with_nftables() {
+    require_netns!();
+    conntrack_free("nftables");
+}
+
+/// The milliseconds a `NOTRACK rules installed ... in N ms` log line gives.
+fn setup_ms(log: &str) -> u64 {
+    let line = log
+        .lines()
+        .find(|l| l.contains("NOTRACK rules installed"))
+        .unwrap_or_else(|| panic!("no install line:\n{log}"));
+    let (_, rest) = line.rsplit_once(" in ").unwrap();
+    rest.split(' ').next().unwrap().parse().unwrap()
+}
+
+/// The nftables backend beside a kube-proxy nftables-mode stand-in: setup and teardown
+/// leave `nft list ruleset` byte-identical; the table is put back after `nft delete
+/// table`, `nft flush ruleset` and a flushed chain, each within milliseconds (events,
+/// not the 1 s check); after SIGKILL queries to the Service IP fail open to kube-dns, also
+/// while another program holds a wildcard-bound socket on port 53.
+#[test]
+fn nftables_setup_repair_fail_open_and_exact_teardown() {
+    require_netns!();
+    let t = Topology::new("nftables");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "auto");
+    // The periodic check out of the way: every repair below comes from an event.
+    events_only(&cfg);
+    let node = &t.node;
+    let before = node.sh("nft list ruleset");
+    assert!(before.contains("table ip kube-proxy"), "{before}");
+
+    // setup, setup, teardown: nothing left, nothing else touched.
+    let mut times = Vec::new();
+    for round in 0..2 {
+        let (ok, log) = localdns_cmd(node, "setup", &cfg);
+        assert!(ok, "setup #{round}:\n{log}");
+        assert!(log.contains("firewall=\"nftables\""), "{log}");
+        times.push(setup_ms(&log));
+    }
+    eprintln!("nftables: setup took {times:?} ms (rules only, from `localdns setup`)");
+    let table = node.sh("nft list table inet localdns");
+    assert_eq!(table.matches("notrack").count(), 3 + 6, "{table}");
+    assert!(node
+        .sh("nft list ruleset")
+        .contains(&before[..before.len() - 1]));
+    let (ok, log) = localdns_cmd(node, "teardown", &cfg);
+    assert!(ok, "teardown:\n{log}");
+    assert_eq!(node.sh("nft list ruleset"), before, "teardown is exact");
+
+    let mut d = Daemon::start(node, &cfg, dir.path());
+    let table = node.sh("nft list table inet localdns");
+    let answered = |server: &str| {
+        t.pod.enter({
+            let s = sa(server);
+            move || udp_batch(s, 20)
+        })
+    };
+    assert_eq!(answered("10.96.0.10:53").localdns, 20);
+    let repairs = || d.log_text().matches("rules had changed").count();
+    let restore_kube_proxy = format!("nft -f - <<'EOF'\n{}EOF", kube_proxy_nftables());
+    for (what, cmd) in [
+        ("nft delete table inet localdns", "nft delete table inet localdns"),
+        ("nft flush ruleset", "nft flush ruleset"),
+        ("nft flush chain (prerouting)", "nft flush chain inet localdns prerouting"),
+        (
+            "one rule deleted",
+            "nft delete rule inet localdns output handle $(nft -a list chain inet localdns output | sed -n 's/.* notrack comment .* # handle \\([0-9]*\\)$/\\1/p' | head -1)",
+        ),
+    ] {
+        let count = repairs();
+        let started = Instant::now();
+        node.sh(cmd);
+        let took = wait_for(Duration::from_millis(900), || {
+            node.try_run(&["nft", "list", "table", "inet", "localdns"])
+                .is_ok_and(|now| now == table)
+        })
+        .unwrap_or_else(|| panic!("{what}: not put back within 900 ms:\n{}", d.log_text()));
+        let total = started.elapsed();
+        assert!(
+            wait_for(Duration::from_secs(2), || repairs() > count).is_some(),
+            "{what}: no repair logged:\n{}",
+            d.log_text()
+        );
+        eprintln!("nftables: {what}: table back {took:?} after the command returned ({total:?} with it)");
+        if cmd == "nft flush ruleset" {
+            // kube-proxy puts its own tables back too.
+            node.sh(&restore_kube_proxy);
+        }
+        assert_eq!(answered("10.96.0.10:53").localdns, 20, "after {what}");
+    }
+    let log = d.log_text();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("repaired:")).collect();
+    eprintln!("{}", lines.join("\n"));
+
+    // SIGKILL: no socket on the addresses, the rule fails open.
+    d.kill();
+    let kube = answered("10.96.0.10:53");
+    assert_eq!(
+        (kube.kube_dns, kube.localdns),
+        (20, 0),
+        "fail-open: {kube:?}"
+    );
+    let kube6 = answered("[fd00:96::10]:53");
+    assert_eq!(kube6.kube_dns, 20, "fail-open IPv6: {kube6:?}");
+    let tcp = t.pod.enter(|| tcp_batch(sa("10.96.0.10:53"), 10, 5));
+    assert_eq!(tcp.kube_dns, 10, "fail-open TCP: {tcp:?}");
+    // Another daemon's socket bound to the wildcard address does not capture them.
+    let wildcard = node.enter(|| std::net::UdpSocket::bind("0.0.0.0:53").unwrap());
+    let still = answered("10.96.0.10:53");
+    assert_eq!(still.kube_dns, 20, "a 0.0.0.0:53 socket matched: {still:?}");
+    drop(wildcard);
+    eprintln!("nftables: after SIGKILL 20/20 UDP, 20/20 IPv6, 10/10 TCP answered by kube-dns");
+
+    let (ok, log) = localdns_cmd(node, "teardown", &cfg);
+    assert!(ok, "teardown:\n{log}");
+    assert_eq!(node.sh("nft list ruleset"), before, "teardown is exact");
 }
 
 /// Everything an observer can compare: all four save outputs, links and addresses.
@@ -137,6 +313,10 @@ fn setup_twice_then_teardown_leaves_the_node_as_it_was() {
         for round in 0..2 {
             let (ok, log) = localdns_cmd(&ns, "setup", &cfg);
             assert!(ok, "setup #{round} failed:\n{log}");
+            eprintln!(
+                "iptables-{backend}: setup #{round} took {} ms",
+                setup_ms(&log)
+            );
             if round == 0 {
                 let dummy_works = ns.try_run(&["ip", "link", "add", "ldprobe", "type", "dummy"]);
                 if dummy_works.is_ok() {
@@ -269,6 +449,8 @@ fn drift_is_repaired() {
     let t = Topology::new("nft");
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), "nft");
+    // Every repair below comes from netlink events (links, addresses, nftables).
+    events_only(&cfg);
     let d = Daemon::start(&t.node, &cfg, dir.path());
     let node = &t.node;
     let holds = |a: &str| {
@@ -303,7 +485,8 @@ fn drift_is_repaired() {
     let took = wait_for(second, all_addresses).expect("link not set up again in 1 s");
     eprintln!("link set up again in {took:?}");
 
-    // Rules: checked every second (rules_check_interval = 1s).
+    // Rules: iptables-nft's tables are nf_tables tables, so their changes are reported
+    // by nftables notifications too.
     let rules_ok = || {
         let v4 = save_normalised(node, "iptables-nft-save");
         let v6 = save_normalised(node, "ip6tables-nft-save");

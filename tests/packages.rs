@@ -357,6 +357,7 @@ fn dependencies_are_declared() {
     let depends = stdout("dpkg-deb", &["-f", path(&p.deb), "Depends"]);
     let depends: Vec<&str> = depends.trim().split(", ").collect();
     for needed in [
+        "nftables",
         "iptables",
         "procps",
         "init-system-helpers (>= 1.57)",
@@ -367,6 +368,7 @@ fn dependencies_are_declared() {
     let requires = stdout("rpm", &["-qpR", path(&p.rpm)]);
     let requires: Vec<&str> = requires.lines().map(str::trim).collect();
     for needed in [
+        "/usr/sbin/nft",
         "/usr/sbin/iptables",
         "/usr/bin/kill",
         "systemd",

@@ -624,6 +624,11 @@ fn stop_leaves_no_link_and_no_rule() {
         before.contains(LINK_LOCAL),
         "setup installed no rule:\n{before}"
     );
+    // No KUBE-* chain on this node: `auto` picked the nftables backend.
+    assert!(
+        before.contains("# nftables\ntable inet localdns {"),
+        "{before}"
+    );
 
     node.c.ok(&["systemctl", "stop", UNIT]);
     assert_eq!(node.c.prop(UNIT, "ActiveState"), "inactive");
@@ -649,6 +654,17 @@ fn stop_leaves_no_link_and_no_rule() {
         j.iter()
             .any(|e| field(e, "MESSAGE").contains("job stop; removing")),
         "stop-post did not tear down on the stop job"
+    );
+    // The unit's sandbox lets the daemon join the nftables notifications.
+    assert!(
+        !j.iter()
+            .any(|e| field(e, "MESSAGE").contains("nftables notifications")),
+        "{j:?}"
+    );
+    assert!(
+        j.iter()
+            .any(|e| field(e, "MESSAGE").contains("firewall chosen: no iptables backend holds")),
+        "{j:?}"
     );
 }
 
@@ -745,12 +761,15 @@ fn a_refused_config_without_a_last_good_one_still_tears_down_on_stop() {
     node.c.ok(&["systemctl", "stop", UNIT]);
     assert_eq!(node.net.node_link_index(LINK), None, "link left behind");
     let rules = node.net.node_rules();
-    assert!(!rules.contains("LOCALDNS"), "rules left behind:\n{rules}");
+    assert!(
+        !rules.to_lowercase().contains("localdns"),
+        "rules left behind:\n{rules}"
+    );
     // And a start with it fails loudly (exit 64) without leaving anything either.
     let out = node.c.systemctl(&["start", UNIT]);
     assert!(!out.status.success());
     assert_eq!(node.net.node_link_index(LINK), None, "link left behind");
-    assert!(!node.net.node_rules().contains("LOCALDNS"));
+    assert!(!node.net.node_rules().to_lowercase().contains("localdns"));
 }
 
 // ---------------------------------------------------------------- boot ordering

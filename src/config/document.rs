@@ -115,6 +115,22 @@ impl Document {
         // Keys a later version removed are dropped with a warning, never refused: an
         // upgrade must not turn a working node config into a refused one.
         let mut cleaned = text.parse::<toml::Table>().ok();
+        for r in RENAMED {
+            if cleaned.as_ref().is_some_and(|t| holds(t, r.key)) {
+                let at = spans
+                    .as_ref()
+                    .ok()
+                    .and_then(|doc| span_of(doc, &KeyPath::of(r.key)))
+                    .map(|r| r.start);
+                tracing::warn!(
+                    "{}: key `{}` is deprecated since localdns {} and still honoured: {}",
+                    Location::at_offset(name.clone(), text, at),
+                    r.key,
+                    r.since,
+                    r.instead
+                );
+            }
+        }
         let dropped = cleaned
             .as_mut()
             .map(|t| strip_deprecated(t, deprecated))
@@ -235,6 +251,30 @@ pub struct Deprecated {
 /// Keys removed from the schema and still accepted. None yet: 0.1 is the first release.
 /// When a key goes, it moves here (and out of [`super::raw`]) in the same change.
 pub const DEPRECATED: &[Deprecated] = &[];
+
+/// Keys that have a new name and are still read, with a warning naming the file and line,
+/// for at least one minor version; then they move to [`DEPRECATED`].
+pub const RENAMED: &[Deprecated] = &[Deprecated {
+    key: "network.iptables_backend",
+    since: "0.2",
+    instead: "use `network.firewall` instead (`auto`, `nftables`, `iptables-nft`, \
+              `iptables-legacy`; `nft` is `iptables-nft`, `legacy` is `iptables-legacy`); \
+              `network.firewall` wins when both are set",
+}];
+
+/// Whether `table` holds the dotted `key`.
+fn holds(table: &toml::Table, key: &str) -> bool {
+    let mut parts = key.split('.').peekable();
+    let mut t = table;
+    while let Some(p) = parts.next() {
+        match (t.get(p), parts.peek()) {
+            (Some(_), None) => return true,
+            (Some(toml::Value::Table(next)), Some(_)) => t = next,
+            _ => return false,
+        }
+    }
+    false
+}
 
 /// Remove every key of `list` from `table`; returns the ones that were there.
 pub fn strip_deprecated(table: &mut toml::Table, list: &[Deprecated]) -> Vec<Deprecated> {

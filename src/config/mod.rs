@@ -185,10 +185,10 @@ pub fn load_documents(
 pub fn default_network() -> Network {
     let r = raw::RawNetwork::default();
     Network {
+        firewall: r.firewall(),
         interface: r.interface.0,
         setup_interface: r.setup_interface,
         setup_rules: r.setup_rules,
-        iptables_backend: r.iptables_backend,
         rules_check_interval: r.rules_check_interval.0,
         xtables_wait: r.xtables_wait.0,
     }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde::de::Error as _;
 use serde::{Deserialize, Deserializer};
 
-use super::types::{IptablesBackend, Protocol};
+use super::types::{Firewall, IptablesBackend, Protocol};
 use super::value;
 
 /// A whole document. Field names are the TOML table names.
@@ -216,8 +216,11 @@ pub struct RawNetwork {
     pub setup_interface: bool,
     /// Install the firewall rules (NOTRACK, ACCEPT) at start, remove them at stop.
     pub setup_rules: bool,
-    /// Which iptables the rules go to: `auto` (the one kube-proxy uses), `nft` or `legacy`.
-    pub iptables_backend: IptablesBackend,
+    /// Where the rules go: `auto`, `nftables`, `iptables-nft` or `iptables-legacy`.
+    pub firewall: Option<Firewall>,
+    /// Deprecated alias of `firewall` (`auto`, `nft`, `legacy`); `firewall` wins when both
+    /// are set. Warned about in [`super::document`].
+    pub iptables_backend: Option<IptablesBackend>,
     /// How often the running daemon checks its rules and puts back what is missing.
     #[serde(deserialize_with = "positive")]
     pub rules_check_interval: Dur,
@@ -226,13 +229,23 @@ pub struct RawNetwork {
     pub xtables_wait: Dur,
 }
 
+impl RawNetwork {
+    /// `firewall`, else the deprecated `iptables_backend`, else `auto`.
+    pub fn firewall(&self) -> Firewall {
+        self.firewall
+            .or(self.iptables_backend.map(Firewall::from))
+            .unwrap_or(Firewall::Auto)
+    }
+}
+
 impl Default for RawNetwork {
     fn default() -> Self {
         Self {
             interface: IfName("nodelocaldns".into()),
             setup_interface: true,
             setup_rules: true,
-            iptables_backend: IptablesBackend::Auto,
+            firewall: None,
+            iptables_backend: None,
             rules_check_interval: Dur(Duration::from_secs(5)),
             xtables_wait: Dur(Duration::from_secs(5)),
         }

@@ -84,11 +84,7 @@ pub fn render(c: &Config) -> String {
     line(&mut out, "interface", string(&n.interface));
     line(&mut out, "setup_interface", n.setup_interface);
     line(&mut out, "setup_rules", n.setup_rules);
-    line(
-        &mut out,
-        "iptables_backend",
-        iptables_backend(n.iptables_backend),
-    );
+    line(&mut out, "firewall", string(n.firewall.name()));
     line(
         &mut out,
         "rules_check_interval",
@@ -128,13 +124,5 @@ fn protocol(p: Protocol) -> String {
     string(match p {
         Protocol::Udp => "udp",
         Protocol::Tcp => "tcp",
-    })
-}
-
-fn iptables_backend(b: IptablesBackend) -> String {
-    string(match b {
-        IptablesBackend::Auto => "auto",
-        IptablesBackend::Nft => "nft",
-        IptablesBackend::Legacy => "legacy",
     })
 }

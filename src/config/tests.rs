@@ -157,6 +157,7 @@ fn out_of_range_values() {
             "[network]\niptables_backend = \"nftables\"\n",
             "network.iptables_backend",
         ),
+        ("[network]\nfirewall = \"nft\"\n", "network.firewall"),
         (
             "[network]\nrules_check_interval = \"0s\"\n",
             "network.rules_check_interval",
@@ -400,7 +401,7 @@ fn defaults_are_the_documented_schema() {
             interface: "nodelocaldns".into(),
             setup_interface: true,
             setup_rules: true,
-            iptables_backend: IptablesBackend::Auto,
+            firewall: Firewall::Auto,
             rules_check_interval: Duration::from_secs(5),
             xtables_wait: Duration::from_secs(5),
         },
@@ -752,4 +753,53 @@ fn a_deprecated_key_is_dropped_with_a_warning_not_refused() {
         err.contains("/x.toml:3") && err.contains("network.interface"),
         "{err}"
     );
+}
+
+#[test]
+fn firewall_and_its_deprecated_alias() {
+    let fw = |files: &[(&str, &str)]| load_ok(files).network.firewall;
+    assert_eq!(fw(&[]), Firewall::Auto);
+    for (text, want) in [
+        ("firewall = \"nftables\"", Firewall::Nftables),
+        ("firewall = \"iptables-nft\"", Firewall::IptablesNft),
+        ("firewall = \"iptables-legacy\"", Firewall::IptablesLegacy),
+        ("firewall = \"auto\"", Firewall::Auto),
+        // The old key still works, as its old meaning.
+        ("iptables_backend = \"nft\"", Firewall::IptablesNft),
+        ("iptables_backend = \"legacy\"", Firewall::IptablesLegacy),
+        ("iptables_backend = \"auto\"", Firewall::Auto),
+        // The new key wins.
+        (
+            "iptables_backend = \"legacy\"\nfirewall = \"nftables\"",
+            Firewall::Nftables,
+        ),
+    ] {
+        let file = format!("[network]\n{text}\n");
+        assert_eq!(fw(&[("/etc/localdns/config.toml", &file)]), want, "{text}");
+    }
+    // A later file's new key overrides an earlier file's old one.
+    assert_eq!(
+        fw(&[
+            (
+                "/etc/localdns/config.toml",
+                "[network]\niptables_backend = \"legacy\"\n"
+            ),
+            (
+                "/etc/localdns/conf.d/10.toml",
+                "[network]\nfirewall = \"nftables\"\n"
+            ),
+        ]),
+        Firewall::Nftables
+    );
+    // The rendered config (the last good one) uses the new key only.
+    let c = load_ok(&[(
+        "/etc/localdns/config.toml",
+        "[network]\niptables_backend = \"legacy\"\n",
+    )]);
+    let text = crate::config::render(&c);
+    assert!(text.contains("firewall = \"iptables-legacy\""), "{text}");
+    assert!(!text.contains("iptables_backend"), "{text}");
+    assert!(super::document::RENAMED
+        .iter()
+        .any(|r| r.key == "network.iptables_backend"));
 }

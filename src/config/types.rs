@@ -115,7 +115,35 @@ pub struct Cache {
     pub prefetch_percent: u8,
 }
 
-/// Which iptables binaries hold localdns's rules.
+/// Which firewall holds localdns's rules (`network.firewall`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Firewall {
+    /// nftables when kube-proxy runs in nftables mode (its `kube-proxy` tables exist), or
+    /// when no iptables backend holds `KUBE-*` chains and `nft` works; otherwise the
+    /// iptables backend kube-proxy uses.
+    Auto,
+    /// localdns's own `inet localdns` table, written by `nft` in one transaction.
+    Nftables,
+    /// `iptables-nft` / `ip6tables-nft`.
+    IptablesNft,
+    /// `iptables-legacy` / `ip6tables-legacy`.
+    IptablesLegacy,
+}
+
+impl Firewall {
+    /// The spelling in the config file.
+    pub fn name(self) -> &'static str {
+        match self {
+            Firewall::Auto => "auto",
+            Firewall::Nftables => "nftables",
+            Firewall::IptablesNft => "iptables-nft",
+            Firewall::IptablesLegacy => "iptables-legacy",
+        }
+    }
+}
+
+/// The deprecated `network.iptables_backend` (an alias of `network.firewall` since 0.2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum IptablesBackend {
@@ -128,6 +156,16 @@ pub enum IptablesBackend {
     Legacy,
 }
 
+impl From<IptablesBackend> for Firewall {
+    fn from(b: IptablesBackend) -> Firewall {
+        match b {
+            IptablesBackend::Auto => Firewall::Auto,
+            IptablesBackend::Nft => Firewall::IptablesNft,
+            IptablesBackend::Legacy => Firewall::IptablesLegacy,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Network {
     /// The link holding the listen addresses (kind dummy, or ifb where the kernel has no dummy).
@@ -136,7 +174,8 @@ pub struct Network {
     pub setup_interface: bool,
     /// Install the NOTRACK/ACCEPT rules.
     pub setup_rules: bool,
-    pub iptables_backend: IptablesBackend,
+    /// Where the rules go.
+    pub firewall: Firewall,
     /// Interval of the rules drift check in the running daemon.
     pub rules_check_interval: Duration,
     /// Bound on the wait for the xtables lock per iptables call.

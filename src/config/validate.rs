@@ -153,10 +153,10 @@ pub fn validate(
         stubs,
         cache,
         network: Network {
+            firewall: raw.network.firewall(),
             interface: raw.network.interface.0,
             setup_interface: raw.network.setup_interface,
             setup_rules: raw.network.setup_rules,
-            iptables_backend: raw.network.iptables_backend,
             rules_check_interval: raw.network.rules_check_interval.0,
             xtables_wait: raw.network.xtables_wait.0,
         },

@@ -21,9 +21,13 @@ fn read(t: &dyn Tables, family: Family, table: &str) -> Result<Ours, RulesError>
 }
 
 fn read_all(t: &dyn Tables) -> Result<Snapshot, RulesError> {
+    read_in(t, &TABLES)
+}
+
+fn read_in(t: &dyn Tables, tables: &[&'static str]) -> Result<Snapshot, RulesError> {
     let mut all = Vec::new();
     for family in Family::ALL {
-        for table in TABLES {
+        for &table in tables {
             all.push((family, table, read(t, family, table)?));
         }
     }
@@ -35,9 +39,19 @@ fn read_all(t: &dyn Tables) -> Result<Snapshot, RulesError> {
 /// rules between the write and the read-back is caught by [`complete`] and the install
 /// is repeated.
 pub fn install(t: &dyn Tables, addresses: &[IpAddr], port: u16) -> Result<Snapshot, RulesError> {
+    install_in(t, addresses, port, &TABLES)
+}
+
+/// [`install`] limited to `tables` (the nftables backend's ACCEPT rules: `filter` only).
+pub fn install_in(
+    t: &dyn Tables,
+    addresses: &[IpAddr],
+    port: u16,
+    tables: &[&'static str],
+) -> Result<Snapshot, RulesError> {
     for _ in 0..3 {
-        write(t, addresses, port)?;
-        let snapshot = read_all(t)?;
+        write(t, addresses, port, tables)?;
+        let snapshot = read_in(t, tables)?;
         if complete(&snapshot, addresses, port) {
             return Ok(snapshot);
         }
@@ -82,11 +96,16 @@ pub fn complete(snapshot: &Snapshot, addresses: &[IpAddr], port: u16) -> bool {
     })
 }
 
-fn write(t: &dyn Tables, addresses: &[IpAddr], port: u16) -> Result<(), RulesError> {
+fn write(
+    t: &dyn Tables,
+    addresses: &[IpAddr],
+    port: u16,
+    tables: &[&'static str],
+) -> Result<(), RulesError> {
     for family in Family::ALL {
         let wanted = addresses.iter().any(|ip| Family::of(ip) == family);
         let mut input = String::new();
-        for table in TABLES {
+        for &table in tables {
             let now = read(t, family, table)?;
             if wanted {
                 let rules = |h: &rules::Hook| rules::chain_rules(h, family, addresses, port);
@@ -104,16 +123,25 @@ fn write(t: &dyn Tables, addresses: &[IpAddr], port: u16) -> Result<(), RulesErr
 
 /// Whether the backend still holds exactly `snapshot`.
 pub fn intact(t: &dyn Tables, snapshot: &Snapshot) -> Result<bool, RulesError> {
-    Ok(read_all(t)? == *snapshot)
+    let tables: Vec<&'static str> = TABLES
+        .into_iter()
+        .filter(|t| snapshot.0.iter().any(|(_, s, _)| s == t))
+        .collect();
+    Ok(read_in(t, &tables)? == *snapshot)
 }
 
 /// Removes every `LOCALDNS-*` chain and every jump to one. `Ok(true)` when there was
 /// something to remove.
 pub fn remove(t: &dyn Tables) -> Result<bool, RulesError> {
+    remove_in(t, &TABLES)
+}
+
+/// [`remove`] limited to `tables`.
+pub fn remove_in(t: &dyn Tables, tables: &[&'static str]) -> Result<bool, RulesError> {
     let mut removed = false;
     for family in Family::ALL {
         let mut input = String::new();
-        for table in TABLES {
+        for &table in tables {
             if let Some(remove) = rules::remove_input(table, &read(t, family, table)?) {
                 input.push_str(&remove);
             }
@@ -165,7 +193,7 @@ mod tests {
     fn install_writes_one_input_per_family_with_addresses() {
         let fake = Fake::default();
         let addrs: Vec<IpAddr> = vec!["10.96.0.10".parse().unwrap()];
-        write(&fake, &addrs, 53).unwrap();
+        write(&fake, &addrs, 53, &TABLES).unwrap();
         let restored = fake.restored.lock().unwrap();
         assert_eq!(restored.len(), 1, "no IPv6 address: IPv6 untouched");
         let (family, input) = &restored[0];
@@ -182,7 +210,7 @@ mod tests {
             (Family::V6, "filter".into()),
             "*filter\n:LOCALDNS-INPUT - [0:0]\n-A INPUT -j LOCALDNS-INPUT\nCOMMIT\n".into(),
         );
-        write(&fake, &["10.96.0.10".parse().unwrap()], 53).unwrap();
+        write(&fake, &["10.96.0.10".parse().unwrap()], 53, &TABLES).unwrap();
         let restored = fake.restored.lock().unwrap();
         assert_eq!(restored[1].0, Family::V6);
         assert_eq!(

@@ -13,7 +13,6 @@
 use std::time::Duration;
 
 use super::rules::Family;
-use crate::config::IptablesBackend;
 
 /// Which iptables variant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,13 +22,6 @@ pub enum Kind {
 }
 
 impl Kind {
-    /// The kind [`Kind::name`] names.
-    pub fn from_name(name: &str) -> Option<Kind> {
-        [Kind::Nft, Kind::Legacy]
-            .into_iter()
-            .find(|k| k.name() == name)
-    }
-
     pub fn name(self) -> &'static str {
         match self {
             Kind::Nft => "nft",
@@ -65,8 +57,10 @@ pub enum RulesError {
     },
     #[error("the rules changed again right after each of 3 installs: another agent keeps rewriting them")]
     Unstable,
-    #[error("neither iptables-nft nor iptables-legacy can be run: {0}")]
+    #[error("no firewall can be run: {0}")]
     NoBackend(String),
+    #[error("{0}")]
+    Nft(#[from] super::nft::NftError),
 }
 
 /// The firewall as localdns uses it. Implemented by [`Iptables`]; tests fake it.
@@ -108,31 +102,8 @@ impl Iptables {
         Self { kind, wait }
     }
 
-    /// The backend named by the config, or for `auto` the one kube-proxy uses here.
-    pub fn choose(setting: IptablesBackend, wait: Duration) -> Result<Self, RulesError> {
-        let kind = match setting {
-            IptablesBackend::Nft => Kind::Nft,
-            IptablesBackend::Legacy => Kind::Legacy,
-            IptablesBackend::Auto => {
-                let nft = Iptables::new(Kind::Nft, wait).census();
-                let legacy = Iptables::new(Kind::Legacy, wait).census();
-                let (kind, why) =
-                    pick(nft.as_ref().ok(), legacy.as_ref().ok()).ok_or_else(|| {
-                        let err = |r: &Result<Census, RulesError>| match r {
-                            Ok(_) => String::new(),
-                            Err(e) => e.to_string(),
-                        };
-                        RulesError::NoBackend(format!("{}; {}", err(&nft), err(&legacy)))
-                    })?;
-                tracing::info!(backend = kind.name(), "iptables backend chosen: {why}");
-                kind
-            }
-        };
-        Ok(Self::new(kind, wait))
-    }
-
     /// Counts kube-proxy's lines and all rules over both families (all tables).
-    fn census(&self) -> Result<Census, RulesError> {
+    pub fn census(&self) -> Result<Census, RulesError> {
         let mut total = Census::default();
         for family in Family::ALL {
             let out = self.run(&self.kind.program(family, "save"), &[], None)?;

@@ -6,8 +6,12 @@
 //! - [`watch`] runs beside the server and repairs drift: link and address changes are
 //!   seen through netlink events and repaired at once; the rules are checked every
 //!   `network.rules_check_interval`. Each repair is logged and counted.
-//! - [`teardown`] (also `localdns teardown`, ExecStopPost) removes exactly that: the jumps
-//!   to `LOCALDNS-*` chains, those chains (from both iptables backends), and the link.
+//! - [`teardown`] (also `localdns teardown`, ExecStopPost) removes exactly that: the
+//!   `inet localdns` nftables table, the jumps to `LOCALDNS-*` chains and those chains
+//!   (from both iptables backends), and the link.
+//!
+//! The rules go to one of three firewalls ([`backend`]): localdns's own nftables table
+//! ([`nftables`]), or iptables-nft / iptables-legacy ([`iptables`], [`firewall`]).
 //!
 //! `localdns run` does not tear down when it stops: the rules fail open (see [`rules`]),
 //! so a stopped or killed localdns leaves the kube-dns Service IP working through
@@ -15,19 +19,23 @@
 //!
 //! OS effects sit behind [`link::LinkOps`] and [`iptables::Tables`] so that the logic is
 //! unit-tested without root; the real implementations are tested in network namespaces.
+//! The nftables table is built as data ([`nftables::transaction`]) and tested the same way.
 
+pub mod backend;
 pub mod firewall;
 pub mod iptables;
 pub mod link;
+pub mod nfevents;
 pub mod nft;
+pub mod nftables;
 pub mod repair;
 pub mod rules;
 
 use std::net::IpAddr;
-use std::sync::Arc;
 
-use crate::config::Config;
-use iptables::{Iptables, Kind, RulesError, Tables};
+use crate::config::{Config, Firewall};
+use backend::Backend;
+use iptables::{Iptables, Kind, RulesError};
 use link::{LinkError, Netlink};
 
 pub use repair::watch;
@@ -68,7 +76,7 @@ pub struct Setup {
     /// The backend holding the rules and what they looked like after install (`None`
     /// until read back, when another process installed them); `None` when
     /// `network.setup_rules` is false.
-    pub rules: Option<(Arc<dyn Tables>, Option<firewall::Snapshot>)>,
+    pub rules: Option<(Backend, Option<backend::Snapshot>)>,
 }
 
 fn join(ips: &[IpAddr]) -> String {
@@ -96,7 +104,7 @@ pub async fn setup(cfg: &Config) -> Result<Setup, NodeError> {
     let mut rules = None;
     let mut created = Vec::new();
     if n.setup_rules {
-        let (backend, wait) = (n.iptables_backend, n.xtables_wait);
+        let (setting, wait) = (n.firewall, n.xtables_wait);
         let (addresses, port) = (addresses.clone(), cfg.listen.port);
         // A restart in this boot (setup recorded a backend and no teardown cleared it):
         // the rules were left in place for this start, so they are not read here; the
@@ -104,38 +112,45 @@ pub async fn setup(cfg: &Config) -> Result<Setup, NodeError> {
         // ([`watch`]). This keeps the restart's gap to the link check. The backend is the
         // one chosen at the first start: kube-proxy does not switch within a boot.
         let recorded = crate::state::SetupRecord::read()
-            .and_then(|r| Kind::from_name(r.backend.as_deref()?))
-            .filter(|_| backend == crate::config::IptablesBackend::Auto);
-        if let Some(kind) = recorded {
+            .and_then(|r| Backend::from_name(r.backend.as_deref()?, wait))
+            .filter(|_| setting == Firewall::Auto);
+        if let Some(backend) = recorded {
             tracing::info!(
-                backend = kind.name(),
+                firewall = backend.name(),
                 "restart: the rules of the previous start stay; they are checked once serving"
             );
-            rules = Some((Arc::new(Iptables::new(kind, wait)) as Arc<dyn Tables>, None));
+            rules = Some((backend, None));
         } else {
-            let (tables, snapshot, made) = tokio::task::spawn_blocking(move || {
-                let tables: Arc<dyn Tables> = Arc::new(Iptables::choose(backend, wait)?);
-                let before = (tables.kind() == Kind::Nft).then(nft::tables).flatten();
-                let snapshot = firewall::adopt(tables.as_ref(), &addresses, port)?;
-                let made = created_tables(before.as_deref(), tables.kind());
-                remove_from_other_backend(tables.kind(), wait);
-                Ok::<_, NodeError>((tables, snapshot, made))
+            let started = std::time::Instant::now();
+            let (backend, snapshot, made) = tokio::task::spawn_blocking(move || {
+                let backend = Backend::choose(setting, wait)?;
+                let iptables_nft = backend.name() == Firewall::IptablesNft.name();
+                let before = iptables_nft.then(nft::tables).flatten();
+                let snapshot = backend.adopt(&addresses, port)?;
+                let made = if iptables_nft {
+                    created_tables(before.as_deref())
+                } else {
+                    Vec::new()
+                };
+                backend.clear_others(&snapshot, wait);
+                Ok::<_, NodeError>((backend, snapshot, made))
             })
             .await??;
             created = made;
             tracing::info!(
-                backend = tables.kind().name(),
-                "NOTRACK/ACCEPT rules installed for port {} of {}",
+                firewall = backend.name(),
+                "NOTRACK rules installed for port {} of {} in {} ms",
                 cfg.listen.port,
-                join(&cfg.listen.addresses)
+                join(&cfg.listen.addresses),
+                started.elapsed().as_millis()
             );
-            rules = Some((tables, Some(snapshot)));
+            rules = Some((backend, Some(snapshot)));
         }
     }
     crate::state::SetupRecord {
         interface: n.setup_interface.then(|| n.interface.clone()),
         rules: n.setup_rules,
-        backend: rules.as_ref().map(|(t, _)| t.kind().name().to_owned()),
+        backend: rules.as_ref().map(|(b, _)| b.name().to_owned()),
         invocation: std::env::var("INVOCATION_ID").ok(),
         created_tables: created,
     }
@@ -160,28 +175,24 @@ pub fn done_in_this_invocation(cfg: &Config) -> Option<Setup> {
     }
     let rules = match (
         n.setup_rules,
-        record.backend.as_deref().and_then(Kind::from_name),
+        record
+            .backend
+            .as_deref()
+            .and_then(|b| Backend::from_name(b, n.xtables_wait)),
     ) {
         (false, _) => None,
-        (true, Some(kind)) => Some(kind),
+        (true, Some(backend)) => Some(backend),
         (true, None) => return None,
     };
     tracing::info!("the link and rules were set up by `localdns setup` of this start");
     Some(Setup {
-        rules: rules.map(|kind| {
-            (
-                Arc::new(Iptables::new(kind, n.xtables_wait)) as Arc<dyn Tables>,
-                None,
-            )
-        }),
+        rules: rules.map(|backend| (backend, None)),
     })
 }
 
-/// The nf_tables tables that exist now and did not in `before` (what the install made).
-fn created_tables(before: Option<&[String]>, kind: Kind) -> Vec<String> {
-    if kind != Kind::Nft {
-        return Vec::new();
-    }
+/// The nf_tables tables that exist now and did not in `before` (what an iptables-nft
+/// install made).
+fn created_tables(before: Option<&[String]>) -> Vec<String> {
     let Some(before) = before else {
         tracing::info!(
             "nft is not installed: the nf_tables tables iptables-nft creates for the rules \
@@ -201,23 +212,6 @@ fn created_tables(before: Option<&[String]>, kind: Kind) -> Vec<String> {
         );
     }
     made
-}
-
-/// Rules left in the other backend by an earlier install (the node switched between
-/// nft and legacy) would shadow nothing but confuse everyone: they go.
-fn remove_from_other_backend(used: Kind, wait: std::time::Duration) {
-    let other = match used {
-        Kind::Nft => Kind::Legacy,
-        Kind::Legacy => Kind::Nft,
-    };
-    match firewall::remove(&Iptables::new(other, wait)) {
-        Ok(true) => tracing::info!(
-            "removed localdns rules left in iptables-{} by an earlier install",
-            other.name()
-        ),
-        Ok(false) | Err(RulesError::Spawn { .. }) => {}
-        Err(e) => tracing::warn!("cannot check iptables-{} for old rules: {e}", other.name()),
-    }
 }
 
 /// What [`teardown`] removes.
@@ -251,11 +245,22 @@ impl Removal {
     }
 }
 
-/// Removes the firewall rules alone: every jump to a `LOCALDNS-*` chain and those chains,
-/// in both backends. Idempotent; removes nothing that is not localdns's. Blocking (runs
-/// the iptables tools).
+/// Removes the firewall rules alone: the `inet localdns` table, every jump to a
+/// `LOCALDNS-*` chain and those chains, in both iptables backends. Idempotent; removes
+/// nothing that is not localdns's. Blocking (runs nft and the iptables tools).
 pub fn remove_rules(expected: bool, wait: std::time::Duration) -> Result<(), RulesError> {
     let mut ran = 0;
+    match nftables::remove() {
+        Ok(removed) => {
+            ran += 1;
+            if removed {
+                tracing::info!("removed table {}", nftables::TABLE_ID);
+            }
+        }
+        // No nft: there is no table of ours either (it is written with nft).
+        Err(nft::NftError::Missing(_)) => {}
+        Err(e) => return Err(e.into()),
+    }
     for kind in [Kind::Nft, Kind::Legacy] {
         match firewall::remove(&Iptables::new(kind, wait)) {
             Ok(removed) => {
@@ -271,7 +276,7 @@ pub fn remove_rules(expected: bool, wait: std::time::Duration) -> Result<(), Rul
     }
     if ran == 0 && expected {
         return Err(RulesError::NoBackend(
-            "neither iptables-nft-save nor iptables-legacy-save runs".into(),
+            "neither nft nor iptables-nft-save nor iptables-legacy-save runs".into(),
         ));
     }
     Ok(())

@@ -1,5 +1,6 @@
-//! The `nft` tool, for the one thing the iptables-nft tools cannot do: delete a whole
-//! nf_tables table.
+//! The `nft` tool: run with a bound on its time (for the native backend, see
+//! [`super::nftables`]), and used for the one thing the iptables-nft tools cannot do:
+//! delete a whole nf_tables table.
 //!
 //! iptables-nft creates the `ip`/`ip6` `raw` and `filter` tables the first time a rule goes
 //! into them, and no iptables command deletes a table again, so a teardown that removes
@@ -16,18 +17,44 @@ use std::time::Duration;
 const LIMIT: Duration = Duration::from_secs(10);
 
 fn nft(args: &[&str]) -> Result<String, String> {
-    match crate::process::run_bounded("nft", args, None, LIMIT) {
+    run(args, None).map_err(|e| e.to_string())
+}
+
+/// Why `nft` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NftError {
+    #[error("cannot run nft: {0} (is the nftables package installed?)")]
+    Missing(std::io::Error),
+    #[error("nft {args}: exit {code}: {stderr}")]
+    Failed {
+        args: String,
+        code: i32,
+        stderr: String,
+    },
+    #[error("nft {args}: no answer within {LIMIT:?}")]
+    Hung { args: String },
+}
+
+impl NftError {
+    /// nft's answer for a table, chain or rule that does not exist.
+    pub fn is_absent(&self) -> bool {
+        matches!(self, NftError::Failed { stderr, .. } if stderr.contains("No such file or directory"))
+    }
+}
+
+/// `nft ARGS` with `stdin`, bounded in time: its stdout, or why it failed.
+pub fn run(args: &[&str], stdin: Option<&str>) -> Result<String, NftError> {
+    match crate::process::run_bounded("nft", args, stdin, LIMIT) {
         Ok(Some((0, out, _))) => Ok(out),
-        Ok(Some((code, _, err))) => Err(format!(
-            "nft {}: exit {code}: {}",
-            args.join(" "),
-            err.trim()
-        )),
-        Ok(None) => Err(format!(
-            "nft {}: no answer within {LIMIT:?}",
-            args.join(" ")
-        )),
-        Err(e) => Err(format!("cannot run nft: {e}")),
+        Ok(Some((code, _, err))) => Err(NftError::Failed {
+            args: args.join(" "),
+            code,
+            stderr: err.trim().to_owned(),
+        }),
+        Ok(None) => Err(NftError::Hung {
+            args: args.join(" "),
+        }),
+        Err(e) => Err(NftError::Missing(e)),
     }
 }
 

@@ -6,9 +6,13 @@
 //! what is missing, within milliseconds. The same comparison also runs on every rules
 //! tick, in case the event socket itself fails.
 //!
-//! The rules: every `rules_check_interval` the backend is read and compared with the
-//! snapshot taken after install; any difference (a flushed chain, a lost jump, an
-//! `iptables-restore` by another agent) reinstalls them.
+//! The rules: a netlink socket subscribed to nftables notifications ([`nfevents`]) wakes
+//! the task when a table holding them changes (nftables and iptables-nft; `nft flush
+//! ruleset`, `nft delete table`, another agent's rewrite), and the backend is compared
+//! with the snapshot taken after install and put back within milliseconds. Every
+//! `rules_check_interval` the same check runs anyway: the safety net for iptables-legacy
+//! (which sends no notifications), a failed event socket, and the nftables backend's
+//! ACCEPT rules in the iptables filter table.
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -17,8 +21,10 @@ use futures_util::{FutureExt, StreamExt};
 use rtnetlink::packet_core::NetlinkPayload;
 use rtnetlink::MulticastGroup;
 
+use super::backend::{Backend, Snapshot};
 use super::link::{self, Netlink};
-use super::{firewall, join, Setup};
+use super::nfevents;
+use super::{join, Setup};
 use crate::config::Config;
 use crate::metrics::{inc, Metrics};
 
@@ -43,30 +49,46 @@ pub async fn watch(cfg: Config, setup: Setup, metrics: Arc<Metrics>) {
             ops = Netlink::connect().ok();
         }
     }
+    // Subscribed before the read-back, so that no change after it is missed.
+    let mut nft_events = match setup.rules.as_ref() {
+        Some((backend, _)) if backend.has_events() => match nfevents::Events::subscribe() {
+            Ok(events) => Some(events),
+            Err(e) => {
+                tracing::error!(
+                    "cannot subscribe to nftables notifications: {e}; the rules are checked every {:?} instead",
+                    n.rules_check_interval
+                );
+                None
+            }
+        },
+        _ => None,
+    };
     let mut rules = match setup.rules {
-        Some((tables, Some(snapshot))) => Some((tables, snapshot)),
-        Some((tables, None)) => {
-            let (t, addresses, port) = (
-                Arc::clone(&tables),
+        Some((backend, Some(snapshot))) => Some((backend, Some(snapshot))),
+        Some((backend, None)) => {
+            let (b, addresses, port) = (
+                backend.clone(),
                 cfg.listen.addresses.clone(),
                 cfg.listen.port,
             );
-            match tokio::task::spawn_blocking(move || firewall::adopt(t.as_ref(), &addresses, port))
-                .await
-            {
-                Ok(Ok(snapshot)) => Some((tables, snapshot)),
+            match tokio::task::spawn_blocking(move || b.adopt(&addresses, port)).await {
+                Ok(Ok(snapshot)) => Some((backend, Some(snapshot))),
                 Ok(Err(e)) => {
                     tracing::error!("cannot read back the firewall rules: {e}; installing them at the next check");
-                    Some((tables, firewall::Snapshot::default()))
+                    Some((backend, None))
                 }
                 Err(e) => {
                     tracing::error!("firewall read-back task failed: {e}");
-                    Some((tables, firewall::Snapshot::default()))
+                    Some((backend, None))
                 }
             }
         }
         None => None,
     };
+    let watched = rules
+        .as_ref()
+        .map(|(b, _)| b.watched_tables())
+        .unwrap_or_default();
     let mut tick = tokio::time::interval(n.rules_check_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
@@ -77,7 +99,23 @@ pub async fn watch(cfg: Config, setup: Setup, metrics: Arc<Metrics>) {
                 None => std::future::pending().await,
             }
         };
+        let nft_event = async {
+            match nft_events.as_mut() {
+                Some(events) => events.changed(&watched).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
+            changed = nft_event => {
+                if let Err(e) = changed {
+                    tracing::error!("nftables notifications failed: {e}; the rules are now checked every {:?}", n.rules_check_interval);
+                    nft_events = None;
+                    continue;
+                }
+                if let Some((backend, snapshot)) = rules.take() {
+                    rules = Some(repair_rules(backend, snapshot, false, &cfg, &metrics).await);
+                }
+            }
             msg = event => {
                 let Some((msg, _)) = msg else {
                     tracing::error!("netlink event socket closed; interface {} is now checked every {:?}", n.interface, n.rules_check_interval);
@@ -99,8 +137,8 @@ pub async fn watch(cfg: Config, setup: Setup, metrics: Arc<Metrics>) {
                 if let Some(nl) = &ops {
                     repair_link(nl, &cfg, &metrics).await;
                 }
-                if let Some((tables, snapshot)) = rules.take() {
-                    rules = Some(repair_rules(tables, snapshot, &cfg, &metrics).await);
+                if let Some((backend, snapshot)) = rules.take() {
+                    rules = Some(repair_rules(backend, snapshot, true, &cfg, &metrics).await);
                 }
             }
         }
@@ -152,40 +190,42 @@ async fn repair_link(nl: &Netlink, cfg: &Config, metrics: &Metrics) {
     }
 }
 
+/// Checks the rules against `snapshot` and puts back what changed (`full`: see
+/// [`Backend::repair`]); logs and counts each repair with the time it took.
 async fn repair_rules(
-    tables: Arc<dyn super::iptables::Tables>,
-    snapshot: firewall::Snapshot,
+    backend: Backend,
+    snapshot: Option<Snapshot>,
+    full: bool,
     cfg: &Config,
     metrics: &Metrics,
-) -> (Arc<dyn super::iptables::Tables>, firewall::Snapshot) {
+) -> (Backend, Option<Snapshot>) {
     let (addresses, port) = (cfg.listen.addresses.clone(), cfg.listen.port);
-    let (t, kept) = (Arc::clone(&tables), snapshot.clone());
-    let checked = tokio::task::spawn_blocking(move || {
-        if firewall::intact(t.as_ref(), &snapshot)? {
-            return Ok((snapshot, false));
-        }
-        firewall::install(t.as_ref(), &addresses, port).map(|s| (s, true))
-    })
-    .await;
+    let (b, kept) = (backend.clone(), snapshot.clone());
+    let started = std::time::Instant::now();
+    let checked =
+        tokio::task::spawn_blocking(move || b.repair(snapshot.as_ref(), &addresses, port, full))
+            .await;
     match checked {
         Ok(Ok((snapshot, repaired))) => {
-            if repaired {
+            if !repaired.is_empty() {
                 inc(&metrics.repairs_rules);
                 tracing::warn!(
-                    backend = tables.kind().name(),
-                    "repaired: localdns's firewall rules had changed, installed them again"
+                    firewall = backend.name(),
+                    "repaired: localdns's firewall rules had changed ({}), installed them again in {} ms",
+                    repaired.join(", "),
+                    started.elapsed().as_millis()
                 );
             }
-            (tables, snapshot)
+            (backend, Some(snapshot))
         }
         Ok(Err(e)) => {
-            // The next tick tries again against the same snapshot.
+            // The next check tries again against the same snapshot.
             tracing::error!("cannot check or repair the firewall rules: {e}");
-            (tables, kept)
+            (backend, kept)
         }
         Err(e) => {
             tracing::error!("firewall check task failed: {e}");
-            (tables, kept)
+            (backend, kept)
         }
     }
 }

@@ -259,6 +259,25 @@ pub fn remove_input(table: &str, now: &Ours) -> Option<String> {
     Some(out)
 }
 
+/// The built-in chains among INPUT and OUTPUT of a filter table's save output whose
+/// policy is DROP: where DNS to localdns needs localdns's ACCEPT rules.
+pub fn drops_by_default(save: &str) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    let mut in_filter = false;
+    for line in save.lines() {
+        if let Some(name) = line.strip_prefix('*') {
+            in_filter = name.trim() == "filter";
+        } else if in_filter {
+            for chain in ["INPUT", "OUTPUT"] {
+                if line.starts_with(&format!(":{chain} DROP ")) {
+                    out.push(chain);
+                }
+            }
+        }
+    }
+    out
+}
+
 /// `-A CHAIN ARGS` → `-D CHAIN ARGS\n`: iptables-restore reads the arguments with the
 /// same quoting iptables-save wrote them with.
 fn delete_line(append: &str) -> String {
@@ -385,6 +404,19 @@ COMMIT
         assert!(!input.contains("-I INPUT"));
         assert!(input.contains("-D INPUT -m comment --comment localdns -j LOCALDNS-INPUT\n"));
         assert!(input.contains("-D FORWARD -j LOCALDNS-OLD\n-F LOCALDNS-OLD\n-X LOCALDNS-OLD\n"));
+    }
+
+    #[test]
+    fn a_drop_policy_on_input_or_output_is_found() {
+        let save =
+            "*filter\n:INPUT DROP [0:0]\n:FORWARD DROP [0:0]\n:OUTPUT ACCEPT [3:4]\nCOMMIT\n";
+        assert_eq!(drops_by_default(save), ["INPUT"]);
+        let both = save.replace(":OUTPUT ACCEPT", ":OUTPUT DROP");
+        assert_eq!(drops_by_default(&both), ["INPUT", "OUTPUT"]);
+        assert!(drops_by_default(&save.replace("DROP", "ACCEPT")).is_empty());
+        // Another table's policy does not count.
+        assert!(drops_by_default(&save.replace("*filter", "*mangle")).is_empty());
+        assert!(drops_by_default("").is_empty());
     }
 
     #[test]

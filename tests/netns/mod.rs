@@ -25,11 +25,18 @@ pub const VIA_LOCALDNS: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 /// What the fake kube-dns (reached through the kube-proxy stand-in) answers.
 pub const VIA_KUBE_DNS: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
 
-/// Why the test cannot run here, if it cannot: not root, or no `ip netns`.
+/// Why the test cannot run here, if it cannot: not root, no `ip netns`, or no `nft`.
 pub fn missing_capability() -> Option<String> {
     let uid = Command::new("id").arg("-u").output().ok()?;
     if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
         return Some("not running as root".into());
+    }
+    if !Command::new("nft")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        return Some("`nft` cannot be run (apt-get install nftables)".into());
     }
     static PROBES: AtomicUsize = AtomicUsize::new(0);
     let n = PROBES.fetch_add(1, Ordering::Relaxed);
@@ -403,7 +410,8 @@ pub struct Topology {
     pub pod: Netns,
     pub node: Netns,
     pub kdns: Netns,
-    /// `nft` or `legacy`: where the kube-proxy stand-in lives.
+    /// `nft` or `legacy` (iptables-nft, iptables-legacy) or `nftables` (kube-proxy's
+    /// nftables mode): where the kube-proxy stand-in lives.
     pub backend: &'static str,
 }
 
@@ -439,7 +447,10 @@ impl Topology {
              ip -6 route add default via fd00:244:1::1");
         // kube-proxy stand-in: Service IP → kube-dns pod, through conntrack.
         let b = backend;
-        node.sh(&format!(
+        if b == "nftables" {
+            node.sh(&format!("nft -f - <<'EOF'\n{}EOF", kube_proxy_nftables()));
+        } else {
+            node.sh(&format!(
             "for p in udp tcp; do
                iptables-{b} -t nat -N KUBE-SVC-$p
                iptables-{b} -t nat -A KUBE-SVC-$p -d {SERVICE}/32 -p $p --dport 53 -j DNAT --to-destination 10.244.1.2:53
@@ -452,7 +463,8 @@ impl Topology {
              done
              iptables-{b} -A INPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
              ip6tables-{b} -A INPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"
-        ));
+            ));
+        }
         let sa = |s: &str| s.parse::<SocketAddr>().unwrap();
         let kube_dns = FakeDns::start(
             &kdns,
@@ -499,8 +511,48 @@ impl Topology {
     }
 }
 
-/// The config localdns runs with in the node namespace.
-pub fn config(dir: &Path, backend: &str) -> PathBuf {
+/// A kube-proxy in nftables mode, as far as DNS goes: its `ip kube-proxy` and
+/// `ip6 kube-proxy` tables with the DNAT of the Service IP to the kube-dns pod at the
+/// dstnat hooks (prerouting for pods, output for the node), and a conntrack rule in a
+/// filter chain (so conntrack is active, as kube-proxy's own rules make it).
+pub fn kube_proxy_nftables() -> String {
+    let mut out = String::new();
+    for (family, service, pod) in [
+        ("ip", SERVICE, "10.244.1.2"),
+        ("ip6", SERVICE6, "[fd00:244:1::2]"),
+    ] {
+        out.push_str(&format!(
+            "table {family} kube-proxy {{
+  chain nat-prerouting {{
+    type nat hook prerouting priority dstnat; policy accept;
+    jump services
+  }}
+  chain nat-output {{
+    type nat hook output priority -100; policy accept;
+    jump services
+  }}
+  chain services {{
+    {family} daddr {service} meta l4proto {{ tcp, udp }} th dport 53 dnat to {pod}:53
+  }}
+  chain filter-input {{
+    type filter hook input priority -110; policy accept;
+    ct state established,related accept
+  }}
+}}
+"
+        ));
+    }
+    out
+}
+
+/// The config localdns runs with in the node namespace. `firewall` is a
+/// `network.firewall` value, or `nft`/`legacy` for the iptables ones.
+pub fn config(dir: &Path, firewall: &str) -> PathBuf {
+    let firewall = match firewall {
+        "nft" => "iptables-nft",
+        "legacy" => "iptables-legacy",
+        other => other,
+    };
     let path = dir.join("config.toml");
     std::fs::write(
         &path,
@@ -512,7 +564,7 @@ udp_threads = 1
 servers = [\"10.244.1.3:5353\", \"[fd00:244:1::3]:5353\"]
 [network]
 interface = \"nodelocaldns\"
-iptables_backend = \"{backend}\"
+firewall = \"{firewall}\"
 rules_check_interval = \"1s\"
 xtables_wait = \"3s\"
 [metrics]
@@ -522,6 +574,18 @@ address = \"127.0.0.1:9253\"
     )
     .unwrap();
     path
+}
+
+/// Moves the periodic rules check of `config` out of the way (1 h), so that only
+/// netlink events can explain a repair within a test.
+pub fn events_only(config: &Path) {
+    let text = std::fs::read_to_string(config).unwrap();
+    let slow = text.replace(
+        "rules_check_interval = \"1s\"",
+        "rules_check_interval = \"1h\"",
+    );
+    assert_ne!(text, slow);
+    std::fs::write(config, slow).unwrap();
 }
 
 /// `localdns setup|teardown` in a namespace; (success, stderr).

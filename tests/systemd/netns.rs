@@ -164,7 +164,8 @@ impl Topology {
     }
 
     /// Every iptables rule and chain in the node namespace (nft and legacy, v4 and v6), as
-    /// `iptables-save` prints them.
+    /// `iptables-save` prints them, then localdns's nftables table, when there is one
+    /// (`network.firewall = "auto"` picks nftables where no `KUBE-*` chain exists).
     pub fn node_rules(&self) -> String {
         let mut all = String::new();
         for tool in [
@@ -177,6 +178,15 @@ impl Topology {
             all.push_str(&format!(
                 "# {tool}\n{}",
                 String::from_utf8_lossy(&out.stdout)
+            ));
+        }
+        let table = self
+            .node
+            .exec("nft", &["list", "table", "inet", "localdns"]);
+        if table.status.success() {
+            all.push_str(&format!(
+                "# nftables\n{}",
+                String::from_utf8_lossy(&table.stdout)
             ));
         }
         all
