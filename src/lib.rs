@@ -12,6 +12,8 @@
 //! - [`server`]: listeners (UDP hit-path loops, TCP), the miss path, the HTTP endpoint.
 //! - [`node`]: the node's network setup: the link holding the listen addresses
 //!   (rtnetlink), the NOTRACK/ACCEPT rules (iptables), setup/teardown, drift repair.
+//! - [`config_sync`]: `localdns config-sync`, the DaemonSet that writes a ConfigMap into
+//!   the host's `conf.d/` (validated with [`config`], atomic, removed on stop).
 //! - [`metrics`]: counters and their Prometheus rendering.
 //! - [`systemd`]: sd_notify readiness, status, watchdog and reload; the fd store.
 //! - [`state`]: what is kept between runs: the last good config, what setup created.
@@ -23,6 +25,7 @@
 pub mod cache;
 pub mod cli;
 pub mod config;
+pub mod config_sync;
 pub mod daemon;
 pub mod dns;
 pub mod logging;

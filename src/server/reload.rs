@@ -44,10 +44,7 @@ pub async fn watch(
         tracing::warn!("cannot catch SIGHUP: reload only on file changes");
         return;
     };
-    let conf_dir = source
-        .conf_dir
-        .clone()
-        .unwrap_or_else(|| parent(&source.path).join("conf.d"));
+    let conf_dir = config::conf_dir(&source);
     let mut others = Vec::new();
     let from_resolv_conf = current.upstream.servers_from != "config";
     if from_resolv_conf {
