@@ -19,6 +19,7 @@
 //! - [`state`]: what is kept between runs: the last good config, what setup created.
 //! - [`process`]: helper programs (iptables, systemctl) run with a time bound.
 //! - [`logging`]: journald or stderr.
+//! - [`watch`]: inotify events for async code (reload, config-sync).
 // One audited exception: adopting the descriptors systemd passes (`systemd::adopt`).
 #![deny(unsafe_code)]
 
@@ -36,3 +37,4 @@ pub mod server;
 pub mod state;
 pub mod systemd;
 pub mod upstream;
+pub mod watch;

@@ -31,6 +31,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::{self, Source};
 use crate::state;
+use crate::watch::Events;
 use plan::{Owner, Plan, Wanted};
 use status::{State, Status};
 
@@ -291,10 +292,9 @@ impl Syncer {
     }
 }
 
-/// inotify on the ConfigMap volume and `conf.d/`, read by a small blocking thread (as
-/// the daemon's reload watcher does); without inotify, only the interval.
+/// inotify on the ConfigMap volume and `conf.d/`; without inotify, only the interval.
 struct Watch {
-    events: Option<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<()>>>,
+    events: Events,
 }
 
 /// kubelet's swap is a burst of creates and renames: let it finish, then sync once.
@@ -311,7 +311,9 @@ impl Watch {
             Ok(i) => i,
             Err(e) => {
                 tracing::warn!(error = %e, "no inotify: syncing every interval only");
-                return Watch { events: None };
+                return Watch {
+                    events: Events::none(),
+                };
             }
         };
         for dir in dirs {
@@ -319,31 +321,12 @@ impl Watch {
                 tracing::warn!(error = %e, "cannot watch {}: syncing it every interval only", dir.display());
             }
         }
-        let (tx, rx) = tokio::sync::mpsc::channel(1);
-        let spawned = std::thread::Builder::new()
-            .name("config-sync-watch".into())
-            .spawn(move || {
-                while inotify.read_events().is_ok() {
-                    if tx.try_send(()).is_err() && tx.is_closed() {
-                        return;
-                    }
-                }
-            });
         Watch {
-            events: spawned.ok().map(|_| tokio::sync::Mutex::new(rx)),
+            events: Events::spawn("config-sync-watch", inotify, |_, _| true),
         }
     }
 
-    /// Completes after a burst of events has settled.
     async fn changed(&self) {
-        let Some(events) = &self.events else {
-            return std::future::pending().await;
-        };
-        let mut events = events.lock().await;
-        if events.recv().await.is_none() {
-            return std::future::pending().await;
-        }
-        tokio::time::sleep(SETTLE).await;
-        while events.try_recv().is_ok() {}
+        self.events.changed(SETTLE).await
     }
 }

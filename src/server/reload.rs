@@ -11,11 +11,11 @@ use std::time::Duration;
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 use parking_lot::Mutex;
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::mpsc;
 
 use super::resolve::Resolver;
 use crate::config::{self, Config, Source};
 use crate::systemd;
+use crate::watch::Events;
 
 /// Files written in quick succession (an editor, a DaemonSet writing several drop-ins)
 /// are read as one change after this quiet period.
@@ -130,7 +130,7 @@ fn parent(p: &Path) -> PathBuf {
 /// renewal that changes the node's resolvers is picked up like a config change. Events are
 /// read by a small blocking thread that forwards each batch that concerns one of our files.
 struct Watcher {
-    events: Option<tokio::sync::Mutex<mpsc::Receiver<()>>>,
+    events: Events,
 }
 
 const EVENTS: AddWatchFlags = AddWatchFlags::IN_CLOSE_WRITE
@@ -163,7 +163,9 @@ impl Watcher {
             Ok(i) => i,
             Err(e) => {
                 tracing::warn!(error = %e, "no inotify: reload on SIGHUP only");
-                return Watcher { events: None };
+                return Watcher {
+                    events: Events::none(),
+                };
             }
         };
         let mut dirs = vec![parent(&interest.config), interest.conf_dir.clone()];
@@ -182,38 +184,20 @@ impl Watcher {
         for d in &dirs {
             add(&inotify, &mut watched, d);
         }
-        let (tx, rx) = mpsc::channel(1);
-        let spawned = std::thread::Builder::new()
-            .name("config-watch".into())
-            .spawn(move || {
-                while let Ok(events) = inotify.read_events() {
-                    let relevant = events.iter().any(|e| {
-                        let dir = watched.get(&e.wd);
-                        matches!((dir, &e.name), (Some(d), Some(n)) if interest.matches(d, n))
-                    });
-                    // conf.d may have just been created: watch it (a no-op if already).
-                    add(&inotify, &mut watched, &interest.conf_dir);
-                    if relevant && tx.try_send(()).is_err() && tx.is_closed() {
-                        return;
-                    }
-                }
+        let events = Events::spawn("config-watch", inotify, move |inotify, events| {
+            let relevant = events.iter().any(|e| {
+                let dir = watched.get(&e.wd);
+                matches!((dir, &e.name), (Some(d), Some(n)) if interest.matches(d, n))
             });
-        Watcher {
-            events: spawned.ok().map(|_| tokio::sync::Mutex::new(rx)),
-        }
+            // conf.d may have just been created: watch it (a no-op if already).
+            add(inotify, &mut watched, &interest.conf_dir);
+            relevant
+        });
+        Watcher { events }
     }
 
     /// Completes once files changed and then stayed quiet for [`SETTLE`].
     async fn changed(&self) {
-        let Some(events) = &self.events else {
-            return std::future::pending().await;
-        };
-        let mut events = events.lock().await;
-        if events.recv().await.is_none() {
-            return std::future::pending().await;
-        }
-        // Let the writer finish, then swallow what it wrote meanwhile.
-        tokio::time::sleep(SETTLE).await;
-        while events.try_recv().is_ok() {}
+        self.events.changed(SETTLE).await
     }
 }
