@@ -135,32 +135,39 @@ impl Syncer {
     fn sync(&mut self) {
         self.syncs += 1;
         let (state, message) = match self.try_sync() {
-            Ok(Some(message)) => (State::Ready, message),
-            // Same inputs as the last sync: same outcome.
-            Ok(None) => match self.last.clone() {
-                Some(last) => last,
-                None => (State::Ready, "in sync".into()),
-            },
-            Err(outcome) => {
-                self.last_inputs = None;
-                outcome
-            }
+            Ok(message) => (State::Ready, message),
+            Err(outcome) => outcome,
         };
         self.publish(state, message);
     }
 
-    /// `Ok(None)` when nothing changed since the last sync.
-    fn try_sync(&mut self) -> Result<Option<String>, (State, String)> {
+    /// Reads the inputs; the same inputs as the last time give the same outcome, and
+    /// nothing is done again (no write, no log line). A read or write error is tried again
+    /// at the next sync.
+    fn try_sync(&mut self) -> Result<String, (State, String)> {
         let error = |e: String| (State::Error, e);
-        let refused = |e: String| (State::Refused, e);
         let keys = source::read_configmap(&self.opts.source)
             .map_err(|e| error(format!("{}: {e}", self.opts.source.display())))?;
         let host = config::read_documents(&self.opts.host).map_err(|e| error(e.to_string()))?;
         let inputs = (keys, host);
         if self.last_inputs.as_ref() == Some(&inputs) {
-            return Ok(None);
+            if let Some((state, message)) = self.last.clone() {
+                return if state == State::Ready {
+                    Ok(message)
+                } else {
+                    Err((state, message))
+                };
+            }
         }
-        let (keys, host) = &inputs;
+        let outcome = self.apply_inputs(&inputs);
+        let retry = matches!(&outcome, Err((State::Error, _)));
+        self.last_inputs = (!retry).then_some(inputs);
+        outcome
+    }
+
+    fn apply_inputs(&self, (keys, host): &Inputs) -> Result<String, (State, String)> {
+        let error = |e: String| (State::Error, e);
+        let refused = |e: String| (State::Refused, e);
         let upstream = plan::upstream_address(self.opts.upstream.as_deref()).map_err(refused)?;
         let (wanted, ignored) = plan::wanted(keys, &self.opts.source, upstream);
         if !ignored.is_empty() {
@@ -192,8 +199,7 @@ impl Syncer {
                 message
             }
         };
-        self.last_inputs = Some(inputs);
-        Ok(Some(outcome))
+        Ok(outcome)
     }
 
     /// `(name, text)` of the drop-ins in `conf.d`.
