@@ -345,7 +345,12 @@ impl Drop for Sync {
     }
 }
 
+/// A node's own config: intercept mode, its own cluster upstream.
 const HOST: &str = "[listen]\naddresses = [\"169.254.20.10\", \"10.96.0.10\"]\n\
+                    [cluster]\nupstream = [\"10.96.0.20\"]\n\
+                    [upstream]\nservers = [\"192.0.2.53\"]\n";
+/// A node that leaves the cluster upstream to config-sync.
+const HOST_WITHOUT_UPSTREAM: &str = "[listen]\naddresses = [\"169.254.20.10\", \"10.96.0.10\"]\n\
                     [upstream]\nservers = [\"192.0.2.53\"]\n";
 
 fn header_owner(text: &str) -> &str {
@@ -594,6 +599,36 @@ fn sigterm_removes_only_its_own_files_and_a_newer_pod_takes_over_first() {
         status.starts_with("stopped\n") && status.contains("back on its own config"),
         "{status}"
     );
+}
+
+#[test]
+fn a_node_is_never_left_without_a_cluster_upstream() {
+    let tree = Tree::new(
+        HOST_WITHOUT_UPSTREAM,
+        &[("cache.toml", "[cache]\ncapacity = 100\n")],
+    );
+    // No kube-dns-upstream Service, none in the ConfigMap, none on the node: refused.
+    let sync = Sync::start(&tree, None, "1h", "pod-a");
+    let (message, _) = sync.wait("refused", |s, _, _| s == "refused");
+    assert!(message.contains("names no cluster upstream"), "{message}");
+    assert!(tree.conf_d_files().is_empty());
+    drop(sync);
+
+    // With the Service: written; on SIGTERM the upstream file stays, the rest goes.
+    let sync = Sync::start(&tree, Some("10.96.0.11"), "1h", "pod-b");
+    sync.wait_ready();
+    assert_eq!(tree.conf_d_files().len(), 2);
+    let status = sync.status.clone();
+    assert!(sync.terminate().success());
+    let left: Vec<String> = tree.conf_d_files().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(left, [UPSTREAM_FILE]);
+    let said = std::fs::read_to_string(status).expect("status");
+    assert!(
+        said.contains("removed 71-config-sync-cache.toml") && said.contains("kept"),
+        "{said}"
+    );
+    let check = common::daemon::check_config_with(&tree.config(), &["--require-cluster-upstream"]);
+    assert!(check.status.success(), "{check:?}");
 }
 
 #[test]

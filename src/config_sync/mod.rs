@@ -220,9 +220,29 @@ impl Syncer {
             // The daemon then runs on its embedded default: nothing of ours to check.
             return Ok(());
         }
-        config::load_documents(&docs, &config::Environment::default())
-            .map(drop)
-            .map_err(|e| format!("the node's config with the ConfigMap would be refused: {e}"))
+        let config = config::load_documents(&docs, &config::Environment::default())
+            .map_err(|e| format!("the node's config with the ConfigMap would be refused: {e}"))?;
+        // As the packages require before they start localdns: without a cluster upstream,
+        // cluster names would go to the node's resolvers and fail.
+        if config.cluster.upstream.is_empty() {
+            return Err(format!(
+                "the node's config with the ConfigMap names no cluster upstream: create the \
+                 kube-dns-upstream Service before the DaemonSet ({}), or set [cluster] \
+                 upstream in the ConfigMap",
+                plan::UPSTREAM_ENV
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether the node's own config, without config-sync's files, names no cluster
+    /// upstream (while it is otherwise valid): then removing ours would send cluster
+    /// names to the node's resolvers.
+    fn node_lacks_cluster_upstream(&self, host: &[(PathBuf, String)]) -> bool {
+        let own = plan::documents_after(host, &self.conf_dir, &[]);
+        !own.is_empty()
+            && config::load_documents(&own, &config::Environment::default())
+                .is_ok_and(|c| c.cluster.upstream.is_empty())
     }
 
     fn apply(&self, write: &[(String, String)], remove: &[String]) -> Result<(), String> {
@@ -278,21 +298,33 @@ impl Syncer {
     /// Remove the files this process owns: the node falls back to its own config.
     fn stop(mut self) -> anyhow::Result<()> {
         let host = config::read_documents(&self.opts.host).unwrap_or_default();
-        let mine: Vec<String> = self
+        let mut mine: Vec<String> = self
             .existing(&host)
             .into_iter()
             .filter(|(name, text)| plan::owner_of(name, text).as_ref() == Some(&self.opts.owner))
             .map(|(name, _)| name)
             .collect();
+        // Never leave a node without a cluster upstream: keep that one file, and say so.
+        let keep = mine.iter().any(|n| n == plan::UPSTREAM_FILE)
+            && self.node_lacks_cluster_upstream(&host);
+        mine.retain(|n| !keep || n != plan::UPSTREAM_FILE);
         let removed = self.remove(&mine);
-        let message = match &removed {
-            Ok(()) if mine.is_empty() => "stopped: no file of this config-sync to remove".into(),
+        let mut message = match &removed {
+            Ok(()) if mine.is_empty() => "stopped: removed no file".into(),
             Ok(()) => format!(
                 "stopped: removed {}; the node is back on its own config",
                 mine.join(", ")
             ),
             Err(e) => format!("stopped: {e}"),
         };
+        if keep {
+            message = format!(
+                "{message}; kept {}: without it the node's own config names no cluster \
+                 upstream and cluster names would fail; set [cluster] upstream on the node, \
+                 then delete that file",
+                plan::UPSTREAM_FILE
+            );
+        }
         self.publish(State::Stopped, message);
         removed.map_err(anyhow::Error::msg)
     }
