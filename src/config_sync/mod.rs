@@ -11,7 +11,8 @@
 //! (file, line, key) is logged and put in the status file the readiness probe reads
 //! ([`status`]). On SIGTERM (the pod is deleted: the DaemonSet was removed, or replaced
 //! without a newer pod having taken over) it removes the files it owns, so the node falls
-//! back to its own config.
+//! back to its own config. A node is never left without a cluster upstream: a result
+//! without one is refused, and at stop the upstream file stays when the node has none.
 //!
 //! It syncs when the ConfigMap volume or `conf.d/` changes (inotify: kubelet's `..data`
 //! swap is a rename in the volume's directory) and every `--interval` besides, which
