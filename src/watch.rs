@@ -5,8 +5,24 @@
 
 use std::time::Duration;
 
-use nix::sys::inotify::{Inotify, InotifyEvent};
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, InotifyEvent};
 use tokio::sync::{mpsc, Mutex};
+
+/// What changes a directory's files: a file written and closed, renamed in or out,
+/// created or deleted.
+pub const DIR_CHANGES: AddWatchFlags = AddWatchFlags::IN_CLOSE_WRITE
+    .union(AddWatchFlags::IN_MOVED_TO)
+    .union(AddWatchFlags::IN_MOVED_FROM)
+    .union(AddWatchFlags::IN_CREATE)
+    .union(AddWatchFlags::IN_DELETE);
+
+/// A new inotify instance; `None`, with a warning saying what happens `instead`, when the
+/// kernel or its limits refuse one.
+pub fn inotify(instead: &str) -> Option<Inotify> {
+    Inotify::init(InitFlags::IN_CLOEXEC)
+        .inspect_err(|e| tracing::warn!(error = %e, "no inotify: {instead}"))
+        .ok()
+}
 
 /// Batches of relevant events; none at all when inotify could not be used.
 pub struct Events {

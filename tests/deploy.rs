@@ -125,6 +125,27 @@ fn the_image_copies_the_binary_packaging_build_makes_and_the_probe_runs_it() {
             .expect("read");
     assert!(daemonset
         .contains("- /usr/bin/localdns\n                - config-sync\n                - --probe"));
+    // Each path config-sync is given is a mount of the pod.
+    for (arg, mount) in [
+        (
+            "--source=/etc/localdns-config-sync",
+            "mountPath: /etc/localdns-config-sync\n",
+        ),
+        (
+            "--conf-dir=/etc/localdns/conf.d",
+            "mountPath: /etc/localdns/conf.d\n",
+        ),
+        (
+            "--status-file=/run/localdns-config-sync/status",
+            "mountPath: /run/localdns-config-sync\n",
+        ),
+    ] {
+        assert!(
+            daemonset.contains(arg) && daemonset.contains(mount),
+            "{arg} / {mount}"
+        );
+    }
+    assert!(daemonset.contains("path: /etc/localdns/conf.d\n"));
 }
 
 /// The drop-in held by deploy/localdns-config.yaml (`data: cluster.toml: |`).

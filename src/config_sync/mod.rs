@@ -27,12 +27,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
-use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::{self, Source};
 use crate::state;
-use crate::watch::Events;
+use crate::watch::{self, Events};
 use plan::{Owner, Plan, Wanted};
 use status::{State, Status};
 
@@ -341,22 +340,13 @@ const SETTLE: Duration = Duration::from_millis(100);
 
 impl Watch {
     fn new(dirs: &[&Path]) -> Watch {
-        let flags = AddWatchFlags::IN_CLOSE_WRITE
-            | AddWatchFlags::IN_MOVED_TO
-            | AddWatchFlags::IN_MOVED_FROM
-            | AddWatchFlags::IN_CREATE
-            | AddWatchFlags::IN_DELETE;
-        let inotify = match Inotify::init(InitFlags::IN_CLOEXEC) {
-            Ok(i) => i,
-            Err(e) => {
-                tracing::warn!(error = %e, "no inotify: syncing every interval only");
-                return Watch {
-                    events: Events::none(),
-                };
-            }
+        let Some(inotify) = watch::inotify("syncing every interval only") else {
+            return Watch {
+                events: Events::none(),
+            };
         };
         for dir in dirs {
-            if let Err(e) = inotify.add_watch(*dir, flags) {
+            if let Err(e) = inotify.add_watch(*dir, watch::DIR_CHANGES) {
                 tracing::warn!(error = %e, "cannot watch {}: syncing it every interval only", dir.display());
             }
         }

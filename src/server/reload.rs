@@ -8,14 +8,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+use nix::sys::inotify::Inotify;
 use parking_lot::Mutex;
 use tokio::signal::unix::{signal, SignalKind};
 
 use super::resolve::Resolver;
 use crate::config::{self, Config, Source};
 use crate::systemd;
-use crate::watch::Events;
+use crate::watch::{self, Events};
 
 /// Files written in quick succession (an editor, a DaemonSet writing several drop-ins)
 /// are read as one change after this quiet period.
@@ -133,12 +133,6 @@ struct Watcher {
     events: Events,
 }
 
-const EVENTS: AddWatchFlags = AddWatchFlags::IN_CLOSE_WRITE
-    .union(AddWatchFlags::IN_MOVED_TO)
-    .union(AddWatchFlags::IN_MOVED_FROM)
-    .union(AddWatchFlags::IN_CREATE)
-    .union(AddWatchFlags::IN_DELETE);
-
 /// The files whose changes trigger a reload: in the config directory, the config file
 /// and `conf.d` itself; in `conf.d`, every `*.toml`; elsewhere, the named files.
 struct Interest {
@@ -159,14 +153,10 @@ impl Interest {
 
 impl Watcher {
     fn new(interest: Interest) -> Watcher {
-        let inotify = match Inotify::init(InitFlags::IN_CLOEXEC) {
-            Ok(i) => i,
-            Err(e) => {
-                tracing::warn!(error = %e, "no inotify: reload on SIGHUP only");
-                return Watcher {
-                    events: Events::none(),
-                };
-            }
+        let Some(inotify) = watch::inotify("reload on SIGHUP only") else {
+            return Watcher {
+                events: Events::none(),
+            };
         };
         let mut dirs = vec![parent(&interest.config), interest.conf_dir.clone()];
         dirs.extend(interest.others.iter().map(|p| parent(p)));
@@ -177,7 +167,7 @@ impl Watcher {
             watched: &mut std::collections::HashMap<nix::sys::inotify::WatchDescriptor, PathBuf>,
             dir: &Path,
         ) {
-            if let Ok(wd) = inotify.add_watch(dir, EVENTS) {
+            if let Ok(wd) = inotify.add_watch(dir, watch::DIR_CHANGES) {
                 watched.insert(wd, dir.to_path_buf());
             }
         }
