@@ -50,6 +50,9 @@ pub enum Command {
     Setup(ConfigArgs),
     /// Remove exactly what `setup` installs (idempotent; needs no valid config).
     Teardown(ConfigArgs),
+    /// Keep the host's conf.d in step with a ConfigMap (the localdns-config-sync
+    /// DaemonSet): validate, write atomically, remove its files on SIGTERM.
+    ConfigSync(ConfigSyncArgs),
 }
 
 impl Command {
@@ -58,6 +61,7 @@ impl Command {
         match self {
             Command::Run(args) | Command::Setup(args) | Command::Teardown(args) => args,
             Command::CheckConfig(check) => &check.config,
+            Command::ConfigSync(sync) => &sync.config,
         }
     }
 }
@@ -97,6 +101,32 @@ pub struct CheckArgs {
     pub require_cluster_upstream: bool,
 }
 
+/// `localdns config-sync`. `--config` and `--conf-dir` name the host's files as mounted
+/// in the pod; the cluster upstream comes from `KUBE_DNS_UPSTREAM_SERVICE_HOST`, the
+/// owner written into each file from `POD_UID`.
+#[derive(Args, Debug)]
+pub struct ConfigSyncArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// The ConfigMap volume: each `*.toml` key becomes `conf.d/71-config-sync-KEY`.
+    #[arg(long, value_name = "DIR", default_value = "/etc/localdns-config-sync")]
+    pub source: PathBuf,
+    /// Where the outcome of the last sync is written for `--probe`.
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/run/localdns-config-sync/status"
+    )]
+    pub status_file: PathBuf,
+    /// Sync at least this often, besides on inotify events (e.g. `10s`).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub interval: std::time::Duration,
+    /// Only read the status file: exit 0 when the last sync succeeded, else print why and
+    /// exit 1 (the DaemonSet's readiness probe).
+    #[arg(long)]
+    pub probe: bool,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,6 +162,12 @@ mod tests {
         let source = cli.command.as_ref().unwrap().config_args().source();
         assert!(source.explicit);
         assert_eq!(source.path, PathBuf::from("/x/c.toml"));
+        let sync = Cli::try_parse_from(["localdns", "config-sync", "--interval", "2s"]).unwrap();
+        let Some(Command::ConfigSync(args)) = &sync.command else {
+            panic!("{sync:?}")
+        };
+        assert_eq!(args.interval, std::time::Duration::from_secs(2));
+        assert!(!args.probe);
         let run = Cli::try_parse_from(["localdns", "run"]).unwrap();
         let source = run.command.unwrap().config_args().source();
         assert!(!source.explicit);

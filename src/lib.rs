@@ -13,17 +13,21 @@
 //! - [`node`]: the node's network setup: the link holding the listen addresses
 //!   (rtnetlink), the NOTRACK/ACCEPT rules (nftables or iptables), setup/teardown, drift
 //!   repair (netlink events).
+//! - [`config_sync`]: `localdns config-sync`, the DaemonSet that writes a ConfigMap into
+//!   the host's `conf.d/` (validated with [`config`], atomic, removed on stop).
 //! - [`metrics`]: counters and their Prometheus rendering.
 //! - [`systemd`]: sd_notify readiness, status, watchdog and reload; the fd store.
 //! - [`state`]: what is kept between runs: the last good config, what setup created.
 //! - [`process`]: helper programs (nft, iptables, systemctl) run with a time bound.
 //! - [`logging`]: journald or stderr.
+//! - [`watch`]: inotify events for async code (reload, config-sync).
 // One audited exception: adopting the descriptors systemd passes (`systemd::adopt`).
 #![deny(unsafe_code)]
 
 pub mod cache;
 pub mod cli;
 pub mod config;
+pub mod config_sync;
 pub mod daemon;
 pub mod dns;
 pub mod logging;
@@ -34,3 +38,4 @@ pub mod server;
 pub mod state;
 pub mod systemd;
 pub mod upstream;
+pub mod watch;

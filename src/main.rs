@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use localdns::cli::{Cli, Command, ConfigArgs};
-use localdns::{config, daemon, logging};
+use localdns::{config, config_sync, daemon, logging};
 
 const EX_CONFIG: u8 = 64;
 
@@ -41,6 +41,24 @@ fn main() -> ExitCode {
             Ok(loaded) => exit(daemon::setup(&loaded.config)),
             Err(e) => config_error(e),
         },
+        Command::ConfigSync(sync) if sync.probe => match config_sync::probe(&sync.status_file) {
+            Ok(message) => {
+                println!("{message}");
+                ExitCode::SUCCESS
+            }
+            Err(why) => {
+                println!("{why}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::ConfigSync(sync) => exit(config_sync::run(config_sync::Options {
+            source: sync.source,
+            host: source,
+            status_file: sync.status_file,
+            interval: sync.interval,
+            upstream: std::env::var(config_sync::plan::UPSTREAM_ENV).ok(),
+            owner: config_sync::Options::owner_now(),
+        })),
     }
 }
 

@@ -88,6 +88,29 @@ pub fn load(source: &Source) -> Result<Config, ConfigError> {
 }
 
 fn load_with(source: &Source, env: &Environment) -> Result<Config, ConfigError> {
+    let docs = read_documents(source)?;
+    if docs.is_empty() {
+        tracing::info!(
+            "no config file at {}: using the embedded default",
+            source.path.display()
+        );
+        return load_embedded(env);
+    }
+    load_documents(&docs, env)
+}
+
+/// The drop-in directory of `source`: `--conf-dir`, else `conf.d` beside the main file.
+pub fn conf_dir(source: &Source) -> PathBuf {
+    match &source.conf_dir {
+        Some(dir) => dir.clone(),
+        None => source.path.parent().unwrap_or(Path::new("")).join("conf.d"),
+    }
+}
+
+/// The files [`load`] reads, `(path, text)` in merge order: the main file (when it exists
+/// or was asked for), then the drop-ins. Empty when there is none (then [`load`] uses the
+/// embedded default). `localdns config-sync` validates its files merged with these.
+pub fn read_documents(source: &Source) -> Result<Vec<(PathBuf, String)>, ConfigError> {
     let io = |path: &Path| {
         let path = path.to_owned();
         move |source| ConfigError::Io { path, source }
@@ -98,22 +121,11 @@ fn load_with(source: &Source, env: &Environment) -> Result<Config, ConfigError> 
         Err(e) if e.kind() == ErrorKind::NotFound && !source.explicit => {}
         Err(e) => return Err(io(&source.path)(e)),
     }
-    let conf_dir = match &source.conf_dir {
-        Some(dir) => dir.clone(),
-        None => source.path.parent().unwrap_or(Path::new("")).join("conf.d"),
-    };
-    for path in drop_ins(&conf_dir)? {
+    for path in drop_ins(&conf_dir(source))? {
         let text = std::fs::read_to_string(&path).map_err(io(&path))?;
         docs.push((path, text));
     }
-    if docs.is_empty() {
-        tracing::info!(
-            "no config file at {}: using the embedded default",
-            source.path.display()
-        );
-        return load_embedded(env);
-    }
-    load_documents(&docs, env)
+    Ok(docs)
 }
 
 /// The `*.toml` files of `dir` in byte-wise name order; none when `dir` does not exist.

@@ -8,14 +8,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+use nix::sys::inotify::Inotify;
 use parking_lot::Mutex;
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::mpsc;
 
 use super::resolve::Resolver;
 use crate::config::{self, Config, Source};
 use crate::systemd;
+use crate::watch::{self, Events};
 
 /// Files written in quick succession (an editor, a DaemonSet writing several drop-ins)
 /// are read as one change after this quiet period.
@@ -44,10 +44,7 @@ pub async fn watch(
         tracing::warn!("cannot catch SIGHUP: reload only on file changes");
         return;
     };
-    let conf_dir = source
-        .conf_dir
-        .clone()
-        .unwrap_or_else(|| parent(&source.path).join("conf.d"));
+    let conf_dir = config::conf_dir(&source);
     let mut others = Vec::new();
     let from_resolv_conf = current.upstream.servers_from != "config";
     if from_resolv_conf {
@@ -133,14 +130,8 @@ fn parent(p: &Path) -> PathBuf {
 /// renewal that changes the node's resolvers is picked up like a config change. Events are
 /// read by a small blocking thread that forwards each batch that concerns one of our files.
 struct Watcher {
-    events: Option<tokio::sync::Mutex<mpsc::Receiver<()>>>,
+    events: Events,
 }
-
-const EVENTS: AddWatchFlags = AddWatchFlags::IN_CLOSE_WRITE
-    .union(AddWatchFlags::IN_MOVED_TO)
-    .union(AddWatchFlags::IN_MOVED_FROM)
-    .union(AddWatchFlags::IN_CREATE)
-    .union(AddWatchFlags::IN_DELETE);
 
 /// The files whose changes trigger a reload: in the config directory, the config file
 /// and `conf.d` itself; in `conf.d`, every `*.toml`; elsewhere, the named files.
@@ -162,12 +153,10 @@ impl Interest {
 
 impl Watcher {
     fn new(interest: Interest) -> Watcher {
-        let inotify = match Inotify::init(InitFlags::IN_CLOEXEC) {
-            Ok(i) => i,
-            Err(e) => {
-                tracing::warn!(error = %e, "no inotify: reload on SIGHUP only");
-                return Watcher { events: None };
-            }
+        let Some(inotify) = watch::inotify("reload on SIGHUP only") else {
+            return Watcher {
+                events: Events::none(),
+            };
         };
         let mut dirs = vec![parent(&interest.config), interest.conf_dir.clone()];
         dirs.extend(interest.others.iter().map(|p| parent(p)));
@@ -178,45 +167,27 @@ impl Watcher {
             watched: &mut std::collections::HashMap<nix::sys::inotify::WatchDescriptor, PathBuf>,
             dir: &Path,
         ) {
-            if let Ok(wd) = inotify.add_watch(dir, EVENTS) {
+            if let Ok(wd) = inotify.add_watch(dir, watch::DIR_CHANGES) {
                 watched.insert(wd, dir.to_path_buf());
             }
         }
         for d in &dirs {
             add(&inotify, &mut watched, d);
         }
-        let (tx, rx) = mpsc::channel(1);
-        let spawned = std::thread::Builder::new()
-            .name("config-watch".into())
-            .spawn(move || {
-                while let Ok(events) = inotify.read_events() {
-                    let relevant = events.iter().any(|e| {
-                        let dir = watched.get(&e.wd);
-                        matches!((dir, &e.name), (Some(d), Some(n)) if interest.matches(d, n))
-                    });
-                    // conf.d may have just been created: watch it (a no-op if already).
-                    add(&inotify, &mut watched, &interest.conf_dir);
-                    if relevant && tx.try_send(()).is_err() && tx.is_closed() {
-                        return;
-                    }
-                }
+        let events = Events::spawn("config-watch", inotify, move |inotify, events| {
+            let relevant = events.iter().any(|e| {
+                let dir = watched.get(&e.wd);
+                matches!((dir, &e.name), (Some(d), Some(n)) if interest.matches(d, n))
             });
-        Watcher {
-            events: spawned.ok().map(|_| tokio::sync::Mutex::new(rx)),
-        }
+            // conf.d may have just been created: watch it (a no-op if already).
+            add(inotify, &mut watched, &interest.conf_dir);
+            relevant
+        });
+        Watcher { events }
     }
 
     /// Completes once files changed and then stayed quiet for [`SETTLE`].
     async fn changed(&self) {
-        let Some(events) = &self.events else {
-            return std::future::pending().await;
-        };
-        let mut events = events.lock().await;
-        if events.recv().await.is_none() {
-            return std::future::pending().await;
-        }
-        // Let the writer finish, then swallow what it wrote meanwhile.
-        tokio::time::sleep(SETTLE).await;
-        while events.try_recv().is_ok() {}
+        self.events.changed(SETTLE).await
     }
 }

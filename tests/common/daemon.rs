@@ -313,23 +313,31 @@ impl Daemon {
 
     /// SIGTERM, then wait up to `timeout` for the exit status (SIGKILL and panic after that).
     pub fn terminate(mut self, timeout: Duration) -> ExitStatus {
-        let pid = Pid::from_raw(i32::try_from(self.child.id()).expect("pid"));
-        kill(pid, Signal::SIGTERM).expect("send SIGTERM");
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!(
-                    "localdns did not exit within {timeout:?} of SIGTERM; stderr:\n{}",
-                    self.stderr()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        terminate(&mut self.child, timeout).unwrap_or_else(|| {
+            panic!(
+                "localdns did not exit within {timeout:?} of SIGTERM; stderr:\n{}",
+                self.stderr()
+            )
+        })
+    }
+}
+
+/// SIGTERM to `child` (by PID), then its exit status within `timeout`; `None` (and
+/// SIGKILL) when it did not exit by then.
+pub fn terminate(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let pid = Pid::from_raw(i32::try_from(child.id()).expect("pid"));
+    kill(pid, Signal::SIGTERM).expect("send SIGTERM");
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return Some(status);
         }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
