@@ -67,7 +67,7 @@ macro_rules! require_root_and_tools {
 
 /// Containers boot one at a time: two cores, and the zero-loss counts must not depend on
 /// another test's load.
-fn serial() -> MutexGuard<'static, ()> {
+pub fn serial() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
