@@ -73,25 +73,9 @@ fn run_ok(program: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Why a test cannot run here (a tool missing), or None. Under CI a missing tool fails.
-fn missing_tools(tools: &[&str]) -> Option<String> {
-    for tool in tools {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !found {
-            let why = format!("`{tool}` is not installed (.ci/run installs it)");
-            assert!(std::env::var("CI").as_deref() != Ok("true"), "CI: {why}");
-            return Some(why);
-        }
-    }
-    None
-}
-
 macro_rules! require_tools {
     ($name:expr, $tools:expr) => {
-        if let Some(why) = missing_tools($tools) {
+        if let Some(why) = harness::missing_tool($tools) {
             eprintln!("SKIPPED {}: {why}", $name);
             return;
         }
@@ -385,19 +369,6 @@ const EXTERNAL_ADDR: &str = "192.0.2.1";
 /// Where the seed's `kubeadm join` stand-in writes what it saw.
 const JOIN_STANDIN: &str = "/run/kubeadm-join-standin";
 
-/// The built .deb; None (skip) outside CI when it was not built.
-fn built_deb() -> Option<PathBuf> {
-    let v = env!("CARGO_PKG_VERSION");
-    let path = repo(&format!("target/packages/localdns_{v}-1_amd64.deb"));
-    if !path.exists() {
-        let why = format!("no {}: run packaging/build", path.display());
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "CI: {why}");
-        eprintln!("SKIPPED: {why}");
-        return None;
-    }
-    Some(path)
-}
-
 /// Replace the one line of `text` that starts (after indentation) with `prefix` by
 /// `replacement`, keeping the indentation. Panics unless exactly one line matches, so that
 /// a change to the example cannot make the test run something else silently.
@@ -419,15 +390,18 @@ fn replace_line(text: &str, prefix: &str, replacement: &str) -> String {
         .collect()
 }
 
-/// kubeadm-node.yaml as the test's NoCloud seed: the package from `deb_url`, and the join
-/// replaced by the stand-in.
-fn seeded_user_data(deb_url: &str) -> String {
+/// kubeadm-node.yaml as the test's NoCloud seed: the package from `deb_url` (None: the
+/// example's URL), and the join replaced by the stand-in.
+fn seeded_user_data(deb_url: Option<&str>) -> String {
     let original = std::fs::read_to_string(repo("cloud-init/kubeadm-node.yaml")).expect("read");
-    let with_url = replace_line(
-        &original,
-        "LOCALDNS_DEB_URL=",
-        &format!("LOCALDNS_DEB_URL=\"{deb_url}\""),
-    );
+    let with_url = match deb_url {
+        Some(url) => replace_line(
+            &original,
+            "LOCALDNS_DEB_URL=",
+            &format!("LOCALDNS_DEB_URL=\"{url}\""),
+        ),
+        None => original,
+    };
     replace_line(
         &with_url,
         "kubeadm join ",
@@ -495,11 +469,11 @@ fn seeded_container(tag: &str, user_data: &str) -> Container {
     );
     c.write("/var/lib/cloud/seed/nocloud/user-data", user_data);
     // The test's environment, not the example's: only NoCloud is looked for, cloud-init
-    // leaves the network of the test's namespace alone, and the minimal image has no
-    // locale to set (its `update-locale` fails, as a cloud image's would not).
+    // leaves the network of the test's namespace alone, and the locale is one the minimal
+    // image has (for en_US.UTF-8, cloud-init's default, its `update-locale` fails).
     c.write(
         "/etc/cloud/cloud.cfg.d/90-localdns-test.cfg",
-        "datasource_list: [ NoCloud ]\nnetwork: {config: disabled}\nlocale: false\n",
+        "datasource_list: [ NoCloud ]\nnetwork: {config: disabled}\nlocale: C.UTF-8\n",
     );
     c
 }
@@ -511,24 +485,40 @@ fn target(ip: &str, proto: Proto) -> Target {
     }
 }
 
-/// Ask `name` from the pod every 50 ms until answered with `addr`; the moment it was.
+/// Ask `name` over UDP from the pod every 50 ms (each attempt waits 50 ms for its answer)
+/// until answered with `addr`; the moment it was.
 fn first_answer(
     pod: &Netns,
     name: &'static str,
     addr: &'static str,
     within: Duration,
 ) -> Option<Instant> {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        let t = target(LINK_LOCAL, Proto::Udp);
-        if let Ok(m) = load::ask(pod, t, name) {
-            if common::client::addrs(&m) == [addr.to_string()] {
+    let server = SocketAddr::new(LINK_LOCAL.parse().expect("ip"), 53);
+    pod.run_in(move || {
+        let sock = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+        sock.connect(server).expect("connect");
+        sock.set_read_timeout(Some(Duration::from_millis(50)))
+            .expect("timeout");
+        let mut buf = vec![0u8; 65535];
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            let q = common::client::query(name, hickory_proto::rr::RecordType::A);
+            // Nothing there yet: refused (ICMP) or no answer within 50 ms; ask again.
+            if sock.send(&common::client::encode(&q)).is_err() {
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+            let Ok(n) = sock.recv(&mut buf) else {
+                continue;
+            };
+            let answered = hickory_proto::op::Message::from_vec(&buf[..n])
+                .is_ok_and(|m| m.id() == q.id() && common::client::addrs(&m) == [addr]);
+            if answered {
                 return Some(Instant::now());
             }
         }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    None
+        None
+    })
 }
 
 fn assert_pod_answered(pod: &Netns, c: &Container) {
@@ -558,6 +548,13 @@ fn assert_no_conntrack(node: &Netns) {
 
 /// cloud-init's result: `status: done` and no errors, else the output log.
 fn assert_cloud_init_done(c: &Container) {
+    // cloud-init validates its merged config (the seed's user-data included) at boot.
+    let journal = c.exec(&["journalctl", "-b", "--no-pager", "-o", "cat"]);
+    assert!(
+        !text(&journal).contains("Invalid cloud-config"),
+        "cloud-init found the config invalid at boot:\n{}",
+        text(&journal)
+    );
     let status = c.exec(&["cloud-init", "status", "--long"]);
     let log = c.exec(&["cat", "/var/log/cloud-init-output.log"]);
     println!("cloud-init status --long:\n{}", text(&status).trim());
@@ -575,24 +572,22 @@ fn metric(name: &str, node: &Netns) -> f64 {
     node.run_in(move || common::metrics::scrape(addr).value(&name, &[]))
 }
 
-#[test]
-fn cloud_init_installs_and_starts_localdns_before_the_join() {
-    require_root_and_tools!("cloud_init_installs_and_starts_localdns_before_the_join");
-    let Some(deb) = built_deb() else {
-        return;
-    };
-    let serial = harness::serial();
-    let net = net("ci");
-    let (pod, node) = (&net.topo.pod, &net.topo.node);
-    let deb_inside = format!(
-        "/var/cache/localdns-test/{}",
-        deb.file_name().expect("name").to_string_lossy()
-    );
-    let user_data = seeded_user_data(&format!("file://{deb_inside}"));
-    let mut c = seeded_container("ci", &user_data);
-    c.copy_in(&deb, &deb_inside);
+/// Microseconds of CLOCK_MONOTONIC at which `prop` (a `...TimestampMonotonic`) of `unit`
+/// was reached; the manager's own with `unit` empty.
+fn monotonic(c: &Container, unit: &str, prop: &str) -> u64 {
+    let mut args = vec!["systemctl", "show", "-P", prop];
+    if !unit.is_empty() {
+        args.push(unit);
+    }
+    c.ok(&args).trim().parse().unwrap_or(0)
+}
 
-    // From the pod, ask until the first answer while the container boots.
+/// Boot the seeded container while the pod asks 169.254.20.10 for a cluster name; then
+/// check what cloud-init did: it finished cleanly, localdns is installed, enabled and
+/// active, the join stand-in saw it active and answering, and pods get answers on both
+/// addresses without conntrack. Prints the time from boot to the first answer.
+fn boot_and_check(c: &mut Container, net: &Net) {
+    let (pod, node) = (&net.topo.pod, &net.topo.node);
     let (booted_at, booted, first) = std::thread::scope(|s| {
         let poller =
             s.spawn(|| first_answer(pod, CLUSTER_NAME, CLUSTER_ADDR, Duration::from_secs(90)));
@@ -607,49 +602,120 @@ fn cloud_init_installs_and_starts_localdns_before_the_join() {
             c.journal_text("localdns.service", 40)
         )
     });
-    let to_answer = first.duration_since(booted_at);
-    let in_container = c.ok(&[
-        "sh",
-        "-c",
-        "systemd-analyze 2>/dev/null | head -1; \
-         systemctl show -P ActiveEnterTimestampMonotonic localdns.service; \
-         systemctl show -P ExecMainStartTimestampMonotonic cloud-final.service",
-    ]);
+    let pid1 = monotonic(c, "", "UserspaceTimestampMonotonic");
+    let ms = |t: u64| t.saturating_sub(pid1) / 1000;
     println!(
-        "boot (systemd-nspawn started) to the first answer from the pod: {} ms; \
-         to `is-system-running` done: {} ms\n{in_container}",
-        to_answer.as_millis(),
-        booted.as_millis()
+        "{}: from systemd-nspawn started to the first answer in the pod: {} ms          (`is-system-running` done at {} ms); after the container's systemd started:          cloud-final {} ms, localdns active {} ms",
+        c.name,
+        first.duration_since(booted_at).as_millis(),
+        booted.as_millis(),
+        ms(monotonic(c, "cloud-final.service", "ExecMainStartTimestampMonotonic")),
+        ms(monotonic(c, "localdns.service", "ActiveEnterTimestampMonotonic")),
     );
 
-    assert_cloud_init_done(&c);
+    assert_cloud_init_done(c);
     assert_eq!(c.prop("localdns.service", "ActiveState"), "active");
-    assert_eq!(
-        c.systemctl(&["is-enabled", "localdns.service"])
-            .status
-            .code(),
-        Some(0)
-    );
+    let enabled = c.systemctl(&["is-enabled", "localdns.service"]);
+    assert_eq!(enabled.status.code(), Some(0), "{}", text(&enabled));
     let version = c.ok(&["dpkg-query", "-W", "-f", "${Version}", "localdns"]);
     assert_eq!(version, format!("{}-1", env!("CARGO_PKG_VERSION")));
     // At the join, localdns was active and answered the cluster name on 169.254.20.10.
     let join = c.ok(&["cat", JOIN_STANDIN]);
-    println!("{JOIN_STANDIN}:\n{join}");
     assert_eq!(join.lines().collect::<Vec<_>>(), ["active", CLUSTER_ADDR]);
 
     // Pods: both addresses, UDP and TCP, without conntrack.
     let _ = node.exec("conntrack", &["-F"]);
-    assert_pod_answered(pod, &c);
+    assert_pod_answered(pod, c);
     assert_no_conntrack(node);
     assert!(
         net.kube_dns.total() > 0,
         "kube-dns-upstream was never asked"
     );
+}
 
+fn deb_path_inside(deb: &Path) -> String {
+    format!(
+        "/var/cache/localdns-test/{}",
+        deb.file_name().expect("name").to_string_lossy()
+    )
+}
+
+#[test]
+fn cloud_init_installs_and_starts_localdns_before_the_join() {
+    require_root_and_tools!("cloud_init_installs_and_starts_localdns_before_the_join");
+    let Some(deb) = harness::built_package("deb") else {
+        return;
+    };
+    let _serial = harness::serial();
+    let net = net("ci");
+    let deb_inside = deb_path_inside(&deb);
+    let user_data = seeded_user_data(Some(&format!("file://{deb_inside}")));
+    let mut c = seeded_container("ci", &user_data);
+    c.copy_in(&deb, &deb_inside);
+    boot_and_check(&mut c, &net);
     node_resolver_under_systemd_resolved(&net, &c);
-    drop(c);
-    drop(net);
-    drop(serial);
+}
+
+/// `image-bake.sh` in the image tree (no systemd running, as in an image build), then the
+/// same user-data at first boot. The package URL is left as in the example, which this
+/// namespace cannot reach: the user-data must use the baked package.
+#[test]
+fn a_baked_image_gets_its_cluster_config_from_cloud_init() {
+    require_root_and_tools!("a_baked_image_gets_its_cluster_config_from_cloud_init");
+    let Some(deb) = harness::built_package("deb") else {
+        return;
+    };
+    let _serial = harness::serial();
+    let net = net("bake");
+    let mut c = seeded_container("bake", &seeded_user_data(None));
+    let deb_inside = deb_path_inside(&deb);
+    c.copy_in(&deb, &deb_inside);
+    c.copy_in(&repo("cloud-init/image-bake.sh"), "/root/image-bake.sh");
+    let bake = |c: &Container| {
+        Command::new("systemd-nspawn")
+            .arg("-D")
+            .arg(c.root())
+            .args(["--register=no", "--keep-unit", "-q", "--private-network"])
+            .args(["--pipe", "sh", "/root/image-bake.sh", &deb_inside])
+            .output()
+            .expect("systemd-nspawn")
+    };
+    // Cluster config in the image is refused.
+    c.write("/etc/localdns/conf.d/50-cluster.toml", "[cluster]\n");
+    let out = bake(&c);
+    assert!(
+        !out.status.success(),
+        "baked with a drop-in:\n{}",
+        text(&out)
+    );
+    assert!(
+        text(&out).contains("does not belong in an image"),
+        "{}",
+        text(&out)
+    );
+    c.remove("/etc/localdns/conf.d/50-cluster.toml");
+
+    let out = bake(&c);
+    println!("image-bake.sh:\n{}", text(&out));
+    assert!(out.status.success(), "image-bake.sh:\n{}", text(&out));
+    // (A link to an absolute path inside the image: read, not followed.)
+    let wants = c.path("/etc/systemd/system/multi-user.target.wants/localdns.service");
+    assert!(std::fs::read_link(&wants).is_ok(), "not enabled");
+    assert!(c
+        .path("/etc/systemd/system/localdns.service.d/10-image.conf")
+        .exists());
+    let conf_d: Vec<_> = std::fs::read_dir(c.path("/etc/localdns/conf.d"))
+        .expect("conf.d")
+        .collect();
+    assert!(conf_d.is_empty(), "cluster config in the image: {conf_d:?}");
+    assert!(!c.path("/var/lib/localdns/last-good.toml").exists());
+
+    boot_and_check(&mut c, &net);
+    // Until the drop-in existed, the baked unit did not start on the package's config.
+    let journal = c.journal_text("localdns.service", 200);
+    if journal.contains("unmet condition check") {
+        println!("at boot, before cloud-init wrote the drop-in, localdns was skipped: ConditionPathExistsGlob");
+    }
 }
 
 /// The opt-in under systemd-resolved, on the booted node: the node's link resolver is
@@ -682,10 +748,14 @@ fn node_resolver_under_systemd_resolved(net: &Net, c: &Container) {
                 .is_ok_and(|m| common::client::addrs(&m) == [EXTERNAL_ADDR])
         },
     );
-    let journal = c.journal_text("localdns.service", 200);
-    assert!(
-        journal.contains("not forwarding to 169.254.20.10:53"),
-        "localdns did not say it refused itself:\n{journal}"
+    // It may have re-read the file before node-resolver changed it: wait for the re-read.
+    c.wait_for(
+        "localdns to say it refuses itself as an upstream",
+        Duration::from_secs(10),
+        |c| {
+            c.journal_text("localdns.service", 200)
+                .contains("not forwarding to 169.254.20.10:53")
+        },
     );
 
     // No loop: a name no upstream answers reaches the real resolver at most `attempts`
