@@ -26,6 +26,7 @@ const FILES: &[(&str, &str)] = &[
         "-rw-r--r--",
     ),
     ("/usr/libexec/localdns/stop-post", "-rwxr-xr-x"),
+    ("/usr/libexec/localdns/node-resolver", "-rwxr-xr-x"),
     ("/usr/lib/tmpfiles.d/localdns.conf", "-rw-r--r--"),
     ("/etc/localdns/config.toml", "-rw-r--r--"),
     ("/usr/share/man/man8/localdns.8.gz", "-rw-r--r--"),
@@ -40,6 +41,10 @@ const SHIPPED_AS_IS: &[(&str, &str)] = &[
         "/usr/lib/systemd/system/localdns.service",
     ),
     ("systemd/stop-post", "/usr/libexec/localdns/stop-post"),
+    (
+        "cloud-init/node-resolver",
+        "/usr/libexec/localdns/node-resolver",
+    ),
     (
         "systemd/localdns.tmpfiles",
         "/usr/lib/tmpfiles.d/localdns.conf",

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use harness::container::{Container, Entry, Install};
 use harness::load::{Proto, Stream, Target};
 use harness::netns::{LINK_LOCAL, SERVICE_IP};
-use harness::{Node, Options};
+use harness::{built_package, Node, Options};
 
 const UNIT: &str = "localdns.service";
 const LINK: &str = "nodelocaldns";
@@ -828,26 +828,6 @@ fn boot_starts_kubelet_after_localdns_is_ready() {
 }
 
 // ---------------------------------------------------------------- the packages' life cycle
-
-/// The package of kind `ext` (`deb`, `rpm`) of this crate's version that `packaging/build`
-/// made, if any. Under CI (which builds them before the tests) a missing one is a failure.
-fn built_package(ext: &str) -> Option<std::path::PathBuf> {
-    let v = env!("CARGO_PKG_VERSION");
-    let name = match ext {
-        "deb" => format!("localdns_{v}-1_amd64.deb"),
-        _ => format!("localdns-{v}-1.x86_64.rpm"),
-    };
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("target/packages")
-        .join(name);
-    if !path.exists() {
-        let why = format!("no {}: run packaging/build", path.display());
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "CI: {why}");
-        eprintln!("SKIPPED: {why}");
-        return None;
-    }
-    Some(path)
-}
 
 /// The next release of the package of kind `ext`: the same binary packaged as version
 /// 99.0.0 by `packaging/build --no-build --version 99.0.0 --out DIR`.

@@ -5,6 +5,8 @@
 unit=localdns.service
 
 if [ "$1" -eq 0 ]; then
+    # The node's own resolver stops asking 169.254.20.10 first (if node-resolver enabled it).
+    /usr/libexec/localdns/node-resolver disable || :
     if [ -d /run/systemd/system ]; then
         systemctl --no-reload disable --now "$unit" >/dev/null 2>&1 || :
     else

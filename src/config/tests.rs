@@ -493,6 +493,31 @@ fn resolv_conf_parsing_drops_stub_and_self() {
     );
 }
 
+/// What `node-resolver enable` leaves in systemd-resolved's resolv.conf: 169.254.20.10
+/// first. It is never an upstream, also when localdns does not listen on it (intercept
+/// only), and the real resolvers after it are kept.
+#[test]
+fn node_local_dns_address_is_never_an_upstream() {
+    let (dir, mut env) = env_with("nameserver 127.0.0.53\n");
+    env.resolved_resolv_conf = dir.path().join("resolved.conf");
+    std::fs::write(
+        &env.resolved_resolv_conf,
+        "nameserver 169.254.20.10\nnameserver 10.0.0.2\n",
+    )
+    .unwrap();
+    for listen in ["[\"169.254.20.10\", \"10.96.0.10\"]", "[\"10.96.0.10\"]"] {
+        let text = format!("[listen]\naddresses = {listen}\n");
+        let c = load_documents(&docs(&[("a.toml", &text)]), &env).unwrap();
+        assert_eq!(c.upstream.servers, [sa("10.0.0.2:53")], "listen {listen}");
+    }
+    // Only on port 53: another port there is some other server.
+    let c = load_ok(&[("a.toml", "[upstream]\nservers = [\"169.254.20.10:5353\"]\n")]);
+    assert_eq!(c.upstream.servers, [sa("169.254.20.10:5353")]);
+    let (msg, _, line, _) = load_err(&[("a.toml", "[upstream]\nservers = [\"169.254.20.10\"]\n")]);
+    assert_eq!(line, Some(2));
+    assert!(msg.contains("node-local DNS address"), "{msg}");
+}
+
 #[test]
 fn auto_prefers_systemd_resolved_file() {
     let (dir, mut env) = env_with("nameserver 127.0.0.53\n");

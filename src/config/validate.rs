@@ -294,11 +294,19 @@ fn usable(what: &str, servers: Vec<SocketAddr>, listen: &Listen) -> Usable {
     out
 }
 
+/// The node-local DNS address by convention (localdns's default, NodeLocal DNSCache's):
+/// on a node, whatever answers there is a node cache, which forwards to the node's
+/// resolvers, which may list it (`node-resolver enable` puts it first).
+const NODE_LOCAL_DNS: Ipv4Addr = Ipv4Addr::new(169, 254, 20, 10);
+
 fn never_forward_to(addr: SocketAddr, listen: &Listen) -> Option<&'static str> {
     let ip = addr.ip().to_canonical();
     let resolved_stubs = [Ipv4Addr::new(127, 0, 0, 53), Ipv4Addr::new(127, 0, 0, 54)];
     if matches!(ip, IpAddr::V4(v4) if resolved_stubs.contains(&v4)) {
         return Some("systemd-resolved's stub listener, which may forward back to localdns");
+    }
+    if ip == IpAddr::V4(NODE_LOCAL_DNS) && addr.port() == DNS_PORT {
+        return Some("the node-local DNS address, a node cache that may forward back to localdns");
     }
     let own = listen.addresses.iter().any(|a| a.to_canonical() == ip) && addr.port() == listen.port;
     own.then_some("one of localdns's own listen addresses (a forwarding loop)")

@@ -88,7 +88,11 @@ fn sweep_stale_runs(runs: &Path) {
 impl Container {
     /// Mount a fresh overlay of the base tree and install localdns into it.
     pub fn prepare(tag: &str, install: &Install) -> Container {
-        let base = rootfs::base();
+        Container::prepare_on(rootfs::base(), tag, install)
+    }
+
+    /// [`Container::prepare`] on another base tree (e.g. [`rootfs::base_with_cloud_init`]).
+    pub fn prepare_on(base: &Path, tag: &str, install: &Install) -> Container {
         let runs = rootfs::work_dir().join("runs");
         static SWEEP: std::sync::Once = std::sync::Once::new();
         SWEEP.call_once(|| sweep_stale_runs(&runs));

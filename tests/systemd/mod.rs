@@ -30,7 +30,7 @@ pub fn missing_prerequisite() -> Option<String> {
         assert!(std::env::var("CI").as_deref() != Ok("true"), "CI: {why}");
         return Some(why.into());
     }
-    for tool in [
+    missing_tool(&[
         "systemd-nspawn",
         "mmdebstrap",
         "zstd",
@@ -40,7 +40,13 @@ pub fn missing_prerequisite() -> Option<String> {
         "systemd-analyze",
         "dig",
         "conntrack",
-    ] {
+    ])
+}
+
+/// The first of `tools` that is not installed, with why; None when all are. Under CI a
+/// missing one is a failure, not a skip.
+pub fn missing_tool(tools: &[&str]) -> Option<String> {
+    for tool in tools {
         let found = Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
             .output()
@@ -67,7 +73,7 @@ macro_rules! require_root_and_tools {
 
 /// Containers boot one at a time: two cores, and the zero-loss counts must not depend on
 /// another test's load.
-fn serial() -> MutexGuard<'static, ()> {
+pub fn serial() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -88,6 +94,26 @@ pub fn has_setup_command() -> bool {
         );
     }
     ok
+}
+
+/// The package of kind `ext` (`deb`, `rpm`) of this crate's version that `packaging/build`
+/// made, if any. Under CI (which builds them before the tests) a missing one is a failure.
+pub fn built_package(ext: &str) -> Option<PathBuf> {
+    let v = env!("CARGO_PKG_VERSION");
+    let name = match ext {
+        "deb" => format!("localdns_{v}-1_amd64.deb"),
+        _ => format!("localdns-{v}-1.x86_64.rpm"),
+    };
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/packages")
+        .join(name);
+    if !path.exists() {
+        let why = format!("no {}: run packaging/build", path.display());
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "CI: {why}");
+        eprintln!("SKIPPED: {why}");
+        return None;
+    }
+    Some(path)
 }
 
 /// Names the fake kube-dns answers; the load streams cycle through `load*`.
