@@ -50,6 +50,9 @@ pub enum Command {
     Setup(ConfigArgs),
     /// Remove exactly what `setup` installs (idempotent; needs no valid config).
     Teardown(ConfigArgs),
+    /// Ask the running daemon how the node's DNS is (exit 0 healthy and ready, 1 not,
+    /// 3 no daemon answers).
+    Status(StatusArgs),
 }
 
 impl Command {
@@ -58,6 +61,7 @@ impl Command {
         match self {
             Command::Run(args) | Command::Setup(args) | Command::Teardown(args) => args,
             Command::CheckConfig(check) => &check.config,
+            Command::Status(status) => &status.config,
         }
     }
 }
@@ -95,6 +99,18 @@ pub struct CheckArgs {
     /// the service only when this passes.
     #[arg(long)]
     pub require_cluster_upstream: bool,
+}
+
+#[derive(Args, Default, Debug)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Print the report as JSON (the daemon's `/status` plus the address checks).
+    #[arg(long)]
+    pub json: bool,
+    /// The daemon's HTTP endpoint (default: `metrics.address` of the config).
+    #[arg(long, value_name = "IP:PORT")]
+    pub address: Option<std::net::SocketAddr>,
 }
 
 #[cfg(test)]

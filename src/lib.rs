@@ -12,7 +12,11 @@
 //! - [`server`]: listeners (UDP hit-path loops, TCP), the miss path, the HTTP endpoint.
 //! - [`node`]: the node's network setup: the link holding the listen addresses
 //!   (rtnetlink), the NOTRACK/ACCEPT rules (iptables), setup/teardown, drift repair.
-//! - [`metrics`]: counters and their Prometheus rendering.
+//! - [`metrics`]: per-thread counters merged at scrape time; the Prometheus/OpenMetrics
+//!   exposition with CoreDNS's names beside localdns's own.
+//! - [`health`]: is the node's DNS healthy and ready, and why not: the pure decisions
+//!   behind `/health`, `/ready` and `localdns status`, and the report they share.
+//! - [`status`]: `localdns status`: asks the running daemon and checks its addresses.
 //! - [`systemd`]: sd_notify readiness, status, watchdog and reload; the fd store.
 //! - [`state`]: what is kept between runs: the last good config, what setup created.
 //! - [`process`]: helper programs (iptables, systemctl) run with a time bound.
@@ -25,11 +29,13 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod dns;
+pub mod health;
 pub mod logging;
 pub mod metrics;
 pub mod node;
 pub mod process;
 pub mod server;
 pub mod state;
+pub mod status;
 pub mod systemd;
 pub mod upstream;

@@ -67,6 +67,15 @@ pub async fn watch(cfg: Config, setup: Setup, metrics: Arc<Metrics>) {
         }
         None => None,
     };
+    if n.setup_interface {
+        *metrics.node.link.lock() = Some(Ok(()));
+    }
+    if let Some((tables, snapshot)) = &rules {
+        let (t, s) = (Arc::clone(tables), snapshot.clone());
+        *metrics.node.rules_probe.lock() = Some(Arc::new(move || {
+            firewall::intact(t.as_ref(), &s).map_err(|e| e.to_string())
+        }));
+    }
     let mut tick = tokio::time::interval(n.rules_check_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
@@ -136,19 +145,32 @@ async fn repair_link(nl: &Netlink, cfg: &Config, metrics: &Metrics) {
                     inc(counter);
                 }
             };
-            if let Some(kind) = c.created {
+            let what = if let Some(kind) = c.created {
                 count(&metrics.repairs_link, 1);
-                tracing::warn!("repaired: interface {name} was gone, created it again ({kind})");
+                Some(format!("interface {name} was gone, created it again ({kind})"))
             } else if c.set_up {
                 count(&metrics.repairs_link, 1);
-                tracing::warn!("repaired: interface {name} was down, set it up");
+                Some(format!("interface {name} was down, set it up"))
+            } else {
+                None
+            };
+            if let Some(what) = what {
+                tracing::warn!("repaired: {what}");
+                metrics.node.repaired(what);
             }
             if !c.added.is_empty() {
                 count(&metrics.repairs_addresses, c.added.len());
-                tracing::warn!("repaired: put back {} on interface {name}", join(&c.added));
+                let what = format!("put back {} on interface {name}", join(&c.added));
+                tracing::warn!("repaired: {what}");
+                metrics.node.repaired(what);
             }
+            *metrics.node.link.lock() = Some(Ok(()));
         }
-        Err(e) => tracing::error!("cannot repair interface {name}: {e}"),
+        Err(e) => {
+            metrics.setup_error(crate::metrics::SetupError::InterfaceAdd);
+            tracing::error!("cannot repair interface {name}: {e}");
+            *metrics.node.link.lock() = Some(Err(format!("interface {name}: {e}")));
+        }
     }
 }
 
@@ -171,15 +193,26 @@ async fn repair_rules(
         Ok(Ok((snapshot, repaired))) => {
             if repaired {
                 inc(&metrics.repairs_rules);
-                tracing::warn!(
-                    backend = tables.kind().name(),
-                    "repaired: localdns's firewall rules had changed, installed them again"
+                let what = format!(
+                    "localdns's firewall rules ({}) had changed, installed them again",
+                    tables.kind().name()
                 );
+                tracing::warn!(backend = tables.kind().name(), "repaired: {what}");
+                metrics.node.repaired(what);
+                let (t, s) = (Arc::clone(&tables), snapshot.clone());
+                *metrics.node.rules_probe.lock() = Some(Arc::new(move || {
+                    firewall::intact(t.as_ref(), &s).map_err(|e| e.to_string())
+                }));
             }
             (tables, snapshot)
         }
         Ok(Err(e)) => {
             // The next tick tries again against the same snapshot.
+            metrics.setup_error(if e.to_string().contains("lock") {
+                crate::metrics::SetupError::IptablesLock
+            } else {
+                crate::metrics::SetupError::Iptables
+            });
             tracing::error!("cannot check or repair the firewall rules: {e}");
             (tables, kept)
         }
