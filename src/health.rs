@@ -69,7 +69,9 @@ impl NodeHealth {
         }
         let r = match probe() {
             Ok(true) => Ok(()),
-            Ok(false) => Err("localdns's firewall rules are not in place (changed or removed)".into()),
+            Ok(false) => {
+                Err("localdns's firewall rules are not in place (changed or removed)".into())
+            }
             Err(e) => Err(format!("cannot read the firewall rules: {e}")),
         };
         *checked = Some((Instant::now(), r.clone()));
@@ -95,7 +97,10 @@ pub struct ReadyInputs {
 pub fn not_ready(i: &ReadyInputs) -> Vec<String> {
     let mut why = Vec::new();
     if i.stuck_loops > 0 {
-        why.push(format!("{} serving loop(s) stopped going round", i.stuck_loops));
+        why.push(format!(
+            "{} serving loop(s) stopped going round",
+            i.stuck_loops
+        ));
     }
     if let Some(Err(e)) = &i.link {
         why.push(format!("link: {e}"));

@@ -64,7 +64,11 @@ fn status(args: &StatusArgs, source: &config::Source) -> ExitCode {
             return ExitCode::from(3);
         }
     };
-    let probes = daemon.listen.iter().map(|a| localdns::status::probe(a)).collect();
+    let probes = daemon
+        .listen
+        .iter()
+        .map(|a| localdns::status::probe(a))
+        .collect();
     let s = localdns::status::Status { daemon, probes };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());

@@ -79,7 +79,9 @@ pub fn ask(addr: SocketAddr) -> Result<Report, StatusError> {
 
 async fn get(addr: SocketAddr, path: &str) -> Result<Vec<u8>, StatusError> {
     let no = |e: &dyn std::fmt::Display| StatusError::NoDaemon(addr, e.to_string());
-    let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| no(&e))?;
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| no(&e))?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| no(&e))?;
@@ -90,7 +92,10 @@ async fn get(addr: SocketAddr, path: &str) -> Result<Vec<u8>, StatusError> {
         .map_err(|e| StatusError::BadAnswer(addr, e.to_string()))?;
     let resp = sender.send_request(req).await.map_err(|e| no(&e))?;
     if !resp.status().is_success() {
-        return Err(StatusError::BadAnswer(addr, format!("HTTP {}", resp.status())));
+        return Err(StatusError::BadAnswer(
+            addr,
+            format!("HTTP {}", resp.status()),
+        ));
     }
     let body = resp
         .into_body()
@@ -150,9 +155,18 @@ pub fn render(s: &Status) -> String {
         format!("NOT OK: {}", problems.join("; "))
     };
     let _ = writeln!(o, "localdns {}: {verdict}", d.version);
-    let _ = writeln!(o, "  uptime:     {}", humantime::format_duration(Duration::from_secs(d.uptime_secs)));
+    let _ = writeln!(
+        o,
+        "  uptime:     {}",
+        humantime::format_duration(Duration::from_secs(d.uptime_secs))
+    );
     let c = &d.config;
-    let _ = writeln!(o, "  config:     {} (generation {})", c.files.join(", "), c.generation);
+    let _ = writeln!(
+        o,
+        "  config:     {} (generation {})",
+        c.files.join(", "),
+        c.generation
+    );
     let reload = match (c.last_reload_time, c.last_reload_ok) {
         (0, _) => "none since the start".to_string(),
         (t, ok) => format!(
@@ -166,12 +180,20 @@ pub fn render(s: &Status) -> String {
         let _ = writeln!(
             o,
             "  CONFIG REFUSED ({} serving): {r}",
-            if c.last_good { "last good config" } else { "previous config" }
+            if c.last_good {
+                "last good config"
+            } else {
+                "previous config"
+            }
         );
     }
     for p in &s.probes {
         let _ = match &p.result {
-            Ok((rcode, ms)) => writeln!(o, "  listen:     {} answers ({rcode} in {ms:.1} ms)", p.address),
+            Ok((rcode, ms)) => writeln!(
+                o,
+                "  listen:     {} answers ({rcode} in {ms:.1} ms)",
+                p.address
+            ),
             Err(e) => writeln!(o, "  listen:     {} DOES NOT ANSWER: {e}", p.address),
         };
     }

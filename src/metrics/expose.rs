@@ -60,7 +60,9 @@ struct Out<'a, 'b>(&'a mut DescriptorEncoder<'b>);
 impl Out<'_, '_> {
     /// A counter family (`name` without `_total`; the encoder appends it).
     fn counter(&mut self, name: &str, help: &str, rows: &[(Labels, u64)]) -> std::fmt::Result {
-        let mut m = self.0.encode_descriptor(name, help, None, MetricType::Counter)?;
+        let mut m = self
+            .0
+            .encode_descriptor(name, help, None, MetricType::Counter)?;
         for (l, v) in rows {
             if l.is_empty() {
                 m.encode_counter::<NoLabelSet, u64, u64>(v, None)?;
@@ -73,7 +75,9 @@ impl Out<'_, '_> {
     }
 
     fn gauge(&mut self, name: &str, help: &str, rows: &[(Labels, f64)]) -> std::fmt::Result {
-        let mut m = self.0.encode_descriptor(name, help, None, MetricType::Gauge)?;
+        let mut m = self
+            .0
+            .encode_descriptor(name, help, None, MetricType::Gauge)?;
         for (l, v) in rows {
             if l.is_empty() {
                 m.encode_gauge(v)?;
@@ -150,7 +154,13 @@ impl Scrape {
                 if n > 0 {
                     let t = stats::type_name(i);
                     requests.push((
-                        labels(&[("server", &l.server), ("zone", ZONE), ("proto", l.proto), ("family", l.family), ("type", t)]),
+                        labels(&[
+                            ("server", &l.server),
+                            ("zone", ZONE),
+                            ("proto", l.proto),
+                            ("family", l.family),
+                            ("type", t),
+                        ]),
                         n,
                     ));
                 }
@@ -173,7 +183,12 @@ impl Scrape {
                 for (r, &n) in row.iter().enumerate() {
                     if n > 0 {
                         responses.push((
-                            labels(&[("server", server), ("zone", ZONE), ("rcode", RCODES[r]), ("plugin", SOURCES[s])]),
+                            labels(&[
+                                ("server", server),
+                                ("zone", ZONE),
+                                ("rcode", RCODES[r]),
+                                ("plugin", SOURCES[s]),
+                            ]),
                             n,
                         ));
                     }
@@ -187,7 +202,11 @@ impl Scrape {
             "Counter of DNS requests with DO bit set per zone.",
             &dos,
         )?;
-        o.counter("coredns_dns_responses", "Counter of response status codes.", &responses)?;
+        o.counter(
+            "coredns_dns_responses",
+            "Counter of response status codes.",
+            &responses,
+        )?;
         o.histogram(
             "coredns_dns_request_duration_seconds",
             "Histogram of the time (in seconds) each request took per zone.",
@@ -217,27 +236,56 @@ impl Scrape {
         let kinds = ["success", "denial"];
         let by_kind = |v: [u64; 2]| -> Vec<(Labels, f64)> {
             (0..2)
-                .map(|i| (labels(&[("server", first), ("type", kinds[i]), ("zones", ZONE)]), v[i] as f64))
+                .map(|i| {
+                    (
+                        labels(&[("server", first), ("type", kinds[i]), ("zones", ZONE)]),
+                        v[i] as f64,
+                    )
+                })
                 .collect()
         };
-        o.gauge("coredns_cache_entries", "The number of elements in the cache.", &by_kind(self.cache_entries))?;
+        o.gauge(
+            "coredns_cache_entries",
+            "The number of elements in the cache.",
+            &by_kind(self.cache_entries),
+        )?;
         let evictions: Vec<(Labels, u64)> = (0..2)
-            .map(|i| (labels(&[("server", first), ("type", kinds[i]), ("zones", ZONE)]), self.cache_evictions[i]))
+            .map(|i| {
+                (
+                    labels(&[("server", first), ("type", kinds[i]), ("zones", ZONE)]),
+                    self.cache_evictions[i],
+                )
+            })
             .collect();
-        o.counter("coredns_cache_evictions", "The count of cache evictions.", &evictions)?;
+        o.counter(
+            "coredns_cache_evictions",
+            "The count of cache evictions.",
+            &evictions,
+        )?;
         let mut hits = Vec::new();
         let (mut misses, mut requests) = (Vec::new(), Vec::new());
         for (server, v) in &servers {
             for i in 0..2 {
-                hits.push((labels(&[("server", server), ("type", kinds[i]), ("zones", ZONE)]), v.hits[i]));
+                hits.push((
+                    labels(&[("server", server), ("type", kinds[i]), ("zones", ZONE)]),
+                    v.hits[i],
+                ));
             }
             let l = labels(&[("server", server), ("zones", ZONE)]);
             misses.push((l.clone(), v.misses));
             requests.push((l, v.total_hits() + v.misses));
         }
         o.counter("coredns_cache_hits", "The count of cache hits.", &hits)?;
-        o.counter("coredns_cache_misses", "The count of cache misses.", &misses)?;
-        o.counter("coredns_cache_requests", "The count of cache requests.", &requests)?;
+        o.counter(
+            "coredns_cache_misses",
+            "The count of cache misses.",
+            &misses,
+        )?;
+        o.counter(
+            "coredns_cache_requests",
+            "The count of cache requests.",
+            &requests,
+        )?;
         let m = &self.metrics;
         let one = |v: u64| vec![(labels(&[("server", first), ("zones", ZONE)]), v)];
         o.counter(
@@ -278,8 +326,16 @@ impl Scrape {
                 }
             }
         }
-        o.counter("coredns_forward_requests", "Counter of requests made per upstream.", &requests)?;
-        o.counter("coredns_forward_responses", "Counter of responses received per upstream.", &responses)?;
+        o.counter(
+            "coredns_forward_requests",
+            "Counter of requests made per upstream.",
+            &requests,
+        )?;
+        o.counter(
+            "coredns_forward_responses",
+            "Counter of responses received per upstream.",
+            &responses,
+        )?;
         o.histogram(
             "coredns_forward_request_duration_seconds",
             "Histogram of the time each request took.",
@@ -344,7 +400,10 @@ impl Scrape {
         o.counter(
             "localdns_queries",
             "Queries received.",
-            &[(labels(&[("transport", "udp")]), queries[0]), (labels(&[("transport", "tcp")]), queries[1])],
+            &[
+                (labels(&[("transport", "udp")]), queries[0]),
+                (labels(&[("transport", "tcp")]), queries[1]),
+            ],
         )?;
         let rcodes: Vec<(Labels, u64)> = answers
             .iter()
@@ -410,7 +469,11 @@ impl Scrape {
         for (k, h) in &summed {
             latency.push((k.clone(), h));
         }
-        o.gauge("localdns_upstream_up", "1 while the upstream server is considered up (not marked down).", &up)?;
+        o.gauge(
+            "localdns_upstream_up",
+            "1 while the upstream server is considered up (not marked down).",
+            &up,
+        )?;
         o.counter(
             "localdns_upstream_errors",
             "Attempts to an upstream server that got no usable answer (timeout, error, bad answer).",

@@ -323,7 +323,8 @@ impl Stats {
     /// `n` queries took `nanos` each, from receipt to the answer being sent.
     #[inline]
     pub fn durations(&self, nanos: u64, n: u64) {
-        self.duration.observe(self.shared, &TIME_BUCKETS_NS, nanos, n);
+        self.duration
+            .observe(self.shared, &TIME_BUCKETS_NS, nanos, n);
     }
 
     pub fn value(&self) -> StatsValue {

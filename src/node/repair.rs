@@ -147,7 +147,9 @@ async fn repair_link(nl: &Netlink, cfg: &Config, metrics: &Metrics) {
             };
             let what = if let Some(kind) = c.created {
                 count(&metrics.repairs_link, 1);
-                Some(format!("interface {name} was gone, created it again ({kind})"))
+                Some(format!(
+                    "interface {name} was gone, created it again ({kind})"
+                ))
             } else if c.set_up {
                 count(&metrics.repairs_link, 1);
                 Some(format!("interface {name} was down, set it up"))

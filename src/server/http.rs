@@ -75,7 +75,11 @@ fn text(status: StatusCode, content_type: &'static str, body: String) -> Respons
 
 async fn route(ctx: &Arc<Context>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n".into());
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "GET only\n".into(),
+        );
     }
     let plain = "text/plain; charset=utf-8";
     match req.uri().path() {
@@ -115,18 +119,30 @@ async fn route(ctx: &Arc<Context>, req: Request<Incoming>) -> Response<Full<Byte
             let body = serde_json::to_string_pretty(&r).unwrap_or_default() + "\n";
             text(StatusCode::OK, "application/json", body)
         }
-        _ => text(StatusCode::NOT_FOUND, plain, "not found: /metrics /health /ready /status\n".into()),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            plain,
+            "not found: /metrics /health /ready /status\n".into(),
+        ),
     }
 }
 
 fn stuck(ctx: &Context) -> usize {
-    stuck_loops(&ctx.workers, ctx.resolver.cache.now_ms(), HEARTBEAT_STALE_MS)
+    stuck_loops(
+        &ctx.workers,
+        ctx.resolver.cache.now_ms(),
+        HEARTBEAT_STALE_MS,
+    )
 }
 
 /// The cluster pool's (up, total), when there is one.
 fn cluster(ctx: &Context) -> Option<(usize, usize)> {
     let settings = ctx.resolver.settings();
-    let pool = settings.upstreams.pools().iter().find(|p| p.name == "cluster")?;
+    let pool = settings
+        .upstreams
+        .pools()
+        .iter()
+        .find(|p| p.name == "cluster")?;
     let h = pool.health();
     Some((h.iter().filter(|(_, up)| *up).count(), h.len()))
 }
@@ -203,7 +219,13 @@ async fn report(ctx: &Arc<Context>) -> Report {
     let c = &m.config;
     let rules = describe(rules(ctx).await);
     let link = describe(m.node.link.lock().clone());
-    let files: Vec<String> = ctx.reloads.sources.lock().iter().map(|p| p.display().to_string()).collect();
+    let files: Vec<String> = ctx
+        .reloads
+        .sources
+        .lock()
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
     let refused = ctx.reloads.error.lock().clone();
     Report {
         version: crate::cli::VERSION.into(),
@@ -247,13 +269,22 @@ async fn report(ctx: &Arc<Context>) -> Report {
                                 .find(|(a, _, _)| a.to_string() == u.server)
                                 .and_then(|(_, _, s)| s.last_error.lock().clone())
                         })
-                        .map(|(t, e)| format!("{e} ({}s ago)", crate::metrics::unix_now().saturating_sub(t))),
+                        .map(|(t, e)| {
+                            format!(
+                                "{e} ({}s ago)",
+                                crate::metrics::unix_now().saturating_sub(t)
+                            )
+                        }),
                     pool: u.pool,
                     server: u.server,
                     up: u.up,
                     requests: u.requests,
                     failures: u.failures,
-                    mean_latency_ms: if answered == 0 { 0.0 } else { nanos as f64 / answered as f64 / 1e6 },
+                    mean_latency_ms: if answered == 0 {
+                        0.0
+                    } else {
+                        nanos as f64 / answered as f64 / 1e6
+                    },
                 }
             })
             .collect(),

@@ -471,11 +471,7 @@ pub fn stuck_loops(workers: &[Arc<Stats>], now: u64, stale_after: u64) -> usize 
 /// Ping systemd's watchdog at half its interval, but only while every UDP worker goes
 /// round its loop (they wake at least every 200 ms) and this runtime runs tasks: a wedged
 /// server stops pinging and systemd restarts it.
-async fn watchdog(
-    interval: Duration,
-    workers: Vec<Arc<Stats>>,
-    resolver: Arc<Resolver>,
-) {
+async fn watchdog(interval: Duration, workers: Vec<Arc<Stats>>, resolver: Arc<Resolver>) {
     let every = interval / 2;
     let stale_after = (every.as_millis() as u64).max(HEARTBEAT_STALE_MS);
     loop {

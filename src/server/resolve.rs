@@ -278,8 +278,7 @@ impl Resolver {
             inc(&self.metrics.truncated);
         }
         w.stats.response(&out, 0, origin);
-        w.stats
-            .durations(w.received.elapsed().as_nanos() as u64, 1);
+        w.stats.durations(w.received.elapsed().as_nanos() as u64, 1);
         send(&self.metrics, w.reply, out);
     }
 

@@ -112,7 +112,14 @@ async fn connection(
             _ => break,
         }
         let received = std::time::Instant::now();
-        match handle(&resolver, &pkt, &mut out, true, resolver.cache.now_ms(), &stats) {
+        match handle(
+            &resolver,
+            &pkt,
+            &mut out,
+            true,
+            resolver.cache.now_ms(),
+            &stats,
+        ) {
             Action::Hit | Action::Reply => {
                 stats.durations(received.elapsed().as_nanos() as u64, 1);
                 if tx.send(out.clone()).is_err() {

@@ -146,6 +146,12 @@ pub fn serve(
         if replies.is_empty() {
             continue;
         }
+        // One clock read per batch: every answer of the batch took this long (counted
+        // before the send, so a client that has its answer sees it counted).
+        stats.durations(
+            received_at.elapsed().as_nanos() as u64,
+            replies.len() as u64,
+        );
         let slices: [[IoSlice<'_>; 1]; BATCH] =
             std::array::from_fn(|i| [IoSlice::new(outs.get(i).map_or(&[][..], |o| &o[..]))]);
         let failed = send_batch(replies.len(), |from| {
@@ -162,11 +168,6 @@ pub fn serve(
         for _ in 0..failed {
             inc(&resolver.metrics.send_errors);
         }
-        // One clock read per batch: every answer of the batch took this long.
-        stats.durations(
-            received_at.elapsed().as_nanos() as u64,
-            replies.len() as u64,
-        );
     }
 }
 
