@@ -885,8 +885,9 @@ fn effective(out: &std::process::Output) -> String {
 }
 
 /// The packages ship packaging/config.toml as /etc/localdns/config.toml: the documented
-/// node example with the cluster upstream left empty to fill in. It parses, and its merged
-/// result differs from config/example.toml's in that one key only.
+/// node example with the cluster upstream left empty to fill in and metrics served where
+/// Prometheus scrapes a node (all addresses, port 9253). It parses, and its merged result
+/// differs from config/example.toml's in those two keys only.
 #[test]
 fn shipped_config_is_the_example_without_a_cluster_upstream() {
     let shipped = check_config(&repo_file("packaging/config.toml"));
@@ -902,9 +903,13 @@ fn shipped_config_is_the_example_without_a_cluster_upstream() {
     let example = effective(&example);
     let cluster_upstream = "\nupstream = [\"10.96.0.11:53\"]\n";
     assert_eq!(example.matches(cluster_upstream).count(), 1, "{example}");
+    let loopback_metrics = "\naddress = \"127.0.0.1:9253\"\n";
+    assert_eq!(example.matches(loopback_metrics).count(), 1, "{example}");
     assert_eq!(
         effective(&shipped),
-        example.replace(cluster_upstream, "\nupstream = []\n")
+        example
+            .replace(cluster_upstream, "\nupstream = []\n")
+            .replace(loopback_metrics, "\naddress = \"0.0.0.0:9253\"\n")
     );
 }
 
@@ -1949,4 +1954,73 @@ fn the_http_endpoint_survives_slow_and_malformed_clients() {
         sleep(Duration::from_millis(50));
     }
     assert_eq!(metrics::http_get(d.metrics, "/nope").unwrap().0, 404);
+}
+
+/// Every metric the shipped dashboard and alert rules query appears in a real scrape, and
+/// the rules pass `promtool check rules` (Debian's `prometheus` package; `.ci/run`
+/// installs it: under `CI=true` its absence fails the test).
+#[test]
+fn the_dashboard_and_alerts_query_only_exported_metrics() {
+    let up = example_upstream();
+    let d = daemon_for(&up);
+    ok(d.dns, "www.example.com", A);
+    ok(d.dns, "www.example.com", A);
+    let m = scrape(d.metrics);
+    let have: std::collections::BTreeSet<&str> =
+        m.samples.iter().map(|s| s.name.as_str()).collect();
+    let mut checked = 0;
+    for file in [
+        "deploy/monitoring/grafana-dashboard.json",
+        "deploy/monitoring/prometheus-rules.yaml",
+    ] {
+        let text = std::fs::read_to_string(repo_file(file)).unwrap();
+        if file.ends_with(".json") {
+            serde_json::from_str::<serde_json::Value>(&text).expect("the dashboard is JSON");
+        }
+        let mut names: Vec<&str> = Vec::new();
+        let mut rest = text.as_str();
+        while let Some(at) = rest.find(|c| c == 'c' || c == 'l') {
+            let tail = &rest[at..];
+            if tail.starts_with("coredns_") || tail.starts_with("localdns_") {
+                let end = tail
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(tail.len());
+                names.push(&tail[..end]);
+                rest = &tail[end..];
+            } else {
+                rest = &tail[1..];
+            }
+        }
+        assert!(!names.is_empty(), "{file} queries no metric");
+        for n in names {
+            assert!(
+                have.contains(n),
+                "{file} queries {n}, which /metrics does not export; have {have:?}"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 20, "{checked}");
+    let rules = repo_file("deploy/monitoring/prometheus-rules.yaml");
+    match std::process::Command::new("promtool")
+        .arg("check")
+        .arg("rules")
+        .arg(&rules)
+        .output()
+    {
+        Ok(out) => assert!(
+            out.status.success(),
+            "promtool check rules: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Err(e) => {
+            assert_ne!(
+                std::env::var("CI").as_deref(),
+                Ok("true"),
+                "CI: promtool: {e} (apt-get install prometheus)"
+            );
+            eprintln!("SKIPPED promtool check rules: {e} (apt-get install prometheus)");
+        }
+    }
 }
