@@ -108,9 +108,8 @@ pub fn not_ready(i: &ReadyInputs) -> Vec<String> {
     if let Some(Err(e)) = &i.rules {
         why.push(format!("rules: {e}"));
     }
-    match i.cluster {
-        Some((0, total)) => why.push(format!("cluster upstream: none of {total} server(s) up")),
-        Some(_) | None => {}
+    if let Some((0, total)) = i.cluster {
+        why.push(format!("cluster upstream: none of {total} server(s) up"));
     }
     why
 }

@@ -1979,7 +1979,7 @@ fn the_dashboard_and_alerts_query_only_exported_metrics() {
         }
         let mut names: Vec<&str> = Vec::new();
         let mut rest = text.as_str();
-        while let Some(at) = rest.find(|c| c == 'c' || c == 'l') {
+        while let Some(at) = rest.find(['c', 'l']) {
             let tail = &rest[at..];
             if tail.starts_with("coredns_") || tail.starts_with("localdns_") {
                 let end = tail

@@ -265,10 +265,10 @@ impl Scrape {
         let mut hits = Vec::new();
         let (mut misses, mut requests) = (Vec::new(), Vec::new());
         for (server, v) in &servers {
-            for i in 0..2 {
+            for (kind, n) in kinds.iter().zip(v.hits) {
                 hits.push((
-                    labels(&[("server", server), ("type", kinds[i]), ("zones", ZONE)]),
-                    v.hits[i],
+                    labels(&[("server", server), ("type", kind), ("zones", ZONE)]),
+                    n,
                 ));
             }
             let l = labels(&[("server", server), ("zones", ZONE)]);

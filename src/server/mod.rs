@@ -150,7 +150,7 @@ async fn accept(listener: &tokio::net::TcpListener, what: &str) -> tokio::net::T
         match listener.accept().await {
             Ok((stream, _peer)) => return stream,
             Err(e) => {
-                tracing::warn!(error = %e, "{what} accept failed");
+                tracing::warn!(error = %e, "{what} accept failed: {e}");
                 tokio::time::sleep(ACCEPT_BACKOFF).await;
             }
         }
@@ -238,7 +238,7 @@ impl Server {
                         Ok(s)
                     }
                     Some(Err(e)) => {
-                        tracing::warn!(name = %name, error = %e, "kept socket unusable, binding a new one");
+                        tracing::warn!(name = %name, error = %e, "kept socket {name} unusable ({e}), binding a new one");
                         fresh()
                     }
                     None => fresh(),

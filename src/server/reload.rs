@@ -93,21 +93,34 @@ pub async fn watch(
                     // An operator who sent SIGHUP wants to see it was done; file events
                     // that change nothing (an editor's temp file) are not worth a line.
                     if reason == "SIGHUP" {
-                        tracing::info!(reason, "config reloaded, nothing changed");
+                        tracing::info!(reason, "config reloaded ({reason}), nothing changed");
                     } else {
                         tracing::debug!(reason, "config reloaded, nothing changed");
                     }
                 } else {
                     if new.listen != current.listen || new.network != current.network {
-                        tracing::warn!(reason, "listen and network changes take effect at the next restart (`systemctl restart localdns` keeps the sockets)");
+                        tracing::warn!(reason, "config reloaded ({reason}) with listen or network changes: they take effect at the next restart (`systemctl restart localdns` keeps the sockets)");
                     }
                     resolver.apply(&new);
                     c.generation.fetch_add(1, Ordering::Relaxed);
+                    let files = new
+                        .sources
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    let upstreams = new
+                        .upstream
+                        .servers
+                        .iter()
+                        .map(|s| s.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ");
                     tracing::info!(
                         reason,
-                        files = %new.sources.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(","),
-                        upstreams = %new.upstream.servers.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(","),
-                        "config reloaded"
+                        files = %files,
+                        upstreams = %upstreams,
+                        "config reloaded ({reason}) from {files}; default upstreams {upstreams}"
                     );
                     current = new;
                 }
@@ -178,7 +191,7 @@ impl Watcher {
         let inotify = match Inotify::init(InitFlags::IN_CLOEXEC) {
             Ok(i) => i,
             Err(e) => {
-                tracing::warn!(error = %e, "no inotify: reload on SIGHUP only");
+                tracing::warn!(error = %e, "no inotify ({e}): reload on SIGHUP only");
                 return Watcher { events: None };
             }
         };

@@ -113,7 +113,7 @@ pub fn serve(
             Ok(()) => {}
             Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => continue,
             Err(e) => {
-                tracing::warn!(error = %e, "UDP receive failed");
+                tracing::warn!(error = %e, "UDP receive failed: {e}");
                 continue;
             }
         }
