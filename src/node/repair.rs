@@ -196,7 +196,7 @@ async fn repair_rules(
             if repaired {
                 inc(&metrics.repairs_rules);
                 let what = format!(
-                    "localdns's firewall rules ({}) had changed, installed them again",
+                    "localdns's firewall rules had changed, installed them again (iptables {})",
                     tables.kind().name()
                 );
                 tracing::warn!(backend = tables.kind().name(), "repaired: {what}");
