@@ -2024,3 +2024,30 @@ fn the_dashboard_and_alerts_query_only_exported_metrics() {
         }
     }
 }
+
+/// `[log] queries = "errors"` writes the failing answers (name, type, rcode, who
+/// answered), not the good ones.
+#[test]
+fn the_query_log_names_failing_names() {
+    let up = example_upstream();
+    up.set_servfail("broken.example.com");
+    let mut cfg = Config::to(up.addr);
+    cfg.extra = "[log]\nqueries = \"errors\"\n".into();
+    let d = Daemon::start(&cfg);
+    ok(d.dns, "www.example.com", A);
+    let r = client::udp(d.dns, &query("broken.example.com", A)).unwrap();
+    assert_eq!(r.response_code(), ResponseCode::ServFail);
+    // The cached SERVFAIL, answered by the hit path, is logged too.
+    let r = client::udp(d.dns, &query("broken.example.com", A)).unwrap();
+    assert_eq!(r.response_code(), ResponseCode::ServFail);
+    let log = d.stderr();
+    assert!(
+        log.contains("query broken.example.com. A (udp): SERVFAIL from forward"),
+        "{log}"
+    );
+    assert!(
+        log.contains("query broken.example.com. A (udp): SERVFAIL from cache"),
+        "{log}"
+    );
+    assert!(!log.contains("query www.example.com"), "{log}");
+}

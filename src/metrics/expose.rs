@@ -557,7 +557,7 @@ mod tests {
         for want in [
             "coredns_dns_requests_total{server=\"dns://169.254.20.10:53\",zone=\".\",proto=\"udp\",family=\"1\",type=\"A\"} 1\n",
             "coredns_dns_responses_total{server=\"dns://169.254.20.10:53\",zone=\".\",rcode=\"NXDOMAIN\",plugin=\"cache\"} 1\n",
-            "coredns_dns_request_duration_seconds_bucket{server=\"dns://169.254.20.10:53\",zone=\".\",le=\"0.001\"} 1\n",
+            "coredns_dns_request_duration_seconds_bucket{le=\"0.001\",server=\"dns://169.254.20.10:53\",zone=\".\"} 1\n",
             "coredns_cache_entries{server=\"dns://169.254.20.10:53\",type=\"denial\",zones=\".\"} 1",
             "coredns_cache_hits_total{server=\"dns://169.254.20.10:53\",type=\"success\",zones=\".\"} 1\n",
             "coredns_forward_responses_total{rcode=\"NOERROR\",to=\"10.96.0.11:53\"} 1\n",

@@ -238,12 +238,12 @@ mod tests {
         tcp.request(1, 40, false);
         let all = m.listeners();
         assert_eq!(all.len(), 2);
-        let (udp, v) = &all[1];
+        let (udp, v) = &all[0];
         assert_eq!(
             (udp.proto, udp.family, udp.server.as_str()),
             ("udp", "1", "dns://127.0.0.1:53")
         );
         assert_eq!((v.total_requests(), v.total_hits(), v.misses), (2, 1, 1));
-        assert_eq!(all[0].0.family, "2");
+        assert_eq!(all[1].0.family, "2");
     }
 }

@@ -7,6 +7,7 @@
 //! and returns.
 
 pub mod http;
+pub mod querylog;
 pub mod reload;
 pub mod resolve;
 pub mod tcp;
@@ -106,6 +107,13 @@ pub fn handle(
             }
             stats.hit(denial);
             stats.response(out, 0, Origin::Cache);
+            resolver.query_log.answer(
+                || key.name_text(),
+                q.qtype,
+                out,
+                Origin::Cache,
+                if tcp { "tcp" } else { "udp" },
+            );
             if prefetch {
                 resolver.prefetch(key);
             }
@@ -219,6 +227,7 @@ impl Server {
             metrics,
             tokio::runtime::Handle::current(),
         ));
+        resolver.query_log.set(config.log.queries);
         let l = &config.listen;
         let threads = match l.udp_threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),

@@ -120,6 +120,8 @@ pub struct Resolver {
     idle: Notify,
     waiting: Mutex<HashMap<Key, Vec<Waiter>>>,
     runtime: Handle,
+    /// `[log] queries`.
+    pub query_log: super::querylog::QueryLog,
 }
 
 impl Resolver {
@@ -137,6 +139,7 @@ impl Resolver {
             idle: Notify::new(),
             waiting: Mutex::new(HashMap::new()),
             runtime,
+            query_log: Default::default(),
         }
     }
 
@@ -278,6 +281,12 @@ impl Resolver {
             inc(&self.metrics.truncated);
         }
         w.stats.response(&out, 0, origin);
+        let proto = match w.reply {
+            ReplyTo::Udp { .. } => "udp",
+            ReplyTo::Tcp(_) => "tcp",
+        };
+        self.query_log
+            .answer(|| q.key().name_text(), q.qtype, &out, origin, proto);
         w.stats.durations(w.received.elapsed().as_nanos() as u64, 1);
         send(&self.metrics, w.reply, out);
     }
@@ -312,6 +321,7 @@ impl Resolver {
                 .same_servers(new.upstreams.route(key.qname()))
         });
         self.cache.set_limits(&cfg.cache);
+        self.query_log.set(cfg.log.queries);
         self.settings.store(Arc::new(new));
         if dropped > 0 {
             tracing::info!(
