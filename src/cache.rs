@@ -105,7 +105,14 @@ pub struct Cache {
     prefetch_min_hits: AtomicU32,
     prefetch_percent: AtomicU8,
     epoch: Instant,
+    /// Entries evicted to make room (success, denial), on a cache line of their own so
+    /// that counting an eviction never invalidates the line the hit path reads.
+    evicted: Evictions,
 }
+
+#[derive(Default)]
+#[repr(align(128))]
+struct Evictions([AtomicU64; 2]);
 
 #[derive(Default)]
 struct Shard {
@@ -128,6 +135,7 @@ impl Cache {
             prefetch_min_hits: AtomicU32::new(0),
             prefetch_percent: AtomicU8::new(0),
             epoch: Instant::now(),
+            evicted: Evictions::default(),
         };
         cache.set(capacity, stale_secs, prefetch);
         cache
@@ -260,7 +268,12 @@ impl Cache {
             self.per_shard.load(Ordering::Relaxed),
             self.stale_ms.load(Ordering::Relaxed),
         );
-        while shard.table.len() >= limit && shard.evict_one(now, stale_ms) {}
+        while shard.table.len() >= limit {
+            let Some(denial) = shard.evict_one(now, stale_ms) else {
+                break;
+            };
+            self.evicted.0[usize::from(denial)].fetch_add(1, Ordering::Relaxed);
+        }
         let idx = match shard.free.pop() {
             Some(i) => i,
             None => {
@@ -286,6 +299,23 @@ impl Cache {
     /// Number of entries held (fresh and stale).
     pub fn len(&self) -> usize {
         self.shards.iter().map(|s| s.read().table.len()).sum()
+    }
+
+    /// Entries held (success, denial): positive answers, and NXDOMAIN/NODATA/SERVFAIL.
+    /// Reads every shard (for a scrape, not for the hit path).
+    pub fn entries_by_kind(&self) -> [u64; 2] {
+        let mut n = [0u64; 2];
+        for shard in self.shards.iter() {
+            for (_, e) in shard.read().slots.iter().flatten() {
+                n[usize::from(e.answer.kind != crate::dns::Kind::Positive)] += 1;
+            }
+        }
+        n
+    }
+
+    /// Entries evicted to make room so far (success, denial).
+    pub fn evictions(&self) -> [u64; 2] {
+        [0, 1].map(|i| self.evicted.0[i].load(Ordering::Relaxed))
     }
 
     pub fn is_empty(&self) -> bool {
@@ -314,8 +344,9 @@ impl Shard {
     }
 
     /// CLOCK: sweep from the hand, giving referenced entries a second chance; entries past
-    /// their stale window go first. Bounded to two sweeps.
-    fn evict_one(&mut self, now: u64, stale_ms: u64) -> bool {
+    /// their stale window go first. Bounded to two sweeps. Returns whether the entry
+    /// evicted was a denial (anything but a positive answer), or `None` when none was.
+    fn evict_one(&mut self, now: u64, stale_ms: u64) -> Option<bool> {
         let n = self.slots.len();
         for _ in 0..2 * n + 1 {
             let at = self.hand % n.max(1);
@@ -328,10 +359,11 @@ impl Shard {
             {
                 continue;
             }
+            let denial = entry.answer.kind != crate::dns::Kind::Positive;
             self.remove_slot(at);
-            return true;
+            return Some(denial);
         }
-        false
+        None
     }
 
     fn remove_slot(&mut self, at: usize) {

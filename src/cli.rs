@@ -53,6 +53,9 @@ pub enum Command {
     /// Keep the host's conf.d in step with a ConfigMap (the localdns-config-sync
     /// DaemonSet): validate, write atomically, remove its files on SIGTERM.
     ConfigSync(ConfigSyncArgs),
+    /// Ask the running daemon how the node's DNS is (exit 0 healthy and ready, 1 not,
+    /// 3 no daemon answers).
+    Status(StatusArgs),
 }
 
 impl Command {
@@ -62,6 +65,7 @@ impl Command {
             Command::Run(args) | Command::Setup(args) | Command::Teardown(args) => args,
             Command::CheckConfig(check) => &check.config,
             Command::ConfigSync(sync) => &sync.config,
+            Command::Status(status) => &status.config,
         }
     }
 }
@@ -125,6 +129,18 @@ pub struct ConfigSyncArgs {
     /// exit 1 (the DaemonSet's readiness probe).
     #[arg(long)]
     pub probe: bool,
+}
+
+#[derive(Args, Default, Debug)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Print the report as JSON (the daemon's `/status` plus the address checks).
+    #[arg(long)]
+    pub json: bool,
+    /// The daemon's HTTP endpoint (default: `metrics.address` of the config).
+    #[arg(long, value_name = "IP:PORT")]
+    pub address: Option<std::net::SocketAddr>,
 }
 
 #[cfg(test)]

@@ -15,7 +15,11 @@
 //!   repair (netlink events).
 //! - [`config_sync`]: `localdns config-sync`, the DaemonSet that writes a ConfigMap into
 //!   the host's `conf.d/` (validated with [`config`], atomic, removed on stop).
-//! - [`metrics`]: counters and their Prometheus rendering.
+//! - [`metrics`]: per-thread counters merged at scrape time; the Prometheus/OpenMetrics
+//!   exposition with CoreDNS's names beside localdns's own.
+//! - [`health`]: is the node's DNS healthy and ready, and why not: the pure decisions
+//!   behind `/health`, `/ready` and `localdns status`, and the report they share.
+//! - [`status`]: `localdns status`: asks the running daemon and checks its addresses.
 //! - [`systemd`]: sd_notify readiness, status, watchdog and reload; the fd store.
 //! - [`state`]: what is kept between runs: the last good config, what setup created.
 //! - [`process`]: helper programs (nft, iptables, systemctl) run with a time bound.
@@ -30,12 +34,14 @@ pub mod config;
 pub mod config_sync;
 pub mod daemon;
 pub mod dns;
+pub mod health;
 pub mod logging;
 pub mod metrics;
 pub mod node;
 pub mod process;
 pub mod server;
 pub mod state;
+pub mod status;
 pub mod systemd;
 pub mod upstream;
 pub mod watch;

@@ -5,7 +5,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use localdns::cli::{Cli, Command, ConfigArgs};
+use localdns::cli::{Cli, Command, ConfigArgs, StatusArgs};
 use localdns::{config, config_sync, daemon, logging};
 
 const EX_CONFIG: u8 = 64;
@@ -37,6 +37,7 @@ fn main() -> ExitCode {
             Ok(loaded) => exit(daemon::run(loaded, source)),
             Err(e) => config_error(e),
         },
+        Command::Status(args) => status(&args, &source),
         Command::Setup(_) => match daemon::load_for_start(&source) {
             Ok(loaded) => exit(daemon::setup(&loaded.config)),
             Err(e) => config_error(e),
@@ -59,6 +60,43 @@ fn main() -> ExitCode {
             upstream: std::env::var(config_sync::plan::UPSTREAM_ENV).ok(),
             owner: config_sync::Options::owner_now(),
         })),
+    }
+}
+
+/// `localdns status`: 0 healthy and ready, 1 not (with the reasons), 3 no daemon.
+fn status(args: &StatusArgs, source: &config::Source) -> ExitCode {
+    let address = match args.address {
+        Some(a) => Some(a),
+        None => match localdns::state::load_for_status(source) {
+            Ok(cfg) => cfg.metrics.address,
+            Err(e) => return config_error(e),
+        },
+    };
+    let result = address
+        .ok_or(localdns::status::StatusError::NoEndpoint)
+        .and_then(localdns::status::ask);
+    let daemon = match result {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("localdns: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    let probes = daemon
+        .listen
+        .iter()
+        .map(|a| localdns::status::probe(a))
+        .collect();
+    let s = localdns::status::Status { daemon, probes };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
+    } else {
+        print!("{}", localdns::status::render(&s));
+    }
+    if s.problems().is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

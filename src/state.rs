@@ -73,6 +73,25 @@ pub fn load_for_start(source: &Source) -> Result<Loaded, ConfigError> {
     load_with_fallback(source, state_dir().as_deref())
 }
 
+/// Load the config for `localdns status` (to find the daemon): the files of `source`, or,
+/// when they are refused, the last good config the daemon kept (in `$STATE_DIRECTORY`,
+/// else `/var/lib/localdns`), without writing anything.
+pub fn load_for_status(source: &Source) -> Result<Config, ConfigError> {
+    config::load(source).or_else(|refused| {
+        let dir = state_dir().unwrap_or_else(|| PathBuf::from("/var/lib/localdns"));
+        let path = dir.join(LAST_GOOD);
+        if !path.exists() {
+            return Err(refused);
+        }
+        config::load(&Source {
+            conf_dir: Some(path.with_extension("d-none")),
+            path,
+            explicit: true,
+        })
+        .map_err(|_| refused)
+    })
+}
+
 fn load_with_fallback(source: &Source, state: Option<&Path>) -> Result<Loaded, ConfigError> {
     match config::load(source) {
         Ok(config) => {

@@ -32,7 +32,7 @@ impl Inherited {
         let received = match libsystemd::activation::receive_descriptors_with_names(true) {
             Ok(r) => r,
             Err(e) => {
-                tracing::warn!(error = %e, "ignoring LISTEN_FDS");
+                tracing::warn!(error = %e, "ignoring LISTEN_FDS: {e}");
                 return Inherited::default();
             }
         };
@@ -51,7 +51,7 @@ impl Inherited {
     /// Ask systemd to forget (and close) every descriptor not taken, then close ours.
     pub fn release_rest(self) {
         for (name, fd) in self.fds {
-            tracing::info!(name = %name, "dropping a kept socket the config no longer uses");
+            tracing::info!(name = %name, "dropping kept socket {name}: the config no longer uses it");
             notify(&[NotifyState::FdStoreRemove, NotifyState::FdName(&name)]);
             drop(fd);
         }
@@ -74,7 +74,7 @@ pub fn store(name: &str, fd: BorrowedFd<'_>) {
         &[NotifyState::FdStore, NotifyState::FdName(name)],
         &[fd],
     ) {
-        tracing::warn!(error = %e, name, "cannot hand a socket to systemd's fd store");
+        tracing::warn!(error = %e, name, "cannot hand socket {name} to systemd's fd store: {e}");
     }
 }
 
@@ -124,7 +124,7 @@ pub fn watchdog_interval() -> Option<Duration> {
 
 fn notify(states: &[NotifyState<'_>]) {
     if let Err(e) = sd_notify::notify(false, states) {
-        tracing::warn!(error = %e, "sd_notify failed");
+        tracing::warn!(error = %e, "sd_notify failed: {e}");
     }
 }
 

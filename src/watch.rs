@@ -20,7 +20,7 @@ pub const DIR_CHANGES: AddWatchFlags = AddWatchFlags::IN_CLOSE_WRITE
 /// kernel or its limits refuse one.
 pub fn inotify(instead: &str) -> Option<Inotify> {
     Inotify::init(InitFlags::IN_CLOEXEC)
-        .inspect_err(|e| tracing::warn!(error = %e, "no inotify: {instead}"))
+        .inspect_err(|e| tracing::warn!(error = %e, "no inotify ({e}): {instead}"))
         .ok()
 }
 

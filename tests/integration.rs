@@ -189,7 +189,7 @@ fn metrics_parser() {
     let m = metrics::parse(
         "# HELP localdns_queries_total Queries.\n# TYPE localdns_queries_total counter\n\
          localdns_queries_total{transport=\"udp\"} 7\nlocaldns_queries_total{transport=\"tcp\"} 2\n\
-         localdns_bad_queries_total{kind=\"formerr\", x=\"a,b\"} 1 1700000000\nlocaldns_cache_entries 3e1\n",
+         localdns_bad_queries_total{kind=\"formerr\",x=\"a b\"} 1 1700000000\nlocaldns_cache_entries 3e1\n",
     );
     assert_eq!(
         m.get("localdns_queries_total", &[("transport", "udp")]),
@@ -199,7 +199,7 @@ fn metrics_parser() {
     assert_eq!(
         m.get(
             "localdns_bad_queries_total",
-            &[("kind", "formerr"), ("x", "a,b")]
+            &[("kind", "formerr"), ("x", "a b")]
         ),
         Some(1.0)
     );
@@ -912,8 +912,9 @@ fn effective(out: &std::process::Output) -> String {
 }
 
 /// The packages ship packaging/config.toml as /etc/localdns/config.toml: the documented
-/// node example with the cluster upstream left empty to fill in. It parses, and its merged
-/// result differs from config/example.toml's in that one key only.
+/// node example with the cluster upstream left empty to fill in and metrics served where
+/// Prometheus scrapes a node (all addresses, port 9253). It parses, and its merged result
+/// differs from config/example.toml's in those two keys only.
 #[test]
 fn shipped_config_is_the_example_without_a_cluster_upstream() {
     let shipped = check_config(&repo_file("packaging/config.toml"));
@@ -929,9 +930,13 @@ fn shipped_config_is_the_example_without_a_cluster_upstream() {
     let example = effective(&example);
     let cluster_upstream = "\nupstream = [\"10.96.0.11:53\"]\n";
     assert_eq!(example.matches(cluster_upstream).count(), 1, "{example}");
+    let loopback_metrics = "\naddress = \"127.0.0.1:9253\"\n";
+    assert_eq!(example.matches(loopback_metrics).count(), 1, "{example}");
     assert_eq!(
         effective(&shipped),
-        example.replace(cluster_upstream, "\nupstream = []\n")
+        example
+            .replace(cluster_upstream, "\nupstream = []\n")
+            .replace(loopback_metrics, "\naddress = \"0.0.0.0:9253\"\n")
     );
 }
 
@@ -1737,4 +1742,339 @@ fn a_silent_pipelined_connection_is_replaced() {
         "an attempt failed after the replacement"
     );
     assert_eq!(relay.accepted(), 2, "another connection was dialled");
+}
+
+// ---------------------------------------------------------------- observability (issue 11)
+
+/// `localdns status` against the daemon `d`: (exit code, stdout, stderr).
+fn status(d: &Daemon, extra: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(common::daemon::bin())
+        .arg("status")
+        .arg("--config")
+        .arg(&d.config_path)
+        .args(extra)
+        .output()
+        .expect("run localdns status");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn metrics_count_known_traffic_under_coredns_names() {
+    let up = example_upstream();
+    let d = daemon_for(&up);
+    // 3 × a positive name (1 miss, 2 hits), 2 × a name that does not exist (1 miss, 1
+    // denial hit), 1 over TCP (a hit).
+    for _ in 0..3 {
+        ok(d.dns, "www.example.com", A);
+    }
+    for _ in 0..2 {
+        let r = client::udp(d.dns, &query("nx.example.com", A)).unwrap();
+        assert_eq!(r.response_code(), ResponseCode::NXDomain);
+    }
+    let r = client::tcp(d.dns, &query("www.example.com", A)).unwrap();
+    assert_eq!(r.response_code(), ResponseCode::NoError);
+
+    let m = scrape(d.metrics);
+    let server = format!("dns://{}", d.dns);
+    let s = server.as_str();
+    let to = up.addr.to_string();
+    let v = |name: &str, labels: &[(&str, &str)]| m.value(name, labels);
+    let req = "coredns_dns_requests_total";
+    assert_eq!(
+        v(
+            req,
+            &[
+                ("server", s),
+                ("zone", "."),
+                ("proto", "udp"),
+                ("family", "1"),
+                ("type", "A")
+            ]
+        ),
+        5.0
+    );
+    assert_eq!(v(req, &[("proto", "tcp"), ("type", "A")]), 1.0);
+    let resp = "coredns_dns_responses_total";
+    assert_eq!(v(resp, &[("server", s), ("rcode", "NOERROR")]), 4.0);
+    assert_eq!(v(resp, &[("rcode", "NOERROR"), ("plugin", "cache")]), 3.0);
+    assert_eq!(v(resp, &[("rcode", "NOERROR"), ("plugin", "forward")]), 1.0);
+    assert_eq!(v(resp, &[("rcode", "NXDOMAIN")]), 2.0);
+    assert_eq!(v(resp, &[("rcode", "NXDOMAIN"), ("plugin", "cache")]), 1.0);
+    assert_eq!(
+        v(
+            "coredns_cache_hits_total",
+            &[("server", s), ("type", "success")]
+        ),
+        3.0
+    );
+    assert_eq!(v("coredns_cache_hits_total", &[("type", "denial")]), 1.0);
+    assert_eq!(v("coredns_cache_misses_total", &[("server", s)]), 2.0);
+    assert_eq!(v("coredns_cache_requests_total", &[]), 6.0);
+    assert_eq!(v("coredns_cache_entries", &[("type", "success")]), 1.0);
+    assert_eq!(v("coredns_cache_entries", &[("type", "denial")]), 1.0);
+    assert_eq!(v("coredns_forward_requests_total", &[("to", &to)]), 2.0);
+    assert_eq!(
+        v(
+            "coredns_forward_responses_total",
+            &[("to", &to), ("rcode", "NOERROR")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        v(
+            "coredns_forward_responses_total",
+            &[("to", &to), ("rcode", "NXDOMAIN")]
+        ),
+        1.0
+    );
+    let inf = [("le", "+Inf")];
+    assert_eq!(v("coredns_dns_request_duration_seconds_bucket", &inf), 6.0);
+    assert_eq!(v("coredns_dns_request_size_bytes_bucket", &inf), 6.0);
+    assert_eq!(v("coredns_dns_response_size_bytes_bucket", &inf), 6.0);
+    assert_eq!(
+        v(
+            "coredns_forward_request_duration_seconds_bucket",
+            &[("to", &to), ("le", "+Inf")]
+        ),
+        2.0
+    );
+    assert_eq!(
+        v(
+            "localdns_upstream_up",
+            &[("pool", "default"), ("server", &to)]
+        ),
+        1.0
+    );
+    assert_eq!(
+        v(
+            "localdns_upstream_request_duration_seconds_bucket",
+            &[("pool", "default"), ("le", "+Inf")]
+        ),
+        2.0
+    );
+    assert_eq!(v("localdns_answers_total", &[("rcode", "NXDOMAIN")]), 2.0);
+    assert_eq!(v("localdns_queries_total", &[("transport", "udp")]), 5.0);
+    assert_eq!(v("localdns_cache_hits_total", &[]), 4.0);
+    assert_eq!(v("coredns_reload_failed_total", &[]), 0.0);
+    assert_eq!(
+        v(
+            "coredns_nodecache_setup_errors_total",
+            &[("errortype", "iptables")]
+        ),
+        0.0
+    );
+    assert_eq!(v("coredns_build_info", &[]), 1.0);
+    assert_eq!(v("localdns_ready", &[]), 1.0);
+    assert_eq!(v("localdns_config_generation", &[]), 1.0);
+}
+
+#[test]
+fn ready_and_status_follow_the_cluster_upstream() {
+    let mut up = example_upstream();
+    let addr = up.addr;
+    let mut cfg = Config::to(addr);
+    cfg.timeout = "200ms".into();
+    cfg.down_after_failures = 1;
+    cfg.down_time = "500ms".into();
+    let d = Daemon::start(&cfg);
+    ok(d.dns, "www.example.com", A);
+    assert_eq!(metrics::http_get(d.metrics, "/ready").unwrap().0, 200);
+    assert_eq!(metrics::http_get(d.metrics, "/health").unwrap().0, 200);
+    let (code, out, err) = status(&d, &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("healthy and ready"), "{out}");
+    assert!(out.contains(&format!("{} answers", d.dns)), "{out}");
+    assert!(out.contains("hit ratio"), "{out}");
+
+    // The cluster upstream dies: a cluster name fails, the server is marked down.
+    up.shutdown();
+    let r = client::udp(d.dns, &query("a.cluster.local", A)).unwrap();
+    assert_eq!(r.response_code(), ResponseCode::ServFail);
+    let (code, body) = metrics::http_get(d.metrics, "/ready").unwrap();
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("cluster upstream: none of 1"), "{body}");
+    let (code, out, _) = status(&d, &[]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("NOT OK: cluster upstream"), "{out}");
+    assert!(out.contains(&format!("{addr} (cluster) DOWN")), "{out}");
+    let (code, json, _) = status(&d, &["--json"]);
+    assert_eq!(code, 1);
+    let j: serde_json::Value = serde_json::from_str(&json).expect("status --json is JSON");
+    assert_eq!(j["daemon"]["ready"], false);
+    assert!(
+        j["daemon"]["upstreams"][1]["last_error"].is_string(),
+        "{json}"
+    );
+    assert_eq!(scrape(d.metrics).value("localdns_ready", &[]), 0.0);
+    assert_eq!(
+        scrape(d.metrics).value("localdns_upstream_up", &[("pool", "cluster")]),
+        0.0
+    );
+
+    // It comes back: the next cluster query after down_time probes it and marks it up.
+    let _up = Upstream::start_at(addr);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let _ = client::udp(d.dns, &query("b.cluster.local", A));
+        if metrics::http_get(d.metrics, "/ready").unwrap().0 == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not ready again 10 s after the upstream returned"
+        );
+        sleep(Duration::from_millis(100));
+    }
+    let (code, out, err) = status(&d, &[]);
+    assert_eq!(code, 0, "{out}{err}");
+}
+
+#[test]
+fn status_without_a_daemon_says_so() {
+    let out = std::process::Command::new(common::daemon::bin())
+        .args(["status", "--address", &closed_port().to_string()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no localdns daemon answers"), "{err}");
+}
+
+#[test]
+fn the_http_endpoint_survives_slow_and_malformed_clients() {
+    use std::io::{Read, Write};
+    let up = example_upstream();
+    let d = daemon_for(&up);
+    // More idle connections than the endpoint takes, and garbage: DNS and a fresh scrape
+    // are not affected.
+    let idle: Vec<_> = (0..40)
+        .filter_map(|_| std::net::TcpStream::connect(d.metrics).ok())
+        .collect();
+    let mut junk = std::net::TcpStream::connect(d.metrics).unwrap();
+    let _ = junk.write_all(b"\x00\x01GARBAGE\r\n\r\n");
+    let t = Instant::now();
+    ok(d.dns, "www.example.com", A);
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "DNS slowed by HTTP clients"
+    );
+    drop(idle);
+    let mut buf = Vec::new();
+    junk.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = junk.read_to_end(&mut buf);
+    // hyper closes a connection whose request does not parse (with or without a 400).
+    let answer = String::from_utf8_lossy(&buf);
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 400"),
+        "{answer:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metrics::http_get(d.metrics, "/health").map(|r| r.0).ok() != Some(200) {
+        assert!(
+            Instant::now() < deadline,
+            "endpoint did not recover after the idle clients left"
+        );
+        sleep(Duration::from_millis(50));
+    }
+    assert_eq!(metrics::http_get(d.metrics, "/nope").unwrap().0, 404);
+}
+
+/// Every metric the shipped dashboard and alert rules query appears in a real scrape, and
+/// the rules pass `promtool check rules` (Debian's `prometheus` package; `.ci/run`
+/// installs it: under `CI=true` its absence fails the test).
+#[test]
+fn the_dashboard_and_alerts_query_only_exported_metrics() {
+    let up = example_upstream();
+    let d = daemon_for(&up);
+    ok(d.dns, "www.example.com", A);
+    ok(d.dns, "www.example.com", A);
+    let m = scrape(d.metrics);
+    let have: std::collections::BTreeSet<&str> =
+        m.samples.iter().map(|s| s.name.as_str()).collect();
+    let mut checked = 0;
+    for file in [
+        "deploy/monitoring/grafana-dashboard.json",
+        "deploy/monitoring/prometheus-rules.yaml",
+    ] {
+        let text = std::fs::read_to_string(repo_file(file)).unwrap();
+        if file.ends_with(".json") {
+            serde_json::from_str::<serde_json::Value>(&text).expect("the dashboard is JSON");
+        }
+        let mut names: Vec<&str> = Vec::new();
+        let mut rest = text.as_str();
+        while let Some(at) = rest.find(['c', 'l']) {
+            let tail = &rest[at..];
+            if tail.starts_with("coredns_") || tail.starts_with("localdns_") {
+                let end = tail
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(tail.len());
+                names.push(&tail[..end]);
+                rest = &tail[end..];
+            } else {
+                rest = &tail[1..];
+            }
+        }
+        assert!(!names.is_empty(), "{file} queries no metric");
+        for n in names {
+            assert!(
+                have.contains(n),
+                "{file} queries {n}, which /metrics does not export; have {have:?}"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 20, "{checked}");
+    let rules = repo_file("deploy/monitoring/prometheus-rules.yaml");
+    match std::process::Command::new("promtool")
+        .arg("check")
+        .arg("rules")
+        .arg(&rules)
+        .output()
+    {
+        Ok(out) => assert!(
+            out.status.success(),
+            "promtool check rules: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Err(e) => {
+            assert_ne!(
+                std::env::var("CI").as_deref(),
+                Ok("true"),
+                "CI: promtool: {e} (apt-get install prometheus)"
+            );
+            eprintln!("SKIPPED promtool check rules: {e} (apt-get install prometheus)");
+        }
+    }
+}
+
+/// `[log] queries = "errors"` writes the failing answers (name, type, rcode, who
+/// answered), not the good ones.
+#[test]
+fn the_query_log_names_failing_names() {
+    let up = example_upstream();
+    up.set_servfail("broken.example.com");
+    let mut cfg = Config::to(up.addr);
+    cfg.extra = "[log]\nqueries = \"errors\"\n".into();
+    let d = Daemon::start(&cfg);
+    ok(d.dns, "www.example.com", A);
+    let r = client::udp(d.dns, &query("broken.example.com", A)).unwrap();
+    assert_eq!(r.response_code(), ResponseCode::ServFail);
+    // The cached SERVFAIL, answered by the hit path, is logged too.
+    let r = client::udp(d.dns, &query("broken.example.com", A)).unwrap();
+    assert_eq!(r.response_code(), ResponseCode::ServFail);
+    let log = d.stderr();
+    assert!(
+        log.contains("query broken.example.com. A (udp): SERVFAIL from forward"),
+        "{log}"
+    );
+    assert!(
+        log.contains("query broken.example.com. A (udp): SERVFAIL from cache"),
+        "{log}"
+    );
+    assert!(!log.contains("query www.example.com"), "{log}");
 }

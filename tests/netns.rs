@@ -685,3 +685,81 @@ address = \"127.0.0.1:9253\"
     );
     assert_eq!(after, vec![Some(pod_b); 5]);
 }
+
+/// Issue 11: `/ready` and `localdns status` say "not ready" while localdns's rules are
+/// missing, naming them, and "ready" again once they are back. The drift repair is slowed
+/// to once an hour here so that the missing rules stay missing until the test puts them
+/// back itself (with `localdns setup`, which rewrites them as they were).
+#[test]
+fn ready_and_status_follow_the_rules() {
+    require_netns!();
+    let t = Topology::new("nft");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "nft");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace(
+            "rules_check_interval = \"1s\"",
+            "rules_check_interval = \"1h\"",
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start(&t.node, &cfg, dir.path());
+    let node = &t.node;
+    let code = |reply: &str| reply.split_whitespace().nth(1).unwrap_or("").to_string();
+    let get = |path: &'static str| {
+        node.enter(move || {
+            use std::io::{Read, Write};
+            let mut c = std::net::TcpStream::connect("127.0.0.1:9253").unwrap();
+            write!(c, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+            let mut text = String::new();
+            let _ = c.read_to_string(&mut text);
+            text
+        })
+    };
+    let bin = env!("CARGO_BIN_EXE_localdns");
+    let cfg_s = cfg.to_str().unwrap().to_string();
+    let status = || node.try_run(&[bin, "status", "--config", &cfg_s]);
+    let ready = get("/ready");
+    assert_eq!(code(&ready), "200", "{ready}");
+    let ok = status().unwrap_or_else(|e| panic!("status not OK with everything in place: {e}"));
+    assert!(
+        ok.contains("rules:      present") && ok.contains("link:       present"),
+        "{ok}"
+    );
+
+    node.sh("iptables-nft-save | grep -v LOCALDNS | iptables-nft-restore");
+    // The check behind /ready is at most 0.5 s old.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut ready = get("/ready");
+    while code(&ready) == "200" && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        ready = get("/ready");
+    }
+    assert_eq!(code(&ready), "503", "{ready}");
+    assert!(
+        ready.contains("rules: localdns's firewall rules are not in place"),
+        "{ready}"
+    );
+    let not_ok = status().expect_err("status exits non-zero without the rules");
+    assert!(not_ok.contains("NOT OK: rules:"), "{not_ok}");
+    assert!(
+        get("/metrics").contains("localdns_ready 0"),
+        "localdns_ready not 0"
+    );
+
+    let (set_up, err) = localdns_cmd(node, "setup", &cfg);
+    assert!(set_up, "{err}");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while code(&get("/ready")) != "200" {
+        assert!(
+            Instant::now() < deadline,
+            "not ready after the rules came back: {}",
+            get("/ready")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    status().unwrap_or_else(|e| panic!("status not OK once the rules are back: {e}"));
+    drop(d);
+}

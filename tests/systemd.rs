@@ -396,6 +396,23 @@ fn reload_applies_a_good_config_and_keeps_serving_on_a_bad_one() {
         status.contains("50-bad.toml"),
         "STATUS= does not name the bad file: {status:?}"
     );
+    // As a person reads it (`journalctl -u localdns`, `systemctl status`): the message
+    // text alone names the file, line, key and reason, not only the journal fields.
+    let shown = node
+        .c
+        .ok(&["journalctl", "-b", "-u", UNIT, "-o", "cat", "--no-pager"]);
+    let line = shown
+        .lines()
+        .find(|l| l.contains("config refused"))
+        .unwrap_or_else(|| panic!("no refusal in the journal as shown:\n{shown}"));
+    println!("journalctl -o cat: {line}");
+    for want in [
+        "/etc/localdns/conf.d/50-bad.toml:2",
+        "cache.capacity",
+        "previous config keeps serving",
+    ] {
+        assert!(line.contains(want), "{want:?} missing from {line:?}");
+    }
 }
 
 #[test]

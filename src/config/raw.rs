@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde::de::Error as _;
 use serde::{Deserialize, Deserializer};
 
-use super::types::{Firewall, IptablesBackend, Protocol};
+use super::types::{Firewall, IptablesBackend, Protocol, QueryLog};
 use super::value;
 
 /// A whole document. Field names are the TOML table names.
@@ -34,6 +34,16 @@ pub struct RawConfig {
     pub network: RawNetwork,
     /// The HTTP endpoint with /metrics and /health.
     pub metrics: RawMetrics,
+    /// What is logged besides events.
+    pub log: RawLog,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawLog {
+    /// `"off"`, `"errors"` (answers other than NOERROR and NXDOMAIN) or `"all"`; rate
+    /// limited to 50 lines a second, the rest counted in one line.
+    pub queries: QueryLog,
 }
 
 #[derive(Debug, Deserialize)]

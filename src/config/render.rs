@@ -95,6 +95,14 @@ pub fn render(c: &Config) -> String {
     section(&mut out, "metrics");
     let metrics = c.metrics.address.map(|a| a.to_string()).unwrap_or_default();
     line(&mut out, "address", string(&metrics));
+
+    section(&mut out, "log");
+    let queries = match c.log.queries {
+        QueryLog::Off => "off",
+        QueryLog::Errors => "errors",
+        QueryLog::All => "all",
+    };
+    line(&mut out, "queries", string(queries));
     out
 }
 

@@ -408,6 +408,9 @@ fn defaults_are_the_documented_schema() {
         metrics: Metrics {
             address: Some(sa("127.0.0.1:9253")),
         },
+        log: Log {
+            queries: QueryLog::Off,
+        },
         sources: vec!["empty.toml".into()],
     };
     // servers_from names a temporary file that differs per call.
@@ -647,6 +650,8 @@ interface = \"dns0\"
 setup_rules = false
 [metrics]
 address = \"\"
+[log]
+queries = \"errors\"
 ";
     for text in ["", example, busy, EMBEDDED_DEFAULT] {
         let c = load_documents(&docs(&[("a.toml", text)]), &env).unwrap();

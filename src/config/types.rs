@@ -27,6 +27,7 @@ pub struct Config {
     pub cache: Cache,
     pub network: Network,
     pub metrics: Metrics,
+    pub log: Log,
     /// Files the config was read from, in merge order; empty for the embedded default.
     pub sources: Vec<PathBuf>,
 }
@@ -180,6 +181,25 @@ pub struct Network {
     pub rules_check_interval: Duration,
     /// Bound on the wait for the xtables lock per iptables call.
     pub xtables_wait: Duration,
+}
+
+/// Which answers the query log writes (`[log] queries`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueryLog {
+    /// None.
+    #[default]
+    Off,
+    /// Answers other than NOERROR and NXDOMAIN (SERVFAIL, REFUSED, FORMERR, NOTIMP...).
+    Errors,
+    /// Every answer (costs a shared counter per query: for debugging).
+    All,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Log {
+    /// The query log.
+    pub queries: QueryLog,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -163,6 +163,9 @@ pub fn validate(
         metrics: Metrics {
             address: raw.metrics.address.0,
         },
+        log: Log {
+            queries: raw.log.queries,
+        },
         sources: Vec::new(),
     })
 }

@@ -57,6 +57,11 @@ pub struct Answer {
 }
 
 impl Answer {
+    /// The upstream's RCODE (header bits).
+    pub fn rcode(&self) -> u8 {
+        self.wire.get(3).map_or(0, |b| b & 0x0f)
+    }
+
     /// Validate an upstream response to the query `id`/`key` and turn it into an answer.
     pub fn from_upstream(
         resp: &[u8],

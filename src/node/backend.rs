@@ -201,6 +201,18 @@ impl Backend {
         }
     }
 
+    /// Whether the rules are as `snapshot` says (for nftables, the table; the ACCEPT rules
+    /// are left to the periodic check). Blocking.
+    pub fn intact(&self, snapshot: &Snapshot) -> Result<bool, RulesError> {
+        match (self, snapshot) {
+            (Backend::Iptables(t), Snapshot::Iptables(s)) => firewall::intact(t.as_ref(), s),
+            (Backend::Nftables { .. }, Snapshot::Nftables { table, .. }) => {
+                Ok(nftables::current()?.as_ref() == Some(table))
+            }
+            _ => Ok(false),
+        }
+    }
+
     /// Compares the backend with `snapshot` (`None`: unknown) and puts back what changed.
     /// `full`: also re-read which iptables filter tables drop by default (the periodic
     /// check; an nftables event checks the table alone). Returns the new snapshot and

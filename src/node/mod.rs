@@ -96,9 +96,11 @@ pub async fn setup(cfg: &Config) -> Result<Setup, NodeError> {
         tracing::info!(
             created = changes.created.unwrap_or("no (already there)"),
             added = %join(&changes.added),
-            "interface {} is up and holds {}",
+            "interface {} is up and holds {} (created: {}; addresses added: {})",
             n.interface,
-            join(addresses)
+            join(addresses),
+            changes.created.unwrap_or("no, already there"),
+            join(&changes.added)
         );
     }
     let mut rules = None;

@@ -89,6 +89,12 @@ pub async fn watch(cfg: Config, setup: Setup, metrics: Arc<Metrics>) {
         .as_ref()
         .map(|(b, _)| b.watched_tables())
         .unwrap_or_default();
+    if n.setup_interface {
+        *metrics.node.link.lock() = Some(Ok(()));
+    }
+    if let Some((backend, snapshot)) = &rules {
+        rules_probe(&metrics, backend, snapshot.as_ref());
+    }
     let mut tick = tokio::time::interval(n.rules_check_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
@@ -174,20 +180,45 @@ async fn repair_link(nl: &Netlink, cfg: &Config, metrics: &Metrics) {
                     inc(counter);
                 }
             };
-            if let Some(kind) = c.created {
+            let what = if let Some(kind) = c.created {
                 count(&metrics.repairs_link, 1);
-                tracing::warn!("repaired: interface {name} was gone, created it again ({kind})");
+                Some(format!(
+                    "interface {name} was gone, created it again ({kind})"
+                ))
             } else if c.set_up {
                 count(&metrics.repairs_link, 1);
-                tracing::warn!("repaired: interface {name} was down, set it up");
+                Some(format!("interface {name} was down, set it up"))
+            } else {
+                None
+            };
+            if let Some(what) = what {
+                tracing::warn!("repaired: {what}");
+                metrics.node.repaired(what);
             }
             if !c.added.is_empty() {
                 count(&metrics.repairs_addresses, c.added.len());
-                tracing::warn!("repaired: put back {} on interface {name}", join(&c.added));
+                let what = format!("put back {} on interface {name}", join(&c.added));
+                tracing::warn!("repaired: {what}");
+                metrics.node.repaired(what);
             }
+            *metrics.node.link.lock() = Some(Ok(()));
         }
-        Err(e) => tracing::error!("cannot repair interface {name}: {e}"),
+        Err(e) => {
+            metrics.setup_error(crate::metrics::SetupError::InterfaceAdd);
+            tracing::error!("cannot repair interface {name}: {e}");
+            *metrics.node.link.lock() = Some(Err(format!("interface {name}: {e}")));
+        }
     }
+}
+
+/// What `/ready` and `localdns status` ask about the rules: are they as `snapshot` says
+/// (`None`: not known to be in place yet).
+fn rules_probe(metrics: &Metrics, backend: &Backend, snapshot: Option<&Snapshot>) {
+    let (b, s) = (backend.clone(), snapshot.cloned());
+    *metrics.node.rules_probe.lock() = Some(Arc::new(move || match &s {
+        Some(s) => b.intact(s).map_err(|e| e.to_string()),
+        None => Ok(false),
+    }));
 }
 
 /// Checks the rules against `snapshot` and puts back what changed (`full`: see
@@ -209,17 +240,24 @@ async fn repair_rules(
         Ok(Ok((snapshot, repaired))) => {
             if !repaired.is_empty() {
                 inc(&metrics.repairs_rules);
-                tracing::warn!(
-                    firewall = backend.name(),
-                    "repaired: localdns's firewall rules had changed ({}), installed them again in {} ms",
+                let what = format!(
+                    "localdns's firewall rules had changed ({}), installed them again in {} ms",
                     repaired.join(", "),
                     started.elapsed().as_millis()
                 );
+                tracing::warn!(firewall = backend.name(), "repaired: {what}");
+                metrics.node.repaired(what);
+                rules_probe(metrics, &backend, Some(&snapshot));
             }
             (backend, Some(snapshot))
         }
         Ok(Err(e)) => {
             // The next check tries again against the same snapshot.
+            metrics.setup_error(if e.to_string().contains("lock") {
+                crate::metrics::SetupError::IptablesLock
+            } else {
+                crate::metrics::SetupError::Iptables
+            });
             tracing::error!("cannot check or repair the firewall rules: {e}");
             (backend, kept)
         }

@@ -1,61 +1,298 @@
-//! The HTTP endpoint: `/metrics` (Prometheus text), `/health` (200 while serving).
-//! Hand-written on purpose: two read-only GET routes do not justify an HTTP stack.
+//! The HTTP endpoint: `/metrics` (Prometheus), `/health`, `/ready` and `/status` (the JSON
+//! report `localdns status` prints), served by hyper.
+//!
+//! DNS must not notice it: at most [`MAX_CONNECTIONS`] connections at once (more are
+//! closed at accept), a request head must arrive within [`HEADER_TIMEOUT`] and a whole
+//! connection ends after [`CONNECTION_LIMIT`], so slow or malformed clients only ever hold
+//! a few small tasks. The work behind a request is reading counters; the one blocking
+//! check (the firewall rules, for `/ready`) runs off the async threads and is cached
+//! briefly ([`crate::health::RULES_CHECK_CACHE`]).
 
+use std::convert::Infallible;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
 use super::resolve::Resolver;
+use super::{reload::ReloadState, stuck_loops, HEARTBEAT_STALE_MS};
+use crate::health::{self, ReadyInputs, Report};
+use crate::metrics::expose::{self, Scrape, UpstreamValue};
+use crate::metrics::Stats;
 
-pub async fn serve(listener: TcpListener, resolver: Arc<Resolver>) {
+pub const MAX_CONNECTIONS: usize = 16;
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+pub const CONNECTION_LIMIT: Duration = Duration::from_secs(30);
+
+/// What the endpoint reads.
+pub struct Context {
+    pub resolver: Arc<Resolver>,
+    pub reloads: Arc<ReloadState>,
+    /// The listen addresses (`IP:PORT`).
+    pub listen: Vec<String>,
+    /// The UDP receive loops' statistics blocks (their heartbeats).
+    pub workers: Vec<Arc<Stats>>,
+}
+
+pub async fn serve(listener: TcpListener, ctx: Arc<Context>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let mut stream = super::accept(&listener, "HTTP").await;
-        let resolver = Arc::clone(&resolver);
+        let stream = super::accept(&listener, "HTTP").await;
+        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+            drop(stream);
+            continue;
+        };
+        let ctx = Arc::clone(&ctx);
         tokio::spawn(async move {
-            let mut buf = [0u8; 2048];
-            let mut n = 0;
-            // Read until the end of the request head (or the buffer is full).
-            while n < buf.len() {
-                match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf[n..])).await
-                {
-                    Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
-                    Ok(Ok(m)) => n += m,
-                }
-                if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") || buf[..n].ends_with(b"\n\n") {
-                    break;
-                }
-            }
-            let head = String::from_utf8_lossy(&buf[..n]);
-            let path = head.split_whitespace().nth(1).unwrap_or("");
-            let (status, body) = match (head.starts_with("GET "), path) {
-                (true, "/metrics") => ("200 OK", metrics_text(&resolver)),
-                (true, "/health") => ("200 OK", "ok\n".to_string()),
-                (true, _) => ("404 Not Found", "not found\n".to_string()),
-                (false, _) => ("405 Method Not Allowed", "GET only\n".to_string()),
-            };
-            let resp = format!(
-                "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = stream.write_all(resp.as_bytes()).await;
-            let _ = stream.shutdown().await;
+            let service = hyper::service::service_fn(move |req| {
+                let ctx = Arc::clone(&ctx);
+                async move { Ok::<_, Infallible>(route(&ctx, req).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(CONNECTION_LIMIT, conn).await;
+            drop(permit);
         });
     }
 }
 
-pub fn metrics_text(resolver: &Resolver) -> String {
-    resolver.metrics.render(&[
-        (
-            "localdns_cache_entries",
-            "Entries in the cache, fresh and stale.",
-            resolver.cache.len() as u64,
+fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    if let Ok(v) = content_type.parse() {
+        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+async fn route(ctx: &Arc<Context>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "GET only\n".into(),
+        );
+    }
+    let plain = "text/plain; charset=utf-8";
+    match req.uri().path() {
+        "/metrics" => {
+            let (ready, healthy) = {
+                let (reasons, healthy) = check(ctx).await;
+                (reasons.is_empty(), healthy)
+            };
+            text(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                expose::render(scrape(ctx, ready, healthy)),
+            )
+        }
+        "/health" => match stuck(ctx) {
+            0 => text(StatusCode::OK, plain, "ok\n".into()),
+            n => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                plain,
+                format!("{n} serving loop(s) stopped going round\n"),
+            ),
+        },
+        "/ready" => {
+            let (reasons, _) = check(ctx).await;
+            if reasons.is_empty() {
+                text(StatusCode::OK, plain, "ready\n".into())
+            } else {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    plain,
+                    format!("not ready: {}\n", reasons.join("; ")),
+                )
+            }
+        }
+        "/status" => {
+            let r = report(ctx).await;
+            let body = serde_json::to_string_pretty(&r).unwrap_or_default() + "\n";
+            text(StatusCode::OK, "application/json", body)
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            plain,
+            "not found: /metrics /health /ready /status\n".into(),
         ),
-        (
-            "localdns_upstream_in_flight",
-            "Keys being resolved upstream now.",
-            resolver.in_flight() as u64,
-        ),
-    ])
+    }
+}
+
+fn stuck(ctx: &Context) -> usize {
+    stuck_loops(
+        &ctx.workers,
+        ctx.resolver.cache.now_ms(),
+        HEARTBEAT_STALE_MS,
+    )
+}
+
+/// The cluster pool's (up, total), when there is one.
+fn cluster(ctx: &Context) -> Option<(usize, usize)> {
+    let settings = ctx.resolver.settings();
+    let pool = settings
+        .upstreams
+        .pools()
+        .iter()
+        .find(|p| p.name == "cluster")?;
+    let h = pool.health();
+    Some((h.iter().filter(|(_, up)| *up).count(), h.len()))
+}
+
+/// The rules now, checked off the async threads.
+async fn rules(ctx: &Arc<Context>) -> Option<Result<(), String>> {
+    let c = Arc::clone(ctx);
+    tokio::task::spawn_blocking(move || c.resolver.metrics.node.rules_now())
+        .await
+        .unwrap_or_else(|e| Some(Err(format!("rules check failed: {e}"))))
+}
+
+/// (why not ready, healthy).
+async fn check(ctx: &Arc<Context>) -> (Vec<String>, bool) {
+    let rules = rules(ctx).await;
+    let link = ctx.resolver.metrics.node.link.lock().clone();
+    let inputs = ReadyInputs {
+        stuck_loops: stuck(ctx),
+        link,
+        rules,
+        cluster: cluster(ctx),
+    };
+    (health::not_ready(&inputs), inputs.stuck_loops == 0)
+}
+
+fn upstreams(ctx: &Context) -> Vec<UpstreamValue> {
+    let settings = ctx.resolver.settings();
+    let mut out = Vec::new();
+    for pool in settings.upstreams.pools() {
+        for (addr, up, stats) in pool.servers() {
+            out.push(UpstreamValue {
+                pool: pool.name.clone(),
+                server: addr.to_string(),
+                up,
+                requests: stats.requests.load(Relaxed),
+                failures: stats.failures.load(Relaxed),
+                durations: stats.durations(),
+            });
+        }
+    }
+    out
+}
+
+fn scrape(ctx: &Context, ready: bool, healthy: bool) -> Scrape {
+    let r = &ctx.resolver;
+    Scrape {
+        metrics: Arc::clone(&r.metrics),
+        listeners: r.metrics.listeners(),
+        cache_entries: r.cache.entries_by_kind(),
+        cache_evictions: r.cache.evictions(),
+        in_flight: r.in_flight() as u64,
+        upstreams: upstreams(ctx),
+        ready,
+        healthy,
+        version: env!("LOCALDNS_BUILD_VERSION").into(),
+        revision: env!("LOCALDNS_BUILD_COMMIT").into(),
+    }
+}
+
+async fn report(ctx: &Arc<Context>) -> Report {
+    let (reasons, healthy) = check(ctx).await;
+    let m = &ctx.resolver.metrics;
+    let (mut hits, mut misses) = (0, 0);
+    for (_, v) in m.listeners() {
+        hits += v.total_hits();
+        misses += v.misses;
+    }
+    let entries = ctx.resolver.cache.entries_by_kind();
+    let describe = |state: Option<Result<(), String>>| match state {
+        None => "not managed".to_string(),
+        Some(Ok(())) => "present".to_string(),
+        Some(Err(e)) => e,
+    };
+    let c = &m.config;
+    let rules = describe(rules(ctx).await);
+    let link = describe(m.node.link.lock().clone());
+    let files: Vec<String> = ctx
+        .reloads
+        .sources
+        .lock()
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    let refused = ctx.reloads.error.lock().clone();
+    Report {
+        version: crate::cli::VERSION.into(),
+        uptime_secs: crate::metrics::unix_now().saturating_sub(m.started),
+        healthy,
+        ready: reasons.is_empty(),
+        reasons,
+        config: health::ConfigReport {
+            files,
+            generation: c.generation.load(Relaxed),
+            last_reload_time: c.last_reload_time.load(Relaxed),
+            last_reload_ok: c.last_reload_ok.load(Relaxed),
+            refused,
+            last_good: c.last_good.load(Relaxed),
+        },
+        listen: ctx.listen.clone(),
+        link,
+        rules,
+        cache: health::CacheReport {
+            entries: entries[0] + entries[1],
+            hits,
+            misses,
+            hit_ratio: health::hit_ratio(hits, misses),
+        },
+        upstreams: upstreams(ctx)
+            .into_iter()
+            .map(|u| {
+                let answered: u64 = u.durations.iter().map(|h| h.count).sum();
+                let nanos: u64 = u.durations.iter().map(|h| h.sum).sum();
+                health::UpstreamReport {
+                    last_error: ctx
+                        .resolver
+                        .settings()
+                        .upstreams
+                        .pools()
+                        .iter()
+                        .find(|p| p.name == u.pool)
+                        .and_then(|p| {
+                            p.servers()
+                                .into_iter()
+                                .find(|(a, _, _)| a.to_string() == u.server)
+                                .and_then(|(_, _, s)| s.last_error.lock().clone())
+                        })
+                        .map(|(t, e)| {
+                            format!(
+                                "{e} ({}s ago)",
+                                crate::metrics::unix_now().saturating_sub(t)
+                            )
+                        }),
+                    pool: u.pool,
+                    server: u.server,
+                    up: u.up,
+                    requests: u.requests,
+                    failures: u.failures,
+                    mean_latency_ms: if answered == 0 {
+                        0.0
+                    } else {
+                        nanos as f64 / answered as f64 / 1e6
+                    },
+                }
+            })
+            .collect(),
+        repairs: m
+            .node
+            .recent_repairs()
+            .into_iter()
+            .map(|(time, what)| health::RepairReport { time, what })
+            .collect(),
+    }
 }

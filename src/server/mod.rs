@@ -7,6 +7,7 @@
 //! and returns.
 
 pub mod http;
+pub mod querylog;
 pub mod reload;
 pub mod resolve;
 pub mod tcp;
@@ -22,8 +23,8 @@ use std::time::Duration;
 use crate::cache::{Cache, Hit, PrefetchPolicy};
 use crate::config::{Config, Source};
 use crate::dns::answer::write_error;
-use crate::dns::{wire, Key, Query, Reject, Ttl};
-use crate::metrics::{inc, Metrics};
+use crate::dns::{wire, Key, Kind, Query, Reject, Ttl};
+use crate::metrics::{inc, Listener, Metrics, Origin, Stats};
 use crate::systemd::{self, Inherited};
 use resolve::{Resolver, Settings};
 
@@ -52,31 +53,39 @@ pub fn handle(
     out: &mut Vec<u8>,
     tcp: bool,
     now_ms: u64,
+    stats: &Stats,
 ) -> Action {
     let m = &resolver.metrics;
+    let reply = |out: &mut Vec<u8>, extended: u8| {
+        stats.unparsed_request(pkt.len());
+        stats.response(out, extended, Origin::Server);
+        Action::Reply
+    };
     let q = match Query::parse(pkt) {
         Ok(q) => q,
         Err(Reject::Drop) => {
             inc(&m.dropped);
+            stats.unparsed_request(pkt.len());
             return Action::Drop;
         }
         Err(Reject::FormErr { id, flags }) => {
             inc(&m.formerr);
             write_error(out, id, flags, wire::RCODE_FORMERR, None, 0);
-            return Action::Reply;
+            return reply(out, 0);
         }
         Err(Reject::NotImp { id, flags }) => {
             inc(&m.notimp);
             write_error(out, id, flags, wire::RCODE_NOTIMP, None, 0);
-            return Action::Reply;
+            return reply(out, 0);
         }
         Err(Reject::BadVers { id, flags }) => {
             inc(&m.formerr);
             // BADVERS is extended RCODE 16: upper bits 1, header bits 0 (RFC 6891 §6.1.3).
             write_error(out, id, flags, wire::RCODE_NOERROR, None, 1);
-            return Action::Reply;
+            return reply(out, 1);
         }
     };
+    stats.request(q.qtype, pkt.len(), q.dnssec_ok());
     let key = q.key();
     let limit = if tcp {
         u16::MAX as usize
@@ -84,21 +93,36 @@ pub fn handle(
         q.udp_limit()
     };
     match resolver.cache.with_fresh(&key, now_ms, |e, age| {
-        e.answer.render(out, &q, Ttl::Age(age), limit)
+        (
+            e.answer.render(out, &q, Ttl::Age(age), limit),
+            e.answer.kind != Kind::Positive,
+        )
     }) {
         Hit::Fresh {
-            value: truncated,
+            value: (truncated, denial),
             prefetch,
         } => {
             if truncated {
                 inc(&m.truncated);
             }
+            stats.hit(denial);
+            stats.response(out, 0, Origin::Cache);
+            resolver.query_log.answer(
+                || key.name_text(),
+                q.qtype,
+                out,
+                Origin::Cache,
+                if tcp { "tcp" } else { "udp" },
+            );
             if prefetch {
                 resolver.prefetch(key);
             }
             Action::Hit
         }
-        Hit::Miss => Action::Miss(key),
+        Hit::Miss => {
+            stats.miss();
+            Action::Miss(key)
+        }
     }
 }
 
@@ -134,7 +158,7 @@ async fn accept(listener: &tokio::net::TcpListener, what: &str) -> tokio::net::T
         match listener.accept().await {
             Ok((stream, _peer)) => return stream,
             Err(e) => {
-                tracing::warn!(error = %e, "{what} accept failed");
+                tracing::warn!(error = %e, "{what} accept failed: {e}");
                 tokio::time::sleep(ACCEPT_BACKOFF).await;
             }
         }
@@ -203,6 +227,7 @@ impl Server {
             metrics,
             tokio::runtime::Handle::current(),
         ));
+        resolver.query_log.set(config.log.queries);
         let l = &config.listen;
         let threads = match l.udp_threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -222,7 +247,7 @@ impl Server {
                         Ok(s)
                     }
                     Some(Err(e)) => {
-                        tracing::warn!(name = %name, error = %e, "kept socket unusable, binding a new one");
+                        tracing::warn!(name = %name, error = %e, "kept socket {name} unusable ({e}), binding a new one");
                         fresh()
                     }
                     None => fresh(),
@@ -295,20 +320,24 @@ impl Server {
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
         let mut workers = Vec::new();
+        let metrics = &self.resolver.metrics;
         for (i, (_, sock)) in self.udp.iter().enumerate() {
+            let addr = sock.local_addr()?;
             let (sock, resolver, stop) = (
                 Arc::clone(sock),
                 Arc::clone(&self.resolver),
                 Arc::clone(&stop),
             );
-            let hot = self.resolver.metrics.udp_worker();
-            hot.heartbeat
+            let stats = metrics.owned_block(Listener::new(addr, "udp"));
+            let miss_stats = metrics.shared_block(Listener::new(addr, "udp"));
+            stats
+                .heartbeat
                 .store(self.resolver.cache.now_ms(), Ordering::Relaxed);
-            workers.push(Arc::clone(&hot));
+            workers.push(Arc::clone(&stats));
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("udp-{i}"))
-                    .spawn(move || udp::serve(sock, resolver, hot, stop))?,
+                    .spawn(move || udp::serve(sock, resolver, stats, miss_stats, stop))?,
             );
         }
         let mut tasks = tokio::task::JoinSet::new();
@@ -316,18 +345,14 @@ impl Server {
         // One total for all listeners, as documented.
         let tcp_slots = Arc::new(tokio::sync::Semaphore::new(l.tcp_max_connections));
         for (_, listener) in self.tcp {
+            let stats = metrics.shared_block(Listener::new(listener.local_addr()?, "tcp"));
             let listener = tokio::net::TcpListener::from_std(listener)?;
             tasks.spawn(tcp::serve(
                 listener,
                 Arc::clone(&self.resolver),
                 l.tcp_idle_timeout,
                 Arc::clone(&tcp_slots),
-            ));
-        }
-        if let Some(listener) = self.http {
-            tasks.spawn(http::serve(
-                tokio::net::TcpListener::from_std(listener)?,
-                Arc::clone(&self.resolver),
+                stats,
             ));
         }
         let addrs: Vec<String> = l
@@ -337,6 +362,22 @@ impl Server {
             .collect();
         let reloads = Arc::new(reload::ReloadState::default());
         *reloads.error.lock() = self.refused_at_start.clone();
+        metrics
+            .config
+            .last_good
+            .store(self.refused_at_start.is_some(), Ordering::Relaxed);
+        *reloads.sources.lock() = self.config.sources.clone();
+        if let Some(listener) = self.http {
+            tasks.spawn(http::serve(
+                tokio::net::TcpListener::from_std(listener)?,
+                Arc::new(http::Context {
+                    resolver: Arc::clone(&self.resolver),
+                    reloads: Arc::clone(&reloads),
+                    listen: addrs.clone(),
+                    workers: workers.clone(),
+                }),
+            ));
+        }
         let status = {
             let (resolver, reloads, addrs) = (
                 Arc::clone(&self.resolver),
@@ -424,22 +465,26 @@ fn status_line(addrs: &str, resolver: &Resolver, reloads: &reload::ReloadState) 
     line
 }
 
+/// A receive loop wakes at least every 200 ms; one whose heartbeat is older than this is
+/// stuck.
+pub const HEARTBEAT_STALE_MS: u64 = 2000;
+
+/// How many of `workers` have not gone round their loop within `stale_after` ms of `now`.
+pub fn stuck_loops(workers: &[Arc<Stats>], now: u64, stale_after: u64) -> usize {
+    workers
+        .iter()
+        .filter(|w| now.saturating_sub(w.heartbeat.load(Ordering::Relaxed)) > stale_after)
+        .count()
+}
+
 /// Ping systemd's watchdog at half its interval, but only while every UDP worker goes
 /// round its loop (they wake at least every 200 ms) and this runtime runs tasks: a wedged
 /// server stops pinging and systemd restarts it.
-async fn watchdog(
-    interval: Duration,
-    workers: Vec<Arc<crate::metrics::Hot>>,
-    resolver: Arc<Resolver>,
-) {
+async fn watchdog(interval: Duration, workers: Vec<Arc<Stats>>, resolver: Arc<Resolver>) {
     let every = interval / 2;
-    let stale_after = (every.as_millis() as u64).max(2000);
+    let stale_after = (every.as_millis() as u64).max(HEARTBEAT_STALE_MS);
     loop {
-        let now = resolver.cache.now_ms();
-        let stuck = workers
-            .iter()
-            .filter(|w| now.saturating_sub(w.heartbeat.load(Ordering::Relaxed)) > stale_after)
-            .count();
+        let stuck = stuck_loops(&workers, resolver.cache.now_ms(), stale_after);
         if stuck == 0 {
             systemd::watchdog();
         } else {

@@ -5,6 +5,7 @@
 //! config keeps serving.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,6 +31,8 @@ const RESOLV_POLL: Duration = Duration::from_secs(5);
 pub struct ReloadState {
     /// The last refused config's error, until a good one is loaded.
     pub error: Mutex<Option<String>>,
+    /// The files the running config was read from.
+    pub sources: Mutex<Vec<PathBuf>>,
 }
 
 /// Watch for reload triggers forever; `status` renders the status line after a reload.
@@ -73,34 +76,57 @@ pub async fn watch(
             continue;
         }
         systemd::reloading();
+        let c = &resolver.metrics.config;
+        c.last_reload_time
+            .store(crate::metrics::unix_now(), Ordering::Relaxed);
+        c.last_reload_ok.store(loaded.is_ok(), Ordering::Relaxed);
         match loaded {
             Ok(new) => {
                 *state.error.lock() = None;
+                *state.sources.lock() = new.sources.clone();
+                c.last_good.store(false, Ordering::Relaxed);
                 crate::state::remember_in_state_dir(&new);
                 if same(&new, &current) {
                     // An operator who sent SIGHUP wants to see it was done; file events
                     // that change nothing (an editor's temp file) are not worth a line.
                     if reason == "SIGHUP" {
-                        tracing::info!(reason, "config reloaded, nothing changed");
+                        tracing::info!(reason, "config reloaded ({reason}), nothing changed");
                     } else {
                         tracing::debug!(reason, "config reloaded, nothing changed");
                     }
                 } else {
                     if new.listen != current.listen || new.network != current.network {
-                        tracing::warn!(reason, "listen and network changes take effect at the next restart (`systemctl restart localdns` keeps the sockets)");
+                        tracing::warn!(reason, "config reloaded ({reason}) with listen or network changes: they take effect at the next restart (`systemctl restart localdns` keeps the sockets)");
                     }
                     resolver.apply(&new);
+                    c.generation.fetch_add(1, Ordering::Relaxed);
+                    let files = new
+                        .sources
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    let upstreams = new
+                        .upstream
+                        .servers
+                        .iter()
+                        .map(|s| s.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ");
                     tracing::info!(
                         reason,
-                        files = %new.sources.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(","),
-                        upstreams = %new.upstream.servers.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(","),
-                        "config reloaded"
+                        files = %files,
+                        upstreams = %upstreams,
+                        "config reloaded ({reason}) from {files}; default upstreams {upstreams}"
                     );
                     current = new;
                 }
             }
             Err(e) => {
-                tracing::error!(reason, error = %e, "config refused; the previous config keeps serving");
+                c.reload_failed.fetch_add(1, Ordering::Relaxed);
+                // The facts go into the message too: `journalctl -u localdns` and
+                // `systemctl status` show only the message, not the fields.
+                tracing::error!(reason, error = %e, "config refused ({reason}): {e}; the previous config keeps serving");
                 *state.error.lock() = Some(e.to_string());
             }
         }

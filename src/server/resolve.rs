@@ -24,7 +24,7 @@ use crate::cache::{Cache, Entry};
 use crate::config::Config;
 use crate::dns::answer::write_error;
 use crate::dns::{wire, Answer, Key, Kind, Query, Ttl, TtlPolicy};
-use crate::metrics::{inc, Metrics};
+use crate::metrics::{inc, Metrics, Origin, Stats};
 use crate::upstream::Upstreams;
 
 /// Where an answer goes.
@@ -41,6 +41,9 @@ pub enum ReplyTo {
 pub struct Waiter {
     pub reply: ReplyTo,
     pub packet: Vec<u8>,
+    /// Where its answer is counted (the listener's shared block), and when it arrived.
+    pub stats: Arc<Stats>,
+    pub received: std::time::Instant,
 }
 
 /// Clients waiting on one key at most; more are answered at once (stale or SERVFAIL).
@@ -117,6 +120,8 @@ pub struct Resolver {
     idle: Notify,
     waiting: Mutex<HashMap<Key, Vec<Waiter>>>,
     runtime: Handle,
+    /// `[log] queries`.
+    pub query_log: super::querylog::QueryLog,
 }
 
 impl Resolver {
@@ -134,6 +139,7 @@ impl Resolver {
             idle: Notify::new(),
             waiting: Mutex::new(HashMap::new()),
             runtime,
+            query_log: Default::default(),
         }
     }
 
@@ -250,6 +256,11 @@ impl Resolver {
         };
         let mut out = Vec::with_capacity(512);
         let stale_ttl = self.settings.load().stale_answer_ttl;
+        let origin = match outcome {
+            Outcome::Cached(_) | Outcome::Uncached(_) => Origin::Forward,
+            Outcome::Stale(_) => Origin::Cache,
+            Outcome::Fail => Origin::Server,
+        };
         let truncated = match outcome {
             Outcome::Cached(e) => {
                 let age = e.age_secs(self.cache.now_ms());
@@ -269,6 +280,14 @@ impl Resolver {
         if truncated {
             inc(&self.metrics.truncated);
         }
+        w.stats.response(&out, 0, origin);
+        let proto = match w.reply {
+            ReplyTo::Udp { .. } => "udp",
+            ReplyTo::Tcp(_) => "tcp",
+        };
+        self.query_log
+            .answer(|| q.key().name_text(), q.qtype, &out, origin, proto);
+        w.stats.durations(w.received.elapsed().as_nanos() as u64, 1);
         send(&self.metrics, w.reply, out);
     }
 
@@ -302,6 +321,7 @@ impl Resolver {
                 .same_servers(new.upstreams.route(key.qname()))
         });
         self.cache.set_limits(&cfg.cache);
+        self.query_log.set(cfg.log.queries);
         self.settings.store(Arc::new(new));
         if dropped > 0 {
             tracing::info!(

@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, Semaphore};
 
 use super::resolve::{ReplyTo, Resolver, Waiter};
 use super::{handle, Action};
-use crate::metrics::inc;
+use crate::metrics::{inc, Stats};
 
 /// Queries per connection read but not yet answered; beyond it the reader waits, so a
 /// client that pipelines without reading cannot grow memory.
@@ -47,6 +47,7 @@ pub async fn serve(
     resolver: Arc<Resolver>,
     idle: Duration,
     slots: Arc<Semaphore>,
+    stats: Arc<Stats>,
 ) {
     loop {
         let stream = super::accept(&listener, "TCP").await;
@@ -56,15 +57,20 @@ pub async fn serve(
             continue;
         };
         inc(&resolver.metrics.tcp_connections);
-        let resolver = Arc::clone(&resolver);
+        let (resolver, stats) = (Arc::clone(&resolver), Arc::clone(&stats));
         tokio::spawn(async move {
-            let _ = connection(stream, resolver, idle).await;
+            let _ = connection(stream, resolver, idle, stats).await;
             drop(permit);
         });
     }
 }
 
-async fn connection(stream: TcpStream, resolver: Arc<Resolver>, idle: Duration) -> io::Result<()> {
+async fn connection(
+    stream: TcpStream,
+    resolver: Arc<Resolver>,
+    idle: Duration,
+    stats: Arc<Stats>,
+) -> io::Result<()> {
     let _ = stream.set_nodelay(true);
     let (mut reader, writer) = stream.into_split();
     let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
@@ -105,12 +111,17 @@ async fn connection(stream: TcpStream, resolver: Arc<Resolver>, idle: Duration) 
             Ok(Ok(_)) => {}
             _ => break,
         }
-        inc(&resolver.metrics.tcp.queries);
-        match handle(&resolver, &pkt, &mut out, true, resolver.cache.now_ms()) {
-            action @ (Action::Hit | Action::Reply) => {
-                if matches!(action, Action::Hit) {
-                    inc(&resolver.metrics.tcp.hits);
-                }
+        let received = std::time::Instant::now();
+        match handle(
+            &resolver,
+            &pkt,
+            &mut out,
+            true,
+            resolver.cache.now_ms(),
+            &stats,
+        ) {
+            Action::Hit | Action::Reply => {
+                stats.durations(received.elapsed().as_nanos() as u64, 1);
                 if tx.send(out.clone()).is_err() {
                     break;
                 }
@@ -120,6 +131,8 @@ async fn connection(stream: TcpStream, resolver: Arc<Resolver>, idle: Duration) 
                 Waiter {
                     reply: ReplyTo::Tcp(tx.clone()),
                     packet: pkt,
+                    stats: Arc::clone(&stats),
+                    received,
                 },
             ),
             // RFC 7766 §8: a message that cannot be parsed at all ends the connection.

@@ -20,7 +20,7 @@ use socket2::{Protocol, Socket, Type};
 
 use super::resolve::{ReplyTo, Resolver, Waiter};
 use super::{handle, Action};
-use crate::metrics::{inc, Hot};
+use crate::metrics::{inc, Stats};
 
 /// How often a blocked receive wakes up to check for shutdown.
 const WAKE: Duration = Duration::from_millis(200);
@@ -68,11 +68,13 @@ const BATCH: usize = 32;
 
 /// The receive loop with batching: `recvmmsg` takes every datagram waiting (up to
 /// [`BATCH`], blocking only for the first), cache hits are answered together with one
-/// `sendmmsg`. Returns when `stop` is set (within [`WAKE`]).
+/// `sendmmsg`. Returns when `stop` is set (within [`WAKE`]). `stats` is this loop's own
+/// block; misses are counted in `miss_stats` when the miss path answers them.
 pub fn serve(
     socket: Arc<UdpSocket>,
     resolver: Arc<Resolver>,
-    hot: Arc<Hot>,
+    stats: Arc<Stats>,
+    miss_stats: Arc<Stats>,
     stop: Arc<AtomicBool>,
 ) {
     use nix::sys::socket::{recvmmsg, sendmmsg, MsgFlags, MultiHeaders, SockaddrStorage};
@@ -105,27 +107,22 @@ pub fn serve(
         // One clock read per batch: the heartbeat (also after a timeout, so an idle loop
         // is seen alive) and the time every answer of this batch is aged by.
         let now = resolver.cache.now_ms();
-        hot.heartbeat.store(now, Ordering::Relaxed);
+        stats.heartbeat.store(now, Ordering::Relaxed);
+        let received_at = std::time::Instant::now();
         match received {
             Ok(()) => {}
             Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => continue,
             Err(e) => {
-                tracing::warn!(error = %e, "UDP receive failed");
+                tracing::warn!(error = %e, "UDP receive failed: {e}");
                 continue;
             }
         }
         replies.clear();
         for (i, &(n, addr)) in got.iter().enumerate() {
-            Hot::add(&hot.queries);
             let pkt = &bufs[i][..n.min(MAX_QUERY)];
             let out = &mut outs[replies.len()];
-            match handle(&resolver, pkt, out, false, now) {
-                action @ (Action::Hit | Action::Reply) => {
-                    if matches!(action, Action::Hit) {
-                        Hot::add(&hot.hits);
-                    }
-                    replies.push(addr);
-                }
+            match handle(&resolver, pkt, out, false, now, &stats) {
+                Action::Hit | Action::Reply => replies.push(addr),
                 Action::Miss(key) => {
                     let peer = addr.and_then(|a| to_socket_addr(&a));
                     if let Some(peer) = peer {
@@ -137,6 +134,8 @@ pub fn serve(
                                     peer,
                                 },
                                 packet: pkt.to_vec(),
+                                stats: Arc::clone(&miss_stats),
+                                received: received_at,
                             },
                         );
                     }
@@ -147,6 +146,12 @@ pub fn serve(
         if replies.is_empty() {
             continue;
         }
+        // One clock read per batch: every answer of the batch took this long (counted
+        // before the send, so a client that has its answer sees it counted).
+        stats.durations(
+            received_at.elapsed().as_nanos() as u64,
+            replies.len() as u64,
+        );
         let slices: [[IoSlice<'_>; 1]; BATCH] =
             std::array::from_fn(|i| [IoSlice::new(outs.get(i).map_or(&[][..], |o| &o[..]))]);
         let failed = send_batch(replies.len(), |from| {

@@ -27,7 +27,7 @@ use parking_lot::Mutex;
 use crate::config::{self, Protocol};
 use crate::dns::answer::write_upstream_query;
 use crate::dns::{Answer, AnswerError, Key, TtlPolicy};
-use crate::metrics::{inc, Metrics};
+use crate::metrics::{inc, Metrics, UpstreamStats};
 use exchange::ExchangeError;
 pub use route::Router;
 
@@ -59,6 +59,8 @@ struct Server {
     /// Health on the pool's clock (touched on the miss path only).
     health: Mutex<health::Health>,
     transport: Transport,
+    /// Requests, answers by rcode and time, failures (CoreDNS `forward` metrics).
+    stats: Arc<UpstreamStats>,
 }
 
 /// A list of equivalent servers for a set of zones.
@@ -95,6 +97,7 @@ impl Pool {
                 .map(|&addr| Server {
                     addr,
                     health: Mutex::new(health::Health::default()),
+                    stats: Arc::default(),
                     transport: match protocol {
                         Protocol::Udp => Transport::Udp(ports::Ports::new(addr, reuse)),
                         Protocol::Tcp => Transport::Tcp(pipeline::Pipeline::new(addr, up.timeout)),
@@ -152,7 +155,7 @@ impl Pool {
 
     fn succeeded(&self, s: &Server) {
         if s.health.lock().succeeded() {
-            tracing::info!(upstream = %s.addr, pool = %self.name, "upstream answers again, marked up");
+            tracing::info!(upstream = %s.addr, pool = %self.name, "upstream {} ({} pool) answers again, marked up", s.addr, self.name);
         }
     }
 
@@ -165,7 +168,8 @@ impl Pool {
             .failed(question, self.now_ms(), &self.policy);
         if let Some(n) = marked {
             tracing::warn!(upstream = %s.addr, pool = %self.name, error = %err, questions = n,
-                "upstream marked down: distinct questions failed with no answer in between");
+                "upstream {} ({} pool) marked down: {n} distinct questions failed with no answer in between, the last with: {err}",
+                s.addr, self.name);
         }
     }
 
@@ -177,6 +181,9 @@ impl Pool {
         metrics: &Arc<Metrics>,
     ) -> Result<Answer, UpstreamError> {
         let (up, probe) = self.candidates();
+        if up.is_empty() && !self.servers.is_empty() {
+            inc(&metrics.healthcheck_broken);
+        }
         let (order, attempts): (Vec<&Server>, usize) = match (up.is_empty(), probe) {
             // Only a pool without servers has neither.
             (true, None) => return Err(UpstreamError::NoServers),
@@ -197,19 +204,13 @@ impl Pool {
         let mut last = None;
         for attempt in 0..attempts {
             let server = order[attempt % order.len()];
-            inc(&metrics.upstream_queries);
-            let result =
-                tokio::time::timeout(self.timeout, self.attempt(server, key, policy, metrics))
-                    .await
-                    .unwrap_or(Err(ExchangeError::Timeout));
-            match result {
+            match self.timed_attempt(server, key, policy, metrics).await {
                 Ok(answer) => {
                     self.succeeded(server);
                     return Ok(answer);
                 }
                 Err(e) => {
-                    inc(&metrics.upstream_failures);
-                    tracing::debug!(upstream = %server.addr, pool = %self.name, error = %e, "upstream attempt failed");
+                    tracing::debug!(upstream = %server.addr, pool = %self.name, error = %e, "upstream {} ({}) attempt failed: {e}", server.addr, self.name);
                     self.failed(server, key, &e);
                     last = Some((server.addr, e));
                 }
@@ -229,20 +230,40 @@ impl Pool {
         let pool = Arc::clone(self);
         tokio::spawn(async move {
             let server = &pool.servers[index];
-            inc(&metrics.upstream_queries);
-            let result =
-                tokio::time::timeout(pool.timeout, pool.attempt(server, &key, &policy, &metrics))
-                    .await
-                    .unwrap_or(Err(ExchangeError::Timeout));
-            match result {
+            match pool.timed_attempt(server, &key, &policy, &metrics).await {
                 Ok(_) => pool.succeeded(server),
                 Err(e) => {
-                    inc(&metrics.upstream_failures);
-                    tracing::debug!(upstream = %server.addr, pool = %pool.name, error = %e, "probe of a down upstream failed");
+                    tracing::debug!(upstream = %server.addr, pool = %pool.name, error = %e, "probe of down upstream {} ({}) failed: {e}", server.addr, pool.name);
                     pool.failed(server, &key, &e);
                 }
             }
         });
+    }
+
+    /// One attempt bounded by the timeout, counted (globally and per server) and timed.
+    async fn timed_attempt(
+        &self,
+        server: &Server,
+        key: &Key,
+        policy: &TtlPolicy,
+        metrics: &Metrics,
+    ) -> Result<Answer, ExchangeError> {
+        inc(&metrics.upstream_queries);
+        inc(&server.stats.requests);
+        let started = Instant::now();
+        let result = tokio::time::timeout(self.timeout, self.attempt(server, key, policy, metrics))
+            .await
+            .unwrap_or(Err(ExchangeError::Timeout));
+        match &result {
+            Ok(answer) => server
+                .stats
+                .answered(answer.rcode(), started.elapsed().as_nanos() as u64),
+            Err(e) => {
+                inc(&metrics.upstream_failures);
+                server.stats.failed(e.to_string());
+            }
+        }
+        result
     }
 
     async fn attempt(
@@ -311,6 +332,14 @@ impl Pool {
                 ports.sweep();
             }
         }
+    }
+
+    /// (server, up?, its statistics) for metrics and status reports.
+    pub fn servers(&self) -> Vec<(SocketAddr, bool, Arc<UpstreamStats>)> {
+        self.servers
+            .iter()
+            .map(|s| (s.addr, s.health.lock().is_up(), Arc::clone(&s.stats)))
+            .collect()
     }
 
     /// (server, up?) for status reports.

@@ -188,7 +188,7 @@ async fn run(server: SocketAddr, timeout: Duration, mut rx: mpsc::Receiver<Reque
 /// to be sent on a new connection; pending ones fail when `pending` is dropped.
 fn give_up(server: SocketAddr, mut rx: mpsc::Receiver<Request>, pending: usize) {
     tracing::warn!(upstream = %server, pending,
-        "upstream TCP connection silent (answers overdue): closed, a new one is dialled");
+        "upstream {server}: TCP connection silent ({pending} answers overdue): closed, a new one is dialled");
     rx.close();
     while let Ok(req) = rx.try_recv() {
         let _ = req.reply.send(Reply::Unsent);

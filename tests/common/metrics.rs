@@ -1,4 +1,5 @@
-//! Scrape localdns's HTTP endpoint with a plain HTTP/1.0 GET and parse the Prometheus text.
+//! Scrape localdns's HTTP endpoint with a plain HTTP/1.0 GET and parse the Prometheus text
+//! with a real parser (`prometheus-parse`).
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -38,72 +39,46 @@ pub struct Metrics {
     pub samples: Vec<Sample>,
 }
 
-/// Parse the text exposition format (comments and blank lines skipped; timestamps ignored).
+/// Parse the exposition with a real Prometheus text-format parser (`prometheus-parse`);
+/// histograms come back as one `NAME_bucket` sample per bound (label `le`).
 pub fn parse(text: &str) -> Metrics {
+    let lines = text.lines().map(|l| Ok(l.to_string()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("the exposition parses");
     let mut samples = Vec::new();
-    for line in text.lines().map(str::trim) {
-        if line.is_empty() || line.starts_with('#') {
-            continue;
+    for s in scrape.samples {
+        let labels: BTreeMap<String, String> = s
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => samples.push(Sample {
+                name: s.metric,
+                labels,
+                value: v,
+            }),
+            prometheus_parse::Value::Histogram(buckets) => {
+                for b in buckets {
+                    let mut l = labels.clone();
+                    let le = if b.less_than.is_infinite() || b.less_than == f64::MAX {
+                        "+Inf".to_string()
+                    } else {
+                        b.less_than.to_string()
+                    };
+                    l.insert("le".into(), le);
+                    samples.push(Sample {
+                        name: format!("{}_bucket", s.metric),
+                        labels: l,
+                        value: b.count,
+                    });
+                }
+            }
+            prometheus_parse::Value::Summary(_) => {}
         }
-        let (series, rest) = match line.find('}') {
-            Some(end) if line.contains('{') => (&line[..=end], line[end + 1..].trim()),
-            _ => match line.split_once(char::is_whitespace) {
-                Some((s, r)) => (s, r.trim()),
-                None => continue,
-            },
-        };
-        let Some(value) = rest
-            .split_whitespace()
-            .next()
-            .and_then(|v| v.parse::<f64>().ok())
-        else {
-            continue;
-        };
-        let (name, labels) = match series.split_once('{') {
-            Some((n, l)) => (n, parse_labels(l.trim_end_matches('}'))),
-            None => (series, BTreeMap::new()),
-        };
-        samples.push(Sample {
-            name: name.to_string(),
-            labels,
-            value,
-        });
     }
     Metrics { samples }
-}
-
-fn parse_labels(s: &str) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    let mut rest = s.trim();
-    while let Some((k, after)) = rest.split_once('=') {
-        let after = after.trim_start();
-        let Some(body) = after.strip_prefix('"') else {
-            break;
-        };
-        let mut val = String::new();
-        let mut chars = body.char_indices();
-        let mut end = body.len();
-        while let Some((i, c)) = chars.next() {
-            match c {
-                '\\' => {
-                    if let Some((_, n)) = chars.next() {
-                        val.push(if n == 'n' { '\n' } else { n });
-                    }
-                }
-                '"' => {
-                    end = i + 1;
-                    break;
-                }
-                c => val.push(c),
-            }
-        }
-        out.insert(k.trim().trim_start_matches(',').trim().to_string(), val);
-        rest = body[end..]
-            .trim_start()
-            .trim_start_matches(',')
-            .trim_start();
-    }
-    out
 }
 
 impl Metrics {

@@ -1,0 +1,234 @@
+//! Is this node's DNS healthy, and if not, why: the pure decisions behind `/health`,
+//! `/ready` and `localdns status`, and the report they share.
+//!
+//! `/health` is about the process: the serving loops go round (the same heartbeat the
+//! systemd watchdog uses). `/ready` is about the node: every listener bound, the link and
+//! rules in place when localdns manages them, and a cluster upstream that answers. The
+//! report is what the daemon knows; `localdns status` adds what it checks from outside
+//! (whether each listen address answers a real query now).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+/// A check of the firewall rules against what was installed: `Ok(true)` when intact.
+pub type RulesProbe = Arc<dyn Fn() -> Result<bool, String> + Send + Sync>;
+
+/// How long a rules check answers `/ready` before the next one runs (each one reads the
+/// firewall with iptables-save: a client polling `/ready` must not spawn one per request).
+pub const RULES_CHECK_CACHE: Duration = Duration::from_millis(500);
+/// Repairs remembered for `localdns status`.
+const RECENT_REPAIRS: usize = 10;
+
+/// What the drift repair task knows about the node setup.
+#[derive(Default)]
+pub struct NodeHealth {
+    /// `None` while localdns does not manage the link; else the last check's result.
+    pub link: Mutex<Option<Result<(), String>>>,
+    /// Set when localdns manages the rules.
+    pub rules_probe: Mutex<Option<RulesProbe>>,
+    rules_checked: Mutex<Option<(Instant, Result<(), String>)>>,
+    /// (seconds since the epoch, what was repaired), newest last.
+    repairs: Mutex<VecDeque<(u64, String)>>,
+}
+
+impl std::fmt::Debug for NodeHealth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeHealth")
+            .field("link", &*self.link.lock())
+            .field("rules_checked", &*self.rules_checked.lock())
+            .finish_non_exhaustive()
+    }
+}
+
+impl NodeHealth {
+    pub fn repaired(&self, what: String) {
+        let mut r = self.repairs.lock();
+        if r.len() == RECENT_REPAIRS {
+            r.pop_front();
+        }
+        r.push_back((crate::metrics::unix_now(), what));
+    }
+
+    pub fn recent_repairs(&self) -> Vec<(u64, String)> {
+        self.repairs.lock().iter().cloned().collect()
+    }
+
+    /// The rules now (`None` when not managed): a check at most [`RULES_CHECK_CACHE`]
+    /// old. Blocking (runs iptables-save): call it off the async threads.
+    pub fn rules_now(&self) -> Option<Result<(), String>> {
+        let probe = self.rules_probe.lock().clone()?;
+        let mut checked = self.rules_checked.lock();
+        if let Some((at, r)) = &*checked {
+            if at.elapsed() < RULES_CHECK_CACHE {
+                return Some(r.clone());
+            }
+        }
+        let r = match probe() {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                Err("localdns's firewall rules are not in place (changed or removed)".into())
+            }
+            Err(e) => Err(format!("cannot read the firewall rules: {e}")),
+        };
+        *checked = Some((Instant::now(), r.clone()));
+        Some(r)
+    }
+}
+
+/// What readiness is decided from.
+#[derive(Debug, Clone, Default)]
+pub struct ReadyInputs {
+    /// Serving loops whose heartbeat is stale.
+    pub stuck_loops: usize,
+    /// The link, when managed.
+    pub link: Option<Result<(), String>>,
+    /// The rules, when managed.
+    pub rules: Option<Result<(), String>>,
+    /// Cluster pool servers (up, total), when a cluster upstream is configured.
+    pub cluster: Option<(usize, usize)>,
+}
+
+/// Why the node is not ready; empty when it is. Listeners are bound before the server
+/// runs at all (a bind failure stops the start), so they need no check here.
+pub fn not_ready(i: &ReadyInputs) -> Vec<String> {
+    let mut why = Vec::new();
+    if i.stuck_loops > 0 {
+        why.push(format!(
+            "{} serving loop(s) stopped going round",
+            i.stuck_loops
+        ));
+    }
+    if let Some(Err(e)) = &i.link {
+        why.push(format!("link: {e}"));
+    }
+    if let Some(Err(e)) = &i.rules {
+        why.push(format!("rules: {e}"));
+    }
+    if let Some((0, total)) = i.cluster {
+        why.push(format!("cluster upstream: none of {total} server(s) up"));
+    }
+    why
+}
+
+/// The daemon's report, served as JSON on `/status`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Report {
+    pub version: String,
+    pub uptime_secs: u64,
+    pub healthy: bool,
+    pub ready: bool,
+    /// Why not ready (or not healthy).
+    pub reasons: Vec<String>,
+    pub config: ConfigReport,
+    pub listen: Vec<String>,
+    /// "present", the reason it is not, or "not managed".
+    pub link: String,
+    pub rules: String,
+    pub cache: CacheReport,
+    pub upstreams: Vec<UpstreamReport>,
+    pub repairs: Vec<RepairReport>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ConfigReport {
+    pub files: Vec<String>,
+    pub generation: u64,
+    /// Seconds since the epoch of the last reload attempt; 0 = none since the start.
+    pub last_reload_time: u64,
+    pub last_reload_ok: bool,
+    /// The refusal of the config on disk, while the previous or last good one serves.
+    pub refused: Option<String>,
+    pub last_good: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct CacheReport {
+    pub entries: u64,
+    pub hits: u64,
+    pub misses: u64,
+    pub hit_ratio: f64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct UpstreamReport {
+    pub pool: String,
+    pub server: String,
+    pub up: bool,
+    pub requests: u64,
+    pub failures: u64,
+    /// Mean answer time in milliseconds, over the answers so far.
+    pub mean_latency_ms: f64,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct RepairReport {
+    pub time: u64,
+    pub what: String,
+}
+
+/// hits / (hits + misses), 0 without queries.
+pub fn hit_ratio(hits: u64, misses: u64) -> f64 {
+    match hits + misses {
+        0 => 0.0,
+        n => hits as f64 / n as f64,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_only_when_everything_is_in_place() {
+        let ok = ReadyInputs {
+            stuck_loops: 0,
+            link: Some(Ok(())),
+            rules: Some(Ok(())),
+            cluster: Some((1, 2)),
+        };
+        assert!(not_ready(&ok).is_empty());
+        assert!(not_ready(&ReadyInputs::default()).is_empty());
+        let bad = ReadyInputs {
+            stuck_loops: 1,
+            link: Some(Err("gone".into())),
+            rules: Some(Err("flushed".into())),
+            cluster: Some((0, 2)),
+        };
+        let why = not_ready(&bad);
+        assert_eq!(why.len(), 4, "{why:?}");
+        assert!(why[3].contains("none of 2"), "{why:?}");
+    }
+
+    #[test]
+    fn rules_checks_are_cached_briefly() {
+        let n = NodeHealth::default();
+        assert_eq!(n.rules_now(), None);
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let c = Arc::clone(&calls);
+        *n.rules_probe.lock() = Some(Arc::new(move || {
+            c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(false)
+        }));
+        assert!(n.rules_now().unwrap().is_err());
+        assert!(n.rules_now().unwrap().is_err());
+        assert_eq!(calls.load(std::sync::atomic::Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn repairs_are_bounded_and_ratio_is_safe() {
+        let n = NodeHealth::default();
+        for i in 0..15 {
+            n.repaired(format!("r{i}"));
+        }
+        let r = n.recent_repairs();
+        assert_eq!(r.len(), RECENT_REPAIRS);
+        assert_eq!(r.last().unwrap().1, "r14");
+        assert_eq!(hit_ratio(0, 0), 0.0);
+        assert_eq!(hit_ratio(3, 1), 0.75);
+    }
+}
