@@ -56,7 +56,8 @@ esac
 
 # ---------- one upstream for every server ----------
 UP_STARTED=0
-if ! "$B/upstream.sh" status >/dev/null 2>&1; then "$B/upstream.sh" start 0; UP_STARTED=1; fi
+# Without the lock (fd 9): NSD runs in a session of its own and may outlive this script.
+if ! "$B/upstream.sh" status >/dev/null 2>&1; then "$B/upstream.sh" start 0 9>&-; UP_STARTED=1; fi
 trap '[ "$UP_STARTED" = 1 ] && "$B/upstream.sh" stop' EXIT
 { date -Is; uname -r; nproc; dnsperf -h 2>&1 | grep Version || true; unbound -V 2>&1 | head -1 || true
   dnsmasq -v 2>&1 | head -1 || true; nsd -v 2>&1 | head -1 || true; (cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null) || true
