@@ -158,55 +158,52 @@ fn rule(chain: &'static str, expr: Vec<Statement<'static>>, comment: String) -> 
 
 /// The chains and rules of the table for `addresses` on `port`.
 pub fn contents(addresses: &[IpAddr], port_: u16) -> Vec<NfListObject<'static>> {
+    // DNS packets to `ip` on `port_` (or from it, with the fields "saddr" and "sport"),
+    // then `tail`.
+    let dns = |chain: &'static str,
+               ip: &IpAddr,
+               (addr, port_field): (&'static str, &'static str),
+               tail: Vec<Statement<'static>>,
+               why: String| {
+        let mut expr = vec![address(ip, addr), tcp_or_udp(), port(port_field, port_)];
+        expr.extend(tail);
+        NfListObject::Rule(rule(chain, expr, format!("{TAG}: {why}")))
+    };
     let mut out = vec![
         NfListObject::Chain(chain("prerouting", NfHook::Prerouting)),
         NfListObject::Chain(chain("output", NfHook::Output)),
     ];
     for ip in addresses {
-        out.push(NfListObject::Rule(rule(
+        out.push(dns(
             "prerouting",
-            vec![
-                address(ip, "daddr"),
-                tcp_or_udp(),
-                port("dport", port_),
-                socket(SocketAttr::Wildcard, 1),
-                Statement::Return(None),
-            ],
-            format!("{TAG}: DNS to {ip} is left to conntrack while only a wildcard socket listens"),
-        )));
-        out.push(NfListObject::Rule(rule(
+            ip,
+            ("daddr", "dport"),
+            vec![socket(SocketAttr::Wildcard, 1), Statement::Return(None)],
+            format!("DNS to {ip} is left to conntrack while only a wildcard socket listens"),
+        ));
+        out.push(dns(
             "prerouting",
-            vec![
-                address(ip, "daddr"),
-                tcp_or_udp(),
-                port("dport", port_),
-                socket(SocketAttr::Transparent, 0),
-                Statement::Notrack,
-            ],
-            format!("{TAG}: DNS to {ip} skips conntrack while a socket listens"),
-        )));
+            ip,
+            ("daddr", "dport"),
+            vec![socket(SocketAttr::Transparent, 0), Statement::Notrack],
+            format!("DNS to {ip} skips conntrack while a socket listens"),
+        ));
     }
     for ip in addresses {
-        out.push(NfListObject::Rule(rule(
+        out.push(dns(
             "output",
-            vec![
-                address(ip, "daddr"),
-                tcp_or_udp(),
-                port("dport", port_),
-                Statement::Notrack,
-            ],
-            format!("{TAG}: DNS from the node to {ip} skips conntrack"),
-        )));
-        out.push(NfListObject::Rule(rule(
+            ip,
+            ("daddr", "dport"),
+            vec![Statement::Notrack],
+            format!("DNS from the node to {ip} skips conntrack"),
+        ));
+        out.push(dns(
             "output",
-            vec![
-                address(ip, "saddr"),
-                tcp_or_udp(),
-                port("sport", port_),
-                Statement::Notrack,
-            ],
-            format!("{TAG}: answers from {ip} skip conntrack"),
-        )));
+            ip,
+            ("saddr", "sport"),
+            vec![Statement::Notrack],
+            format!("answers from {ip} skip conntrack"),
+        ));
     }
     out
 }

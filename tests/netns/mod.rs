@@ -420,6 +420,13 @@ impl Topology {
         let pod = Netns::new("pod");
         let node = Netns::new("node");
         let kdns = Netns::new("kdns");
+        // No duplicate address detection, for the link-local addresses either: while one is
+        // tentative, neighbour discovery on its link stalls for about a second, and the
+        // first IPv6 query of a test that gets there early is lost (seen as 1 of 20 failing
+        // in nftables_setup_repair_fail_open_and_exact_teardown).
+        for ns in [&pod, &node, &kdns] {
+            ns.sh("sysctl -qw net.ipv6.conf.default.accept_dad=0 net.ipv6.conf.all.accept_dad=0");
+        }
         node.sh(&format!(
             "ip link add n0 type veth peer name p0 netns {pod}
              ip link add n1 type veth peer name k0 netns {kdns}
