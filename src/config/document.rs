@@ -115,16 +115,20 @@ impl Document {
         // Keys a later version removed are dropped with a warning, never refused: an
         // upgrade must not turn a working node config into a refused one.
         let mut cleaned = text.parse::<toml::Table>().ok();
+        // Where `key` stands in this document, for the warnings.
+        let location = |key: &str| {
+            let at = spans
+                .as_ref()
+                .ok()
+                .and_then(|doc| span_of(doc, &KeyPath::of(key)))
+                .map(|r| r.start);
+            Location::at_offset(name.clone(), text, at)
+        };
         for r in RENAMED {
             if cleaned.as_ref().is_some_and(|t| holds(t, r.key)) {
-                let at = spans
-                    .as_ref()
-                    .ok()
-                    .and_then(|doc| span_of(doc, &KeyPath::of(r.key)))
-                    .map(|r| r.start);
                 tracing::warn!(
                     "{}: key `{}` is deprecated since localdns {} and still honoured: {}",
-                    Location::at_offset(name.clone(), text, at),
+                    location(r.key),
                     r.key,
                     r.since,
                     r.instead
@@ -136,14 +140,9 @@ impl Document {
             .map(|t| strip_deprecated(t, deprecated))
             .unwrap_or_default();
         for d in &dropped {
-            let at = spans
-                .as_ref()
-                .ok()
-                .and_then(|doc| span_of(doc, &KeyPath::of(d.key)))
-                .map(|r| r.start);
             tracing::warn!(
                 "{}: key `{}` is deprecated since localdns {} and ignored: {}; remove it",
-                Location::at_offset(name.clone(), text, at),
+                location(d.key),
                 d.key,
                 d.since,
                 d.instead
