@@ -131,6 +131,17 @@ pub struct Report {
     pub cache: CacheReport,
     pub upstreams: Vec<UpstreamReport>,
     pub repairs: Vec<RepairReport>,
+    /// Clients held back by their miss budget in the last few minutes, most first.
+    #[serde(default)]
+    pub held_back: Vec<HeldBackReport>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct HeldBackReport {
+    pub client: String,
+    /// Queries answered at once (stale or SERVFAIL) because it was over its budget.
+    pub queries: u64,
+    pub last_secs_ago: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

@@ -222,6 +222,13 @@ pub fn render(s: &Status) -> String {
                 .map_or(String::new(), |e| format!(", last error: {e}"))
         );
     }
+    for h in &d.held_back {
+        let _ = writeln!(
+            o,
+            "  held back:  client {}: {} queries over its miss budget, the last {}s ago",
+            h.client, h.queries, h.last_secs_ago
+        );
+    }
     if d.repairs.is_empty() {
         let _ = writeln!(o, "  repairs:    none");
     }

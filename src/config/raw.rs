@@ -120,9 +120,12 @@ pub struct RawUpstream {
     /// Attempts per query across the list (1-10).
     #[serde(deserialize_with = "attempts")]
     pub attempts: usize,
-    /// Upstream queries in flight at most.
+    /// Upstream queries in flight at most, per pool.
     #[serde(deserialize_with = "at_least_one_usize")]
     pub max_in_flight: usize,
+    /// Misses one client address may have waiting at most.
+    #[serde(deserialize_with = "at_least_one_usize")]
+    pub max_in_flight_per_client: usize,
     /// Failures of distinct questions, with no answer in between, that mark a server down.
     #[serde(deserialize_with = "at_least_one_u32")]
     pub down_after_failures: u32,
@@ -146,6 +149,7 @@ impl Default for RawUpstream {
             timeout: Dur(Duration::from_secs(1)),
             attempts: 3,
             max_in_flight: 1000,
+            max_in_flight_per_client: 250,
             down_after_failures: 3,
             down_time: Dur(Duration::from_secs(5)),
             udp_socket_queries: 100,
@@ -191,6 +195,9 @@ pub struct RawCache {
     pub serve_stale: Dur,
     /// TTL given to a stale answer.
     pub stale_answer_ttl: Dur,
+    /// How long a client waits for the refresh of an expired entry before it is given the
+    /// stale answer (RFC 8767 client response timer); 0s = only when the refresh fails.
+    pub stale_answer_client_timeout: Dur,
     /// Refresh popular entries before they expire.
     pub prefetch: bool,
     /// Hits an entry needs before it is prefetched.
@@ -210,6 +217,7 @@ impl Default for RawCache {
             servfail_ttl: Dur(Duration::from_secs(1)),
             serve_stale: Dur(Duration::from_secs(3600)),
             stale_answer_ttl: Dur(Duration::from_secs(30)),
+            stale_answer_client_timeout: Dur(Duration::from_millis(1800)),
             prefetch: true,
             prefetch_min_hits: 2,
             prefetch_percent: 10,

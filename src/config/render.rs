@@ -50,6 +50,11 @@ pub fn render(c: &Config) -> String {
     line(&mut out, "timeout", duration(u.timeout));
     line(&mut out, "attempts", u.attempts);
     line(&mut out, "max_in_flight", u.max_in_flight);
+    line(
+        &mut out,
+        "max_in_flight_per_client",
+        u.max_in_flight_per_client,
+    );
     line(&mut out, "down_after_failures", u.down_after_failures);
     line(&mut out, "down_time", duration(u.down_time));
     line(&mut out, "udp_socket_queries", u.udp_socket_queries);
@@ -75,6 +80,11 @@ pub fn render(c: &Config) -> String {
     line(&mut out, "servfail_ttl", duration(ca.servfail_ttl));
     line(&mut out, "serve_stale", duration(ca.serve_stale));
     line(&mut out, "stale_answer_ttl", duration(ca.stale_answer_ttl));
+    line(
+        &mut out,
+        "stale_answer_client_timeout",
+        duration(ca.stale_answer_client_timeout),
+    );
     line(&mut out, "prefetch", ca.prefetch);
     line(&mut out, "prefetch_min_hits", ca.prefetch_min_hits);
     line(&mut out, "prefetch_percent", ca.prefetch_percent);

@@ -72,8 +72,13 @@ pub struct Upstream {
     pub timeout: Duration,
     /// Attempts per query across the list (servers are cycled when fewer).
     pub attempts: usize,
-    /// Upstream queries in flight at most; over it a query gets SERVFAIL (counted).
+    /// Upstream queries in flight at most, per pool; over it a query gets a stale answer
+    /// or SERVFAIL (counted).
     pub max_in_flight: usize,
+    /// Misses one client address may have waiting at most (in flight or joined); over it
+    /// its queries get a stale answer or SERVFAIL (counted), so one pod cannot take the
+    /// pool's budget from the others.
+    pub max_in_flight_per_client: usize,
     /// Consecutive failures that mark a server down.
     pub down_after_failures: u32,
     /// How long a down server is skipped before one query probes it again.
@@ -108,6 +113,9 @@ pub struct Cache {
     pub serve_stale: Duration,
     /// TTL given to a stale answer.
     pub stale_answer_ttl: Duration,
+    /// A client waiting this long for the refresh of an expired entry gets the stale
+    /// answer (RFC 8767 client response timer); zero = only when the refresh fails.
+    pub stale_answer_client_timeout: Duration,
     /// Refresh popular entries before they expire.
     pub prefetch: bool,
     /// Hits an entry needs before it is prefetched.

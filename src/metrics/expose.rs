@@ -413,7 +413,7 @@ impl Scrape {
             .collect();
         o.counter("localdns_answers", "Answers sent, by rcode.", &rcodes)?;
         let l = |c: &std::sync::atomic::AtomicU64| c.load(Relaxed);
-        let plain: [(&str, &str, u64); 16] = [
+        let plain: [(&str, &str, u64); 17] = [
             ("localdns_cache_hits", "Queries answered from a fresh cache entry.", hits),
             ("localdns_cache_misses", "Queries that needed an upstream answer.", l(&m.misses)),
             ("localdns_coalesced", "Misses that joined an identical upstream query in flight.", l(&m.coalesced)),
@@ -425,7 +425,8 @@ impl Scrape {
             ("localdns_upstream_tcp_retries", "Truncated upstream UDP answers retried over TCP.", l(&m.upstream_tcp_retries)),
             ("localdns_upstream_udp_sockets", "UDP sockets (each on a new random source port) opened for upstream queries.", l(&m.upstream_udp_sockets)),
             ("localdns_servfail", "SERVFAIL answers localdns made itself (no upstream answer, no stale entry).", l(&m.servfail_sent)),
-            ("localdns_overload", "Misses over max_in_flight upstream queries (answered stale when cached, else SERVFAIL).", l(&m.overload)),
+            ("localdns_overload", "Misses over their pool's max_in_flight upstream queries (answered stale when cached, else SERVFAIL).", l(&m.overload)),
+            ("localdns_client_budget_rejects", "Misses of a client over max_in_flight_per_client (answered stale when cached, else SERVFAIL).", l(&m.client_budget)),
             ("localdns_truncated", "UDP answers sent with TC=1 because they did not fit.", l(&m.truncated)),
             ("localdns_tcp_connections", "Client TCP connections accepted.", l(&m.tcp_connections)),
             ("localdns_tcp_refused", "Client TCP connections closed at once because the cap was reached.", l(&m.tcp_refused)),
@@ -434,6 +435,14 @@ impl Scrape {
         for (name, help, v) in plain {
             o.counter(name, help, &[(vec![], v)])?;
         }
+        o.counter(
+            "localdns_stale_timer_answers",
+            "Stale answers given by RFC 8767's timers: the client response timer, or at once after a failed refresh.",
+            &[
+                (labels(&[("timer", "client")]), l(&m.stale_client_timer)),
+                (labels(&[("timer", "recheck")]), l(&m.stale_recheck)),
+            ],
+        )?;
         o.counter(
             "localdns_bad_queries",
             "Queries not answered normally, by kind.",

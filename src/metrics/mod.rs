@@ -129,6 +129,11 @@ pub struct Metrics {
     pub notimp: AtomicU64,
     pub dropped: AtomicU64,
     pub overload: AtomicU64,
+    /// Misses answered at once because their client was over its budget.
+    pub client_budget: AtomicU64,
+    /// Stale answers given by the client response timer / the failure recheck timer.
+    pub stale_client_timer: AtomicU64,
+    pub stale_recheck: AtomicU64,
     pub truncated: AtomicU64,
     pub tcp_connections: AtomicU64,
     pub tcp_refused: AtomicU64,
@@ -168,6 +173,9 @@ impl Default for Metrics {
             notimp: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             overload: AtomicU64::new(0),
+            client_budget: AtomicU64::new(0),
+            stale_client_timer: AtomicU64::new(0),
+            stale_recheck: AtomicU64::new(0),
             truncated: AtomicU64::new(0),
             tcp_connections: AtomicU64::new(0),
             tcp_refused: AtomicU64::new(0),

@@ -294,5 +294,16 @@ async fn report(ctx: &Arc<Context>) -> Report {
             .into_iter()
             .map(|(time, what)| health::RepairReport { time, what })
             .collect(),
+        held_back: ctx
+            .resolver
+            .noisy
+            .recent()
+            .into_iter()
+            .map(|h| health::HeldBackReport {
+                client: h.client.to_string(),
+                queries: h.total,
+                last_secs_ago: h.last_secs,
+            })
+            .collect(),
     }
 }

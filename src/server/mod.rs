@@ -7,6 +7,7 @@
 //! and returns.
 
 pub mod http;
+pub mod noisy;
 pub mod querylog;
 pub mod reload;
 pub mod resolve;

@@ -4,16 +4,33 @@
 //! Listeners call [`Resolver::miss`] from any thread; it never blocks. The first miss for a
 //! key starts one task; identical misses that arrive while it runs join its waiter list
 //! and are answered from the same upstream response, each with its own ID, letter case
-//! and EDNS. The number of keys being resolved at once is capped, and so is the number of
-//! clients waiting on one key ([`MAX_WAITERS`]): a query over either cap is answered at
-//! once (counted), from an expired entry still in the serve-stale window when there is one
-//! (overload is exactly when a stale answer helps), else with SERVFAIL. So a dead upstream
-//! cannot grow memory without bound.
+//! and EDNS. A waiter keeps only what its answer needs (ID, flags, question, EDNS), not
+//! the client's packet.
+//!
+//! Budgets, decided by [`admit`] (pure, unit-tested) before anything is queued:
+//! - each upstream pool has its own cap on keys being resolved (`max_in_flight`), so
+//!   misses to other zones never starve the cluster domain;
+//! - each client address has a cap on misses waiting (`max_in_flight_per_client`), so one
+//!   pod's storm is held back by its own budget while every other pod's queries go
+//!   through;
+//! - each key has a cap on the clients waiting for it ([`MAX_WAITERS`]).
+//!
+//! A query over a budget is answered at once (counted by reason), from an expired entry
+//! still in the serve-stale window when there is one (overload is exactly when a stale
+//! answer helps), else with SERVFAIL. So a dead upstream or a noisy pod cannot grow memory
+//! without bound, and the noisy pod is named in one rate-limited log line and in
+//! `/status`, never in a line per query.
+//!
+//! Serve-stale follows RFC 8767's two timers: a client waiting
+//! `stale_answer_client_timeout` for the refresh of an expired entry gets the stale answer
+//! while the refresh goes on; and after a refresh failed, the stale answer is given at once
+//! for [`STALE_RECHECK`] instead of costing every client the full upstream timeout again.
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
@@ -23,9 +40,10 @@ use tokio::sync::{mpsc, Notify};
 use crate::cache::{Cache, Entry};
 use crate::config::Config;
 use crate::dns::answer::write_error;
+use crate::dns::query::Edns;
 use crate::dns::{wire, Answer, Key, Kind, Query, Ttl, TtlPolicy};
 use crate::metrics::{inc, Metrics, Origin, Stats};
-use crate::upstream::Upstreams;
+use crate::upstream::{attempts, Pool, Upstreams};
 
 /// Where an answer goes.
 pub enum ReplyTo {
@@ -37,17 +55,83 @@ pub enum ReplyTo {
     Tcp(mpsc::UnboundedSender<Vec<u8>>),
 }
 
-/// A client waiting for an answer: where to send it and its original query packet.
+/// What an answer needs of the client's query: a few dozen bytes, whatever the client
+/// sent (a 4 KB query padded with records costs a waiter no more than a plain one).
+struct Asked {
+    id: u16,
+    flags: u16,
+    /// The question as sent (letter case preserved).
+    question: Box<[u8]>,
+    qtype: u16,
+    qclass: u16,
+    edns: Option<Edns>,
+}
+
+impl Asked {
+    fn new(q: &Query<'_>) -> Asked {
+        Asked {
+            id: q.id,
+            flags: q.flags,
+            question: q.question.into(),
+            qtype: q.qtype,
+            qclass: q.qclass,
+            edns: q.edns,
+        }
+    }
+
+    fn query(&self) -> Query<'_> {
+        Query {
+            id: self.id,
+            flags: self.flags,
+            question: &self.question,
+            qtype: self.qtype,
+            qclass: self.qclass,
+            edns: self.edns,
+        }
+    }
+}
+
+/// A client waiting for an answer.
 pub struct Waiter {
-    pub reply: ReplyTo,
-    pub packet: Vec<u8>,
+    reply: ReplyTo,
+    /// Whose budget it counts against.
+    client: IpAddr,
+    asked: Asked,
     /// Where its answer is counted (the listener's shared block), and when it arrived.
-    pub stats: Arc<Stats>,
-    pub received: std::time::Instant,
+    stats: Arc<Stats>,
+    received: Instant,
+}
+
+impl Waiter {
+    /// A waiter for the query in `packet` (which the hit path already parsed), or `None`
+    /// if it does not parse.
+    pub fn new(
+        reply: ReplyTo,
+        client: IpAddr,
+        packet: &[u8],
+        stats: Arc<Stats>,
+        received: Instant,
+    ) -> Option<Waiter> {
+        let q = Query::parse(packet).ok()?;
+        Some(Waiter {
+            reply,
+            client,
+            asked: Asked::new(&q),
+            stats,
+            received,
+        })
+    }
 }
 
 /// Clients waiting on one key at most; more are answered at once (stale or SERVFAIL).
 pub const MAX_WAITERS: usize = 1024;
+
+/// After a refresh failed, its stale answer is given at once for this long (RFC 8767 §5's
+/// failure recheck timer, 30 s as the RFC suggests).
+pub const STALE_RECHECK: Duration = Duration::from_secs(30);
+
+/// Keys remembered as recently failed at most; beyond it the oldest are forgotten.
+const RECHECK_KEYS: usize = 10_000;
 
 /// What to do with a miss.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,17 +142,42 @@ enum Admit {
     Start,
     /// Answer at once: too many clients wait on this key.
     TooManyWaiters,
-    /// Answer at once: too many keys are being resolved.
+    /// Answer at once: too many keys of this pool are being resolved.
     Overload,
+    /// Answer at once: this client has too many misses waiting.
+    ClientBudget,
 }
 
-/// The miss-path admission policy: `waiters` on the key when it is being resolved,
-/// `in_flight` keys being resolved of at most `max_in_flight`.
-fn admit(waiters: Option<usize>, in_flight: usize, max_in_flight: usize) -> Admit {
-    match waiters {
+/// The load a miss is admitted against.
+#[derive(Debug, Clone, Copy)]
+struct Load {
+    /// Clients waiting on the key when it is being resolved.
+    waiters: Option<usize>,
+    /// Keys of the key's pool being resolved.
+    pool_in_flight: usize,
+    /// Misses of the asking client waiting (started or joined).
+    client: usize,
+}
+
+/// The caps of [`Load`].
+#[derive(Debug, Clone, Copy)]
+struct Budget {
+    pool: usize,
+    client: usize,
+}
+
+/// The miss-path admission policy. The client's own budget comes first: a client over it
+/// is held back even for a key already in flight (each waiter costs memory), while a
+/// client within it may join a key in flight whatever the pool's load (joining costs no
+/// upstream query).
+fn admit(load: Load, budget: Budget) -> Admit {
+    if load.client >= budget.client {
+        return Admit::ClientBudget;
+    }
+    match load.waiters {
         Some(n) if n >= MAX_WAITERS => Admit::TooManyWaiters,
         Some(_) => Admit::Join,
-        None if in_flight >= max_in_flight => Admit::Overload,
+        None if load.pool_in_flight >= budget.pool => Admit::Overload,
         None => Admit::Start,
     }
 }
@@ -86,7 +195,9 @@ pub struct Settings {
     pub upstreams: Upstreams,
     pub policy: TtlPolicy,
     pub stale_answer_ttl: u32,
+    pub stale_client_timeout: Duration,
     pub max_in_flight: usize,
+    pub max_per_client: usize,
 }
 
 impl Settings {
@@ -103,7 +214,9 @@ impl Settings {
                 servfail_ttl: secs(c.servfail_ttl),
             },
             stale_answer_ttl: secs(c.stale_answer_ttl),
+            stale_client_timeout: c.stale_answer_client_timeout,
             max_in_flight: cfg.upstream.max_in_flight,
+            max_per_client: cfg.upstream.max_in_flight_per_client,
         }
     }
 }
@@ -112,13 +225,68 @@ fn secs(d: std::time::Duration) -> u32 {
     d.as_secs().min(u32::MAX as u64) as u32
 }
 
+/// One key being resolved.
+struct Flight {
+    waiters: Vec<Waiter>,
+    /// The client timer fired and the stale answer was given: later joiners get it at once.
+    stale_given: bool,
+}
+
+/// Everything the miss path counts, behind one lock.
+#[derive(Default)]
+struct Table {
+    flights: HashMap<Key, Flight>,
+    /// Misses waiting per client address (entries at zero are removed).
+    clients: HashMap<IpAddr, usize>,
+    /// Keys being resolved per pool, by the pool's address (entries at zero removed).
+    pools: HashMap<usize, usize>,
+}
+
+impl Table {
+    fn add_client(&mut self, client: IpAddr) {
+        *self.clients.entry(client).or_default() += 1;
+    }
+
+    fn remove_client(&mut self, client: IpAddr) {
+        if let std::collections::hash_map::Entry::Occupied(mut e) = self.clients.entry(client) {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
+    }
+
+    fn pool_in_flight(&self, pool: &Arc<Pool>) -> usize {
+        self.pools.get(&pool_id(pool)).copied().unwrap_or(0)
+    }
+
+    fn end_flight(&mut self, pool: &Arc<Pool>) {
+        let id = pool_id(pool);
+        if let Some(n) = self.pools.get_mut(&id) {
+            *n -= 1;
+            if *n == 0 {
+                self.pools.remove(&id);
+            }
+        }
+    }
+}
+
+fn pool_id(pool: &Arc<Pool>) -> usize {
+    Arc::as_ptr(pool) as usize
+}
+
 pub struct Resolver {
     pub cache: Arc<Cache>,
     settings: ArcSwap<Settings>,
     pub metrics: Arc<Metrics>,
     in_flight: AtomicUsize,
     idle: Notify,
-    waiting: Mutex<HashMap<Key, Vec<Waiter>>>,
+    table: Mutex<Table>,
+    /// Keys whose refresh failed, and when: their stale answer is given at once until
+    /// [`STALE_RECHECK`] has passed.
+    recheck: Mutex<HashMap<Key, Instant>>,
+    /// Clients held back by their budget: counted, logged once per interval, reported.
+    pub noisy: super::noisy::Noisy,
     runtime: Handle,
     /// `[log] queries`.
     pub query_log: super::querylog::QueryLog,
@@ -137,7 +305,9 @@ impl Resolver {
             metrics,
             in_flight: AtomicUsize::new(0),
             idle: Notify::new(),
-            waiting: Mutex::new(HashMap::new()),
+            table: Mutex::new(Table::default()),
+            recheck: Mutex::new(HashMap::new()),
+            noisy: Default::default(),
             runtime,
             query_log: Default::default(),
         }
@@ -146,30 +316,62 @@ impl Resolver {
     /// A client query missed the cache: resolve it and answer the client. Never blocks.
     pub fn miss(self: &Arc<Self>, key: Key, waiter: Waiter) {
         inc(&self.metrics.misses);
-        let mut waiting = self.waiting.lock();
-        let admit = admit(
-            waiting.get(&key).map(Vec::len),
-            self.in_flight.load(Relaxed),
-            self.settings.load().max_in_flight,
-        );
-        match admit {
+        let settings = self.settings.load();
+        let pool = settings.upstreams.route(key.qname());
+        if self.recently_failed(&key) {
+            if let Some(entry) = self.stale(&key) {
+                inc(&self.metrics.stale_recheck);
+                return self.respond(waiter, &Outcome::Stale(entry));
+            }
+        }
+        let mut table = self.table.lock();
+        if table.flights.get(&key).is_some_and(|f| f.stale_given) {
+            drop(table);
+            if let Some(entry) = self.stale(&key) {
+                inc(&self.metrics.stale_client_timer);
+                return self.respond(waiter, &Outcome::Stale(entry));
+            }
+            table = self.table.lock();
+        }
+        let load = Load {
+            waiters: table.flights.get(&key).map(|f| f.waiters.len()),
+            pool_in_flight: table.pool_in_flight(pool),
+            client: table.clients.get(&waiter.client).copied().unwrap_or(0),
+        };
+        let budget = Budget {
+            pool: settings.max_in_flight,
+            client: settings.max_per_client,
+        };
+        match admit(load, budget) {
             Admit::Join => {
-                if let Some(list) = waiting.get_mut(&key) {
-                    list.push(waiter);
+                table.add_client(waiter.client);
+                if let Some(f) = table.flights.get_mut(&key) {
+                    f.waiters.push(waiter);
                 }
                 inc(&self.metrics.coalesced);
             }
             Admit::Start => {
-                waiting.insert(key, vec![waiter]);
-                drop(waiting);
-                self.start(key, false);
+                table.add_client(waiter.client);
+                *table.pools.entry(pool_id(pool)).or_default() += 1;
+                table.flights.insert(
+                    key,
+                    Flight {
+                        waiters: vec![waiter],
+                        stale_given: false,
+                    },
+                );
+                drop(table);
+                self.start(key, Arc::clone(pool), false);
             }
-            Admit::TooManyWaiters | Admit::Overload => {
-                drop(waiting);
-                inc(if admit == Admit::Overload {
-                    &self.metrics.overload
-                } else {
-                    &self.metrics.coalesce_overflow
+            refused => {
+                drop(table);
+                inc(match refused {
+                    Admit::Overload => &self.metrics.overload,
+                    Admit::TooManyWaiters => &self.metrics.coalesce_overflow,
+                    _ => {
+                        self.noisy.held_back(waiter.client, settings.max_per_client);
+                        &self.metrics.client_budget
+                    }
                 });
                 let outcome = self.stale(&key).map_or(Outcome::Fail, Outcome::Stale);
                 self.respond(waiter, &outcome);
@@ -177,31 +379,64 @@ impl Resolver {
         }
     }
 
-    /// Refresh `key` before it expires, unless it is already being resolved.
+    /// Refresh `key` before it expires, unless it is already being resolved or its pool is
+    /// at its budget.
     pub fn prefetch(self: &Arc<Self>, key: Key) {
-        let mut waiting = self.waiting.lock();
-        if waiting.contains_key(&key)
-            || self.in_flight.load(Relaxed) >= self.settings.load().max_in_flight
+        let settings = self.settings.load();
+        let pool = settings.upstreams.route(key.qname());
+        let mut table = self.table.lock();
+        if table.flights.contains_key(&key) || table.pool_in_flight(pool) >= settings.max_in_flight
         {
-            drop(waiting);
+            drop(table);
             self.cache.prefetch_failed(&key);
             return;
         }
-        waiting.insert(key, Vec::new());
-        drop(waiting);
+        *table.pools.entry(pool_id(pool)).or_default() += 1;
+        table.flights.insert(
+            key,
+            Flight {
+                waiters: Vec::new(),
+                stale_given: false,
+            },
+        );
+        drop(table);
         inc(&self.metrics.prefetches);
-        self.start(key, true);
+        self.start(key, Arc::clone(pool), true);
     }
 
-    fn start(self: &Arc<Self>, key: Key, prefetch: bool) {
+    fn start(self: &Arc<Self>, key: Key, pool: Arc<Pool>, prefetch: bool) {
         self.in_flight.fetch_add(1, Relaxed);
         let this = Arc::clone(self);
         self.runtime.spawn(async move {
-            let outcome = this.fetch(&key).await;
+            let fetch = this.fetch(&key, &pool);
+            tokio::pin!(fetch);
+            // RFC 8767's client response timer: only for client misses of a key that has
+            // a stale entry to give.
+            let timer = this.settings.load().stale_client_timeout;
+            let outcome = if prefetch || timer.is_zero() || this.stale(&key).is_none() {
+                fetch.await
+            } else {
+                tokio::select! {
+                    outcome = &mut fetch => outcome,
+                    _ = tokio::time::sleep(timer) => {
+                        this.give_stale(&key);
+                        fetch.await
+                    }
+                }
+            };
             if prefetch && !matches!(outcome, Outcome::Cached(_)) {
                 this.cache.prefetch_failed(&key);
             }
-            let waiters = this.waiting.lock().remove(&key).unwrap_or_default();
+            let waiters = {
+                let mut table = this.table.lock();
+                let flight = table.flights.remove(&key);
+                table.end_flight(&pool);
+                let waiters = flight.map(|f| f.waiters).unwrap_or_default();
+                for w in &waiters {
+                    table.remove_client(w.client);
+                }
+                waiters
+            };
             for w in waiters {
                 this.respond(w, &outcome);
             }
@@ -211,21 +446,76 @@ impl Resolver {
         });
     }
 
-    async fn fetch(&self, key: &Key) -> Outcome {
+    /// The client timer of `key` fired: answer its waiters from the stale entry now, and
+    /// the clients that join later at once; the refresh goes on.
+    fn give_stale(&self, key: &Key) {
+        let Some(entry) = self.stale(key) else { return };
+        let waiters = {
+            let mut table = self.table.lock();
+            let Some(flight) = table.flights.get_mut(key) else {
+                return;
+            };
+            flight.stale_given = true;
+            let waiters = std::mem::take(&mut flight.waiters);
+            for w in &waiters {
+                table.remove_client(w.client);
+            }
+            waiters
+        };
+        let outcome = Outcome::Stale(entry);
+        for w in waiters {
+            inc(&self.metrics.stale_client_timer);
+            self.respond(w, &outcome);
+        }
+    }
+
+    async fn fetch(&self, key: &Key, pool: &Arc<Pool>) -> Outcome {
         let settings = self.settings.load_full();
-        let pool = Arc::clone(settings.upstreams.route(key.qname()));
-        match pool.query(key, &settings.policy, &self.metrics).await {
-            Ok(answer) if answer.kind == Kind::ServFail => match self.stale(key) {
-                Some(entry) => Outcome::Stale(entry),
-                None => self.store(key, answer),
-            },
-            Ok(answer) => self.store(key, answer),
+        let result = pool.query(key, &settings.policy, &self.metrics).await;
+        // SERVFAIL or REFUSED from every server is a failure too: a stale answer beats it.
+        let answer = match result {
+            Ok(answer) if attempts::verdict(answer.rcode()) == attempts::Verdict::Final => {
+                self.recheck.lock().remove(key);
+                return self.store(key, answer);
+            }
+            Ok(answer) => Some(answer),
             Err(e) => {
                 tracing::debug!(name = %key.name_text(), pool = %pool.name, error = %e, "no upstream answer");
-                match self.stale(key) {
-                    Some(entry) => Outcome::Stale(entry),
-                    None => Outcome::Fail,
-                }
+                None
+            }
+        };
+        match (self.stale(key), answer) {
+            (Some(entry), _) => {
+                self.failed_refresh(key);
+                Outcome::Stale(entry)
+            }
+            (None, Some(answer)) => self.store(key, answer),
+            (None, None) => Outcome::Fail,
+        }
+    }
+
+    /// The refresh of `key` failed and its stale answer was given: give it at once for
+    /// [`STALE_RECHECK`].
+    fn failed_refresh(&self, key: &Key) {
+        let mut recheck = self.recheck.lock();
+        if recheck.len() >= RECHECK_KEYS {
+            let now = Instant::now();
+            recheck.retain(|_, at| now.duration_since(*at) < STALE_RECHECK);
+            if recheck.len() >= RECHECK_KEYS {
+                recheck.clear();
+            }
+        }
+        recheck.insert(*key, Instant::now());
+    }
+
+    fn recently_failed(&self, key: &Key) -> bool {
+        let mut recheck = self.recheck.lock();
+        match recheck.get(key) {
+            None => false,
+            Some(at) if at.elapsed() < STALE_RECHECK => true,
+            Some(_) => {
+                recheck.remove(key);
+                false
             }
         }
     }
@@ -247,9 +537,7 @@ impl Resolver {
     }
 
     fn respond(&self, w: Waiter, outcome: &Outcome) {
-        let Ok(q) = Query::parse(&w.packet) else {
-            return;
-        };
+        let q = w.asked.query();
         let limit = match w.reply {
             ReplyTo::Udp { .. } => q.udp_limit(),
             ReplyTo::Tcp(_) => u16::MAX as usize,
@@ -351,14 +639,63 @@ pub fn send(metrics: &Metrics, to: ReplyTo, msg: Vec<u8>) {
 mod tests {
     use super::*;
 
+    fn admit3(waiters: Option<usize>, pool: usize, client: usize) -> Admit {
+        admit(
+            Load {
+                waiters,
+                pool_in_flight: pool,
+                client,
+            },
+            Budget {
+                pool: 10,
+                client: 4,
+            },
+        )
+    }
+
     #[test]
     fn admission() {
-        assert_eq!(admit(None, 0, 10), Admit::Start);
-        assert_eq!(admit(None, 9, 10), Admit::Start);
-        assert_eq!(admit(None, 10, 10), Admit::Overload);
-        // Joining costs no upstream query: allowed over max_in_flight, up to the bound.
-        assert_eq!(admit(Some(1), 10, 10), Admit::Join);
-        assert_eq!(admit(Some(MAX_WAITERS - 1), 0, 10), Admit::Join);
-        assert_eq!(admit(Some(MAX_WAITERS), 0, 10), Admit::TooManyWaiters);
+        assert_eq!(admit3(None, 0, 0), Admit::Start);
+        assert_eq!(admit3(None, 9, 0), Admit::Start);
+        assert_eq!(admit3(None, 10, 0), Admit::Overload);
+        // Joining costs no upstream query: allowed over the pool's budget, up to the bound.
+        assert_eq!(admit3(Some(1), 10, 0), Admit::Join);
+        assert_eq!(admit3(Some(MAX_WAITERS - 1), 0, 0), Admit::Join);
+        assert_eq!(admit3(Some(MAX_WAITERS), 0, 0), Admit::TooManyWaiters);
+    }
+
+    #[test]
+    fn a_client_over_its_budget_is_held_back_whatever_else_is_free() {
+        assert_eq!(admit3(None, 0, 3), Admit::Start);
+        assert_eq!(admit3(None, 0, 4), Admit::ClientBudget);
+        assert_eq!(
+            admit3(Some(1), 0, 4),
+            Admit::ClientBudget,
+            "joining costs memory too"
+        );
+        // Another client, same pool and key: goes through.
+        assert_eq!(admit3(Some(1), 9, 0), Admit::Join);
+        assert_eq!(admit3(None, 9, 0), Admit::Start);
+    }
+
+    /// The table's budgets: a storm from one client stops at its budget while another
+    /// client still starts; ending flights gives everything back.
+    #[test]
+    fn the_table_counts_clients_and_pools_and_gives_back() {
+        let mut t = Table::default();
+        let a: IpAddr = "10.244.0.2".parse().unwrap();
+        let b: IpAddr = "10.244.0.3".parse().unwrap();
+        for _ in 0..4 {
+            t.add_client(a);
+        }
+        t.add_client(b);
+        assert_eq!(t.clients.get(&a), Some(&4));
+        for _ in 0..4 {
+            t.remove_client(a);
+        }
+        assert_eq!(t.clients.get(&a), None, "entries at zero are removed");
+        t.remove_client(a);
+        assert_eq!(t.clients.get(&a), None, "never below zero");
+        assert_eq!(t.clients.get(&b), Some(&1));
     }
 }

@@ -72,6 +72,8 @@ async fn connection(
     stats: Arc<Stats>,
 ) -> io::Result<()> {
     let _ = stream.set_nodelay(true);
+    // Whose miss budget its queries count against.
+    let client = stream.peer_addr()?.ip();
     let (mut reader, writer) = stream.into_split();
     let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
     let pending = Arc::new(Semaphore::new(MAX_PENDING));
@@ -126,15 +128,13 @@ async fn connection(
                     break;
                 }
             }
-            Action::Miss(key) => resolver.miss(
-                key,
-                Waiter {
-                    reply: ReplyTo::Tcp(tx.clone()),
-                    packet: pkt,
-                    stats: Arc::clone(&stats),
-                    received,
-                },
-            ),
+            Action::Miss(key) => {
+                let reply = ReplyTo::Tcp(tx.clone());
+                match Waiter::new(reply, client, &pkt, Arc::clone(&stats), received) {
+                    Some(waiter) => resolver.miss(key, waiter),
+                    None => break,
+                }
+            }
             // RFC 7766 §8: a message that cannot be parsed at all ends the connection.
             Action::Drop => break,
         }

@@ -125,19 +125,16 @@ pub fn serve(
                 Action::Hit | Action::Reply => replies.push(addr),
                 Action::Miss(key) => {
                     let peer = addr.and_then(|a| to_socket_addr(&a));
-                    if let Some(peer) = peer {
-                        resolver.miss(
-                            key,
-                            Waiter {
-                                reply: ReplyTo::Udp {
-                                    socket: Arc::clone(&socket),
-                                    peer,
-                                },
-                                packet: pkt.to_vec(),
-                                stats: Arc::clone(&miss_stats),
-                                received: received_at,
-                            },
-                        );
+                    let reply = |peer| ReplyTo::Udp {
+                        socket: Arc::clone(&socket),
+                        peer,
+                    };
+                    let waiter = peer.and_then(|peer: SocketAddr| {
+                        let stats = Arc::clone(&miss_stats);
+                        Waiter::new(reply(peer), peer.ip(), pkt, stats, received_at)
+                    });
+                    if let Some(waiter) = waiter {
+                        resolver.miss(key, waiter);
                     }
                 }
                 Action::Drop => {}

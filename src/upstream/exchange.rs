@@ -20,6 +20,18 @@ pub enum ExchangeError {
     Answer(#[from] AnswerError),
     #[error("connection closed")]
     Closed,
+    /// Our own socket failed (out of file descriptors, of buffers...): says nothing of
+    /// the server.
+    #[error("local socket: {0}")]
+    Local(io::Error),
+}
+
+impl ExchangeError {
+    /// Does this failure say something about the server (and so count against its
+    /// health)? Not when our own socket could not be had.
+    pub fn counts_against_server(&self) -> bool {
+        !matches!(self, ExchangeError::Local(_))
+    }
 }
 
 const UDP_BUFFER: usize = 4096;

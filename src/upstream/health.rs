@@ -11,6 +11,16 @@
 //! (CoreDNS `forward` likewise marks a server down only after failed health checks, never
 //! for one client's question.)
 //!
+//! A server that still answers some questions is not down, however many others it drops:
+//! a resolver that rate-limits (it answers 200 queries a second and drops or truncates the
+//! rest) or loses a share of its packets is still the best place for the rest. So a server
+//! is marked down only when, besides those failed questions, it has given no usable answer
+//! for a whole `quiet` period (the attempt timeout). Marking such a server down would turn
+//! a partial loss into a total one, and make it flap down and up with every answer.
+//!
+//! A SERVFAIL or REFUSED is not a usable answer: it counts as a failed question and never
+//! clears the record, so a server that keeps refusing is marked down like a silent one.
+//!
 //! A down server is skipped for `down_time`; then one query is sent to it as a probe (the
 //! mark is renewed when the probe is taken, so concurrent queries do not all probe it), and
 //! an answer marks it up again.
@@ -23,6 +33,8 @@ pub struct Policy {
     pub down_time_ms: u64,
     /// Failures older than this are forgotten.
     pub window_ms: u64,
+    /// A server that gave a usable answer within this long is not marked down.
+    pub quiet_ms: u64,
 }
 
 impl Policy {
@@ -36,6 +48,7 @@ impl Policy {
             window_ms: timeout_ms
                 .saturating_mul(u64::from(attempts.max(1)))
                 .saturating_mul(u64::from(down_after)),
+            quiet_ms: timeout_ms,
         }
     }
 }
@@ -58,6 +71,8 @@ pub struct Health {
     failed: Vec<(u64, u64)>,
     /// Until when (ms) the server is skipped; 0 = up.
     down_until: u64,
+    /// When (ms) it last gave a usable answer; 0 = never.
+    answered_at: u64,
 }
 
 impl Health {
@@ -80,9 +95,10 @@ impl Health {
         }
     }
 
-    /// The server answered. Returns true when that marks it up again.
-    pub fn succeeded(&mut self) -> bool {
+    /// The server gave a usable answer at `now`. Returns true when that marks it up again.
+    pub fn succeeded(&mut self, now: u64) -> bool {
         self.failed.clear();
+        self.answered_at = now.max(1);
         std::mem::replace(&mut self.down_until, 0) != 0
     }
 
@@ -96,7 +112,9 @@ impl Health {
         if self.failed.len() > cap {
             self.failed.remove(0);
         }
-        if self.down_until == 0 && self.failed.len() >= cap {
+        let answered_lately =
+            self.answered_at != 0 && now.saturating_sub(self.answered_at) < p.quiet_ms;
+        if self.down_until == 0 && self.failed.len() >= cap && !answered_lately {
             self.down_until = now.saturating_add(p.down_time_ms).max(1);
             return Some(self.failed.len() as u32);
         }
@@ -145,9 +163,9 @@ mod tests {
         // The probe fails: still down, the mark is not renewed by the failure itself.
         assert_eq!(h.failed(4, 9500, &p), None);
         assert_eq!(h.state(14_000), State::ProbeDue);
-        assert!(h.succeeded());
+        assert!(h.succeeded(14_000));
         assert_eq!(h.state(14_000), State::Up);
-        assert!(!h.succeeded());
+        assert!(!h.succeeded(14_000));
     }
 
     #[test]
@@ -156,11 +174,42 @@ mod tests {
         let mut h = Health::default();
         h.failed(1, 1000, &p);
         h.failed(2, 1100, &p);
-        h.succeeded();
+        h.succeeded(1150);
         assert_eq!(h.failed(3, 1200, &p), None);
         assert_eq!(h.failed(4, 1300, &p), None);
         assert_eq!(h.state(1400), State::Up);
-        assert_eq!(h.failed(5, 1400, &p), Some(3));
+        // Three distinct failures since, but it answered 250 ms ago: not down yet.
+        assert_eq!(h.failed(5, 1400, &p), None);
+        // A whole quiet period (the 1 s timeout) with no answer: down.
+        assert_eq!(h.failed(6, 2150, &p), Some(3));
+    }
+
+    /// A rate-limiting upstream: of every four questions one is answered, three are
+    /// dropped (time out). It is never marked down, since it keeps answering.
+    #[test]
+    fn a_server_that_answers_part_of_its_questions_is_never_marked_down() {
+        let p = policy();
+        let mut h = Health::default();
+        h.succeeded(990);
+        let mut q = 0;
+        for ms in (1000..60_000).step_by(10) {
+            q += 1;
+            if q % 4 == 0 {
+                assert!(!h.succeeded(ms), "never was down");
+            } else {
+                assert_eq!(h.failed(q, ms, &p), None, "at {ms} ms");
+            }
+        }
+        assert!(h.is_up());
+        // When it stops answering altogether, it is marked down within the quiet period.
+        let marked = (60_000..62_000)
+            .step_by(10)
+            .find(|&ms| {
+                q += 1;
+                h.failed(q, ms, &p).is_some()
+            })
+            .expect("marked down");
+        assert!(marked <= 61_000, "marked at {marked}");
     }
 
     #[test]

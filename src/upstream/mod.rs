@@ -1,16 +1,22 @@
 //! Forwarding misses: routing by zone, upstream pools with failover and health, UDP and
 //! TCP exchanges, persistent pipelined TCP.
 //!
-//! A pool tries its servers in order (first healthy first, like resolv.conf), each attempt
-//! bounded by the pool's timeout. When a server is down is decided in [`health`]: failures
-//! of `down_after_failures` distinct questions with no answer in between (one slow name
-//! never takes a server down). A down server is skipped for `down_time`; then the question
+//! A pool tries its servers in order (first healthy first, like resolv.conf). Attempts
+//! overlap on the schedule of [`attempts`]: the next starts after the server's measured
+//! retransmission timeout (or at once after an error, SERVFAIL or REFUSED), earlier ones
+//! stay open, the first usable answer wins, and the whole query is bounded by `timeout ×
+//! attempts`. SERVFAIL and REFUSED move on to the next server and never mark one healthy.
+//! When a server is down is decided in [`health`]: failures of `down_after_failures`
+//! distinct questions with no usable answer in between, and none for a whole timeout (one
+//! slow name never takes a server down, nor does a server that answers part of its
+//! questions: a rate-limiting resolver is still used for the rest). A down server is skipped for `down_time`; then the question
 //! of one query is sent to it on the side (that client is still answered by a healthy
 //! server, so no client waits on a server that may still be dead; the mark is renewed when
 //! the probe is sent), and a success brings it back. When every server is down, one of
 //! them (the one due first) is still tried, once: a pool never fails every query at once
 //! just because of its marks.
 
+pub mod attempts;
 pub mod exchange;
 pub mod health;
 pub mod pipeline;
@@ -46,8 +52,12 @@ pub enum UpstreamError {
 /// How queries reach one server: one of the two, by the pool's protocol.
 #[derive(Debug)]
 enum Transport {
-    /// The reusable random-port sockets (TCP only to retry a truncated answer).
-    Udp(ports::Ports),
+    /// The reusable random-port sockets, and a pipelined TCP connection (opened when
+    /// first needed) for truncated answers and for the TCP round of retries.
+    Udp {
+        ports: ports::Ports,
+        tcp: pipeline::Pipeline,
+    },
     /// The persistent, pipelined connection.
     Tcp(pipeline::Pipeline),
 }
@@ -61,6 +71,38 @@ struct Server {
     transport: Transport,
     /// Requests, answers by rcode and time, failures (CoreDNS `forward` metrics).
     stats: Arc<UpstreamStats>,
+    /// Round-trip estimate: when to start the next attempt.
+    rtt: Mutex<attempts::Rtt>,
+    /// When the last up/down line was logged, and how many changes were not logged since.
+    logged: Mutex<(Option<Instant>, u32)>,
+}
+
+/// Up/down lines of one server at most once per this long; the changes in between are
+/// counted in the next line (a flapping server writes one line per interval, not one per
+/// change).
+const CHANGE_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+impl Server {
+    /// Log a change of state through `log`, unless one was logged less than
+    /// [`CHANGE_LOG_INTERVAL`] ago.
+    fn log_change(&self, log: impl FnOnce()) {
+        let mut logged = self.logged.lock();
+        let now = Instant::now();
+        if logged
+            .0
+            .is_some_and(|at| now.duration_since(at) < CHANGE_LOG_INTERVAL)
+        {
+            logged.1 += 1;
+            return;
+        }
+        if logged.1 > 0 {
+            tracing::info!(upstream = %self.addr, changes = logged.1,
+                "upstream {}: {} more up/down changes in the last {} s were not logged",
+                self.addr, logged.1, CHANGE_LOG_INTERVAL.as_secs());
+        }
+        *logged = (Some(now), 0);
+        log();
+    }
 }
 
 /// A list of equivalent servers for a set of zones.
@@ -98,8 +140,13 @@ impl Pool {
                     addr,
                     health: Mutex::new(health::Health::default()),
                     stats: Arc::default(),
+                    rtt: Mutex::default(),
+                    logged: Mutex::default(),
                     transport: match protocol {
-                        Protocol::Udp => Transport::Udp(ports::Ports::new(addr, reuse)),
+                        Protocol::Udp => Transport::Udp {
+                            ports: ports::Ports::new(addr, reuse),
+                            tcp: pipeline::Pipeline::new(addr, up.timeout),
+                        },
                         Protocol::Tcp => Transport::Tcp(pipeline::Pipeline::new(addr, up.timeout)),
                     },
                 })
@@ -154,12 +201,15 @@ impl Pool {
     }
 
     fn succeeded(&self, s: &Server) {
-        if s.health.lock().succeeded() {
-            tracing::info!(upstream = %s.addr, pool = %self.name, "upstream {} ({} pool) answers again, marked up", s.addr, self.name);
+        if s.health.lock().succeeded(self.now_ms()) {
+            s.log_change(|| {
+                tracing::info!(upstream = %s.addr, pool = %self.name, "upstream {} ({} pool) answers again, marked up", s.addr, self.name)
+            });
         }
     }
 
-    fn failed(&self, s: &Server, key: &Key, err: &ExchangeError) {
+    /// `key` got no usable answer from `s` (no answer, an error, SERVFAIL or REFUSED).
+    fn failed(&self, s: &Server, key: &Key, why: &dyn std::fmt::Display) {
         let question = BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
             .hash_one(key.as_bytes());
         let marked = s
@@ -167,13 +217,19 @@ impl Pool {
             .lock()
             .failed(question, self.now_ms(), &self.policy);
         if let Some(n) = marked {
-            tracing::warn!(upstream = %s.addr, pool = %self.name, error = %err, questions = n,
-                "upstream {} ({} pool) marked down: {n} distinct questions failed with no answer in between, the last with: {err}",
-                s.addr, self.name);
+            s.log_change(|| {
+                tracing::warn!(upstream = %s.addr, pool = %self.name, error = %why, questions = n,
+                    "upstream {} ({} pool) marked down: {n} distinct questions failed and no usable answer for {} ms, the last with: {why}",
+                    s.addr, self.name, self.policy.quiet_ms)
+            });
         }
     }
 
-    /// Resolve `key` through this pool with failover.
+    /// Resolve `key` through this pool with failover: attempts overlap on the schedule of
+    /// [`attempts`] (the next one starts after the server's retransmission timeout, or at
+    /// once after an error, SERVFAIL or REFUSED), and the first usable answer wins, until
+    /// `timeout × attempts`. A SERVFAIL or REFUSED is returned only when no server did
+    /// better.
     pub async fn query(
         self: &Arc<Self>,
         key: &Key,
@@ -184,39 +240,139 @@ impl Pool {
         if up.is_empty() && !self.servers.is_empty() {
             inc(&metrics.healthcheck_broken);
         }
-        let (order, attempts): (Vec<&Server>, usize) = match (up.is_empty(), probe) {
+        let (order, attempts): (Vec<usize>, usize) = match (up.is_empty(), probe) {
             // Only a pool without servers has neither.
             (true, None) => return Err(UpstreamError::NoServers),
             // Nothing else to ask: the probe is this query's only attempt.
-            (true, Some(p)) => (vec![&self.servers[p]], 1),
+            (true, Some(p)) => (vec![p], 1),
             // Probe on the side with the same question, so that no client waits on a
             // server that may still be dead; a success marks it up again.
             (false, probe) => {
                 if let Some(p) = probe {
                     self.spawn_probe(p, *key, *policy, Arc::clone(metrics));
                 }
-                (
-                    up.iter().map(|&i| &self.servers[i]).collect(),
-                    self.attempts,
-                )
+                (up, self.attempts)
             }
         };
-        let mut last = None;
-        for attempt in 0..attempts {
-            let server = order[attempt % order.len()];
-            match self.timed_attempt(server, key, policy, metrics).await {
-                Ok(answer) => {
-                    self.succeeded(server);
-                    return Ok(answer);
-                }
-                Err(e) => {
-                    tracing::debug!(upstream = %server.addr, pool = %self.name, error = %e, "upstream {} ({}) attempt failed: {e}", server.addr, self.name);
-                    self.failed(server, key, &e);
-                    last = Some((server.addr, e));
+        let started = Instant::now();
+        let deadline = started + self.timeout * attempts as u32;
+        let tcp_pool = self.protocol == Protocol::Tcp;
+        let attempt = |n: usize, i: usize, via| {
+            let server = &self.servers[order[i]];
+            Box::pin(async move {
+                let at = Instant::now();
+                let result = self
+                    .counted_attempt(server, key, policy, metrics, via)
+                    .await;
+                (n, i, at, result)
+            })
+        };
+        let mut running = futures_util::stream::FuturesUnordered::new();
+        // Per server of `order`: asked, gave an answer, already judged for its health.
+        let mut asked = vec![false; order.len()];
+        let mut answered = vec![false; order.len()];
+        let mut judged = vec![false; order.len()];
+        // Servers that answered SERVFAIL/REFUSED: not asked this question again.
+        let mut refused = vec![false; order.len()];
+        let mut fallback: Option<Answer> = None;
+        let mut last_err: Option<(SocketAddr, ExchangeError)> = None;
+        let (mut sent, mut last_sent, mut next_now) = (0, started, true);
+        // An attempt that fails after others were started behind it (they all went to a
+        // connection that was then given up, say) is given back, up to `attempts` times:
+        // overlapping must not spend every attempt on one broken path.
+        let (mut allowed, mut given_back) = (attempts, 0);
+        loop {
+            // Start the next attempt when due: the first at once, then on an error or a
+            // bad RCODE, or when the last one has gone unanswered for its server's RTO.
+            let due = next_now
+                || sent < allowed && {
+                    let (i, _) = attempts::plan(sent - 1, order.len(), tcp_pool);
+                    let rto = self.servers[order[i]].rtt.lock().rto(self.timeout);
+                    Instant::now() >= last_sent + attempts::next_after(sent, rto, self.timeout)
+                };
+            if due {
+                while sent < allowed {
+                    let (i, via) = attempts::plan(sent, order.len(), tcp_pool);
+                    sent += 1;
+                    if !refused[i] {
+                        asked[i] = true;
+                        (last_sent, next_now) = (Instant::now(), false);
+                        running.push(attempt(sent - 1, i, via));
+                        break;
+                    }
                 }
             }
+            if running.is_empty() {
+                break;
+            }
+            let retry_at = (sent < allowed).then(|| {
+                let (i, _) = attempts::plan(sent - 1, order.len(), tcp_pool);
+                let rto = self.servers[order[i]].rtt.lock().rto(self.timeout);
+                (last_sent + attempts::next_after(sent, rto, self.timeout)).min(deadline)
+            });
+            use futures_util::StreamExt;
+            tokio::select! {
+                Some((n, i, at, result)) = running.next() => {
+                    let server = &self.servers[order[i]];
+                    match result {
+                        Ok(answer) => {
+                            answered[i] = true;
+                            server.rtt.lock().sample(at.elapsed());
+                            if attempts::verdict(answer.rcode()) == attempts::Verdict::Final {
+                                // The servers asked before it that did not answer in their
+                                // time: one failed question each.
+                                for j in (0..order.len()).filter(|&j| j != i) {
+                                    if asked[j] && !answered[j] && !judged[j] {
+                                        self.failed(&self.servers[order[j]], key, &ExchangeError::Timeout);
+                                    }
+                                }
+                                self.succeeded(server);
+                                return Ok(answer);
+                            }
+                            let why = format!("answered RCODE {}", answer.rcode());
+                            self.failed(server, key, &why);
+                            (refused[i], judged[i]) = (true, true);
+                            fallback = Some(answer);
+                        }
+                        Err(e) => {
+                            tracing::debug!(upstream = %server.addr, pool = %self.name, error = %e, "upstream {} ({}) attempt failed: {e}", server.addr, self.name);
+                            if e.counts_against_server() && !judged[i] {
+                                self.failed(server, key, &e);
+                            }
+                            judged[i] = true;
+                            last_err = Some((server.addr, e));
+                            if n + 1 < sent && given_back < attempts {
+                                (allowed, given_back) = (allowed + 1, given_back + 1);
+                            }
+                        }
+                    }
+                    // Whatever ended, the next attempt (if any) starts now.
+                    next_now = true;
+                }
+                _ = tokio::time::sleep_until(retry_at.unwrap_or(deadline).into()), if retry_at.is_some() => {}
+                _ = tokio::time::sleep_until(deadline.into()) => break,
+            }
         }
-        let (server, source) = last.expect("at least one attempt");
+        let overdue = !running.is_empty();
+        drop(running);
+        // Servers asked that never answered this question in time: one failed question
+        // each (counted here, once, rather than per attempt).
+        for i in 0..order.len() {
+            if asked[i] && !answered[i] && !judged[i] {
+                let server = &self.servers[order[i]];
+                if overdue {
+                    inc(&metrics.upstream_failures);
+                    server.stats.failed(ExchangeError::Timeout.to_string());
+                }
+                self.failed(server, key, &ExchangeError::Timeout);
+            }
+        }
+        if let Some(answer) = fallback {
+            return Ok(answer);
+        }
+        let (server, source) = last_err
+            .filter(|_| !overdue)
+            .unwrap_or((self.servers[order[0]].addr, ExchangeError::Timeout));
         Err(UpstreamError::Failed { server, source })
     }
 
@@ -230,30 +386,48 @@ impl Pool {
         let pool = Arc::clone(self);
         tokio::spawn(async move {
             let server = &pool.servers[index];
-            match pool.timed_attempt(server, &key, &policy, &metrics).await {
-                Ok(_) => pool.succeeded(server),
-                Err(e) => {
+            let via = if pool.protocol == Protocol::Tcp {
+                attempts::Via::Tcp
+            } else {
+                attempts::Via::Udp
+            };
+            let attempt = pool.counted_attempt(server, &key, &policy, &metrics, via);
+            match tokio::time::timeout(pool.timeout, attempt).await {
+                Ok(Ok(a)) if attempts::verdict(a.rcode()) == attempts::Verdict::Final => {
+                    pool.succeeded(server)
+                }
+                Ok(Ok(a)) => {
+                    pool.failed(server, &key, &format_args!("answered RCODE {}", a.rcode()))
+                }
+                Ok(Err(e)) => {
                     tracing::debug!(upstream = %server.addr, pool = %pool.name, error = %e, "probe of down upstream {} ({}) failed: {e}", server.addr, pool.name);
-                    pool.failed(server, &key, &e);
+                    if e.counts_against_server() {
+                        pool.failed(server, &key, &e);
+                    }
+                }
+                Err(_) => {
+                    inc(&metrics.upstream_failures);
+                    server.stats.failed(ExchangeError::Timeout.to_string());
+                    pool.failed(server, &key, &ExchangeError::Timeout)
                 }
             }
         });
     }
 
-    /// One attempt bounded by the timeout, counted (globally and per server) and timed.
-    async fn timed_attempt(
+    /// One attempt, counted (globally and per server) and timed when it ends; the caller
+    /// bounds it (an attempt still running at the query's deadline is counted there).
+    async fn counted_attempt(
         &self,
         server: &Server,
         key: &Key,
         policy: &TtlPolicy,
         metrics: &Metrics,
+        via: attempts::Via,
     ) -> Result<Answer, ExchangeError> {
         inc(&metrics.upstream_queries);
         inc(&server.stats.requests);
         let started = Instant::now();
-        let result = tokio::time::timeout(self.timeout, self.attempt(server, key, policy, metrics))
-            .await
-            .unwrap_or(Err(ExchangeError::Timeout));
+        let result = self.attempt(server, key, policy, metrics, via).await;
         match &result {
             Ok(answer) => server
                 .stats
@@ -272,30 +446,31 @@ impl Pool {
         key: &Key,
         policy: &TtlPolicy,
         metrics: &Metrics,
+        via: attempts::Via,
     ) -> Result<Answer, ExchangeError> {
-        let ports = match &s.transport {
-            Transport::Udp(ports) => ports,
-            Transport::Tcp(pipeline) => {
-                let id: u16 = rand::random();
-                let mut msg = Vec::with_capacity(64);
-                write_upstream_query(&mut msg, id, key);
-                let resp = pipeline.exchange(msg).await?;
-                return Ok(Answer::from_upstream(&resp, id, key, policy)?);
+        let (ports, tcp) = match (&s.transport, via) {
+            (Transport::Tcp(pipeline), _) => return over_tcp(pipeline, key, policy).await,
+            (Transport::Udp { tcp, .. }, attempts::Via::Tcp) => {
+                inc(&metrics.upstream_tcp_retries);
+                return over_tcp(tcp, key, policy).await;
             }
+            (Transport::Udp { ports, tcp }, attempts::Via::Udp) => (ports, tcp),
         };
-        let (lease, new) = ports.take()?;
+        let (lease, new) = ports.take().map_err(ExchangeError::Local)?;
         if new {
             inc(&metrics.upstream_udp_sockets);
         }
-        // On a timeout this future is dropped with the socket: it is never reused.
+        // When this future is dropped (overtaken, or at the deadline) the socket goes with
+        // it: it is never reused.
         match exchange::udp(&lease.socket, key, policy).await {
             Ok(answer) => {
                 ports.give_back(lease);
                 Ok(answer)
             }
             Err(ExchangeError::Answer(AnswerError::Truncated)) => {
+                ports.give_back(lease);
                 inc(&metrics.upstream_tcp_retries);
-                exchange::tcp(s.addr, key, policy).await
+                over_tcp(tcp, key, policy).await
             }
             Err(e) => Err(e),
         }
@@ -328,7 +503,7 @@ impl Pool {
     /// Close idle upstream sockets past their lifetime.
     fn sweep(&self) {
         for s in &self.servers {
-            if let Transport::Udp(ports) = &s.transport {
+            if let Transport::Udp { ports, .. } = &s.transport {
                 ports.sweep();
             }
         }
@@ -349,6 +524,19 @@ impl Pool {
             .map(|s| (s.addr, s.health.lock().is_up()))
             .collect()
     }
+}
+
+/// One query over a pipelined TCP connection.
+async fn over_tcp(
+    pipeline: &pipeline::Pipeline,
+    key: &Key,
+    policy: &TtlPolicy,
+) -> Result<Answer, ExchangeError> {
+    let id: u16 = rand::random();
+    let mut msg = Vec::with_capacity(64);
+    write_upstream_query(&mut msg, id, key);
+    let resp = pipeline.exchange(msg).await?;
+    Ok(Answer::from_upstream(&resp, id, key, policy)?)
 }
 
 /// Every pool and the router that picks one per name.

@@ -18,7 +18,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr, TcpListener, UdpSocket};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -79,6 +79,13 @@ struct State {
     name_delay: Mutex<HashMap<String, Duration>>,
     /// Names (keyed like `key`) answered with SERVFAIL.
     servfail: Mutex<Vec<String>>,
+    /// When set, every question is answered with this RCODE and no records.
+    rcode_all: Mutex<Option<ResponseCode>>,
+    /// Rate limiting like NSD's RRL with `rrl-slip: 2`: over UDP only one query in this
+    /// many is answered; of the others, every second gets an empty TC=1 answer and the
+    /// rest are dropped. TCP is always answered. 0 or 1 = off.
+    udp_one_in: AtomicUsize,
+    udp_seen: AtomicUsize,
 }
 
 /// Normalise a name the way the upstream keys it: lower case, no trailing dot.
@@ -188,6 +195,15 @@ impl RequestHandler for Handler {
         if self.0.silent.load(Ordering::SeqCst) {
             return fail.into();
         }
+        let one_in = self.0.udp_one_in.load(Ordering::SeqCst);
+        let mut limited = false;
+        if transport == Transport::Udp && one_in > 1 {
+            match self.0.udp_seen.fetch_add(1, Ordering::SeqCst) % one_in {
+                0 => {}
+                k if k % 2 == 1 => limited = true,
+                _ => return fail.into(),
+            }
+        }
         let delay = *self.0.delay.lock().unwrap()
             + self
                 .0
@@ -201,7 +217,10 @@ impl RequestHandler for Handler {
             tokio::time::sleep(delay).await;
         }
 
-        let (rcode, answers, authority) = if self.0.servfail.lock().unwrap().contains(&qname) {
+        let all = *self.0.rcode_all.lock().unwrap();
+        let (rcode, answers, authority) = if let Some(rcode) = all {
+            (rcode, Vec::new(), Vec::new())
+        } else if self.0.servfail.lock().unwrap().contains(&qname) {
             (ResponseCode::ServFail, Vec::new(), Vec::new())
         } else {
             self.0.zone.lock().unwrap().lookup(&qname, qtype)
@@ -230,7 +249,7 @@ impl RequestHandler for Handler {
             Transport::Udp => usize::from(request.edns().map_or(512, |e| e.max_payload().max(512))),
             Transport::Tcp => usize::from(u16::MAX),
         };
-        let sent = if size > limit {
+        let sent = if size > limit || limited {
             header.set_truncated(true);
             response
                 .send_response(builder.build_no_records(header))
@@ -311,6 +330,9 @@ impl Upstream {
             delay: Mutex::new(Duration::ZERO),
             name_delay: Mutex::new(HashMap::new()),
             servfail: Mutex::new(Vec::new()),
+            rcode_all: Mutex::new(None),
+            udp_one_in: AtomicUsize::new(0),
+            udp_seen: AtomicUsize::new(0),
         });
         let addr = udp.local_addr().expect("addr");
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -416,6 +438,18 @@ impl Upstream {
     /// Answer `name` (any type) with SERVFAIL from now on.
     pub fn set_servfail(&self, name: &str) {
         self.state.servfail.lock().unwrap().push(key(name));
+    }
+
+    /// Answer every question with `rcode` (REFUSED, SERVFAIL...) from now on; `None`
+    /// answers from the zone again.
+    pub fn set_rcode_all(&self, rcode: Option<ResponseCode>) {
+        *self.state.rcode_all.lock().unwrap() = rcode;
+    }
+
+    /// Rate-limit UDP like a cloud resolver or NSD's RRL: answer one UDP query in
+    /// `one_in`, truncate half of the others and drop the rest; TCP is not limited.
+    pub fn set_udp_rate_limit(&self, one_in: usize) {
+        self.state.udp_one_in.store(one_in, Ordering::SeqCst);
     }
 
     pub fn set_delay(&self, delay: Duration) {
