@@ -18,7 +18,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use tokio::runtime::Handle;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 
 use crate::cache::{Cache, Entry};
 use crate::config::Config;
@@ -33,8 +33,8 @@ pub enum ReplyTo {
         socket: Arc<UdpSocket>,
         peer: SocketAddr,
     },
-    /// A TCP connection's writer; messages are sent without the length prefix.
-    Tcp(mpsc::UnboundedSender<Vec<u8>>),
+    /// A TCP connection's writer (bounded in bytes); messages are sent without the length prefix.
+    Tcp(super::tcp::Out),
 }
 
 /// A client waiting for an answer: where to send it and its original query packet.
