@@ -1311,7 +1311,7 @@ fn tcp_max_connections_is_one_total_across_listen_addresses() {
 }
 
 #[test]
-fn a_tcp_client_that_stops_reading_is_closed_by_the_output_bound() {
+fn a_tcp_client_that_stops_reading_is_closed_within_the_idle_timeout() {
     let up = example_upstream();
     let mut cfg = Config::to(up.addr);
     cfg.listen_extra = "tcp_idle_timeout = \"1s\"\ntcp_max_connections = 1".into();
@@ -1349,12 +1349,8 @@ fn a_tcp_client_that_stops_reading_is_closed_by_the_output_bound() {
         );
         sleep(Duration::from_millis(50));
     }
-    // Its answers passed the connection's byte bound long before the 1 s idle timeout:
-    // that closed it (before the bound existed, the write timeout did, after 1 s).
-    assert_eq!(
-        scrape(d.metrics).value("localdns_tcp_output_overflow_total", &[]),
-        1.0
-    );
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(900), "closed after {took:?}");
     drop(stalled);
     let _ = flood.join();
 }
@@ -2281,19 +2277,19 @@ fn answers_over_max_answer_bytes_are_served_not_stored() {
 fn tcp_clients_that_never_read_cannot_grow_memory() {
     let zone = BigZone::start();
     let mut cfg = Config::to(zone.addr);
-    // Stored, so every query is a hit answered at once: the worst case for the queue.
-    cfg.cache_extra = "max_answer_bytes = 65535\n".into();
     cfg.listen_extra = "tcp_idle_timeout = \"30s\"\n".into();
     let d = Daemon::start(&cfg);
     let r = client::tcp(d.dns, &query("same.big.test", RecordType::TXT)).unwrap();
     assert!(big_answer(&r));
     let (before, _) = rss_kib(d.pid());
     let conns = 32;
-    let frames: Vec<u8> = (0..200)
-        .flat_map(|_| client::tcp_frame(&query("same.big.test", RecordType::TXT)))
-        .collect();
+    // One name per connection, not stored (over max_answer_bytes): its 64 pending
+    // queries are one miss whose 64 answers arrive at once, from the miss path.
     let held: Vec<_> = (0..conns)
-        .map(|_| {
+        .map(|c| {
+            let frames: Vec<u8> = (0..200)
+                .flat_map(|_| client::tcp_frame(&query(&format!("c{c}.big.test"), RecordType::TXT)))
+                .collect();
             // A small receive buffer, as a client that wants the server to hold its
             // answers would ask: the kernel takes little of them.
             let s =

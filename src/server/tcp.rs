@@ -4,9 +4,10 @@
 //! Memory per connection is bounded in bytes, not only in queries: a connection holds at
 //! most [`CONNECTION_BYTES`] of queries read but not answered plus answers queued but not
 //! written, and all connections together at most [`TOTAL_BYTES`]. A query waits to be
-//! read while its connection is full; an answer that would overflow it closes the
-//! connection (RFC 7766 §6.2.3 lets a server close; the client retries), since the
-//! resolver answering it cannot wait. The kernel's buffers are fixed at
+//! read, and a cached answer to be queued, while its connection is full (the reader can
+//! wait: a client that never reads is then closed by the idle timeout); an answer from
+//! the miss path that would overflow it closes the connection (RFC 7766 §6.2.3 lets a
+//! server close; the client retries), since the resolver answering it cannot wait. The kernel's buffers are fixed at
 //! [`SOCKET_BUFFER`] so that the socket cannot hold more than its share either.
 
 use std::collections::HashMap;
@@ -263,6 +264,11 @@ impl Out {
             self.held.close();
             return Err(SendError::Overflow);
         }
+        self.queue(msg)
+    }
+
+    /// Queue `msg`, already charged, for the writer.
+    fn queue(&self, msg: Vec<u8>) -> Result<(), SendError> {
         let len = msg.len();
         self.tx.send(msg).map_err(|_| {
             self.held.release(len);
@@ -420,7 +426,8 @@ async fn connection(
             Action::Hit | Action::Reply => {
                 stats.durations(received.elapsed().as_nanos() as u64, 1);
                 drop(query);
-                if out.send(buf.clone()).is_err() {
+                // Answered here, so it can wait for room instead of closing.
+                if !held.wait_charge(buf.len(), idle).await || out.queue(buf.clone()).is_err() {
                     break;
                 }
             }
