@@ -59,8 +59,8 @@ impl Entry {
 /// the `Entry` in its `Arc` (two counts), its slot in the shard's `Vec`, its index and
 /// control byte in the hash table (at a 7/8 load factor, rounded up), and a malloc
 /// chunk header plus rounding (16 bytes) on each of its four allocations (the `Arc`, the
-/// key, the answer's wire bytes and its TTL offsets). About 230 bytes on x86-64: a
-/// 100-byte answer costs about 3.5 times its size, which is what a count of entries
+/// key, the answer's wire bytes and its TTL offsets). About 190 bytes on x86-64: a
+/// 100-byte answer costs about three times its size, which is what a count of entries
 /// alone cannot see.
 pub const ENTRY_OVERHEAD: usize = std::mem::size_of::<Entry>()
     + 2 * std::mem::size_of::<usize>()
