@@ -6,6 +6,13 @@
 //! hit path takes one shard read lock, renders straight from the stored bytes and never
 //! allocates. An entry stays in the table until `ttl + stale window` has passed or the
 //! CLOCK hand evicts it to make room.
+//!
+//! Two budgets hold per shard, entries (`capacity`) and bytes (`max_bytes`): answers range
+//! from 50 bytes to 64 KiB, so a count alone bounds nothing (20,000 entries of 58 KB are
+//! 1.1 GB). Each entry is charged its real cost, [`entry_cost`]: key, stored answer, TTL
+//! offsets and a fixed overhead for the allocations around them. An answer bigger than
+//! `max_answer_bytes` is refused (the caller serves it uncached), so one huge answer never
+//! pushes out hundreds of small popular ones.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -15,7 +22,8 @@ use parking_lot::RwLock;
 
 use crate::dns::{Answer, Key};
 
-const SHARDS: usize = 64;
+/// Shards of the table; each holds `capacity / SHARDS` entries and `max_bytes / SHARDS` bytes.
+pub const SHARDS: usize = 64;
 
 /// A cached answer with its bookkeeping.
 #[derive(Debug)]
@@ -28,6 +36,8 @@ pub struct Entry {
     referenced: AtomicBool,
     /// 0, [`PREFETCH_RUNNING`], or the time (ms) before which no prefetch starts.
     prefetch_mark: AtomicU64,
+    /// Bytes charged to the shard's budget for this entry ([`entry_cost`]).
+    cost: usize,
 }
 
 impl Entry {
@@ -43,6 +53,25 @@ impl Entry {
     fn expired_beyond(&self, now_ms: u64, stale_ms: u64) -> bool {
         now_ms.saturating_sub(self.stored_ms) >= u64::from(self.answer.ttl) * 1000 + stale_ms
     }
+}
+
+/// Memory an entry holds besides its key and answer bytes, estimated from the layout:
+/// the `Entry` in its `Arc` (two counts), its slot in the shard's `Vec`, its index and
+/// control byte in the hash table (at a 7/8 load factor, rounded up), and a malloc
+/// chunk header plus rounding (16 bytes) on each of its four allocations (the `Arc`, the
+/// key, the answer's wire bytes and its TTL offsets). About 190 bytes on x86-64: a
+/// 100-byte answer costs about three times its size, which is what a count of entries
+/// alone cannot see.
+pub const ENTRY_OVERHEAD: usize = std::mem::size_of::<Entry>()
+    + 2 * std::mem::size_of::<usize>()
+    + std::mem::size_of::<Option<(u64, Arc<Entry>)>>()
+    + 6
+    + 4 * 16;
+
+/// What an entry costs the byte budget: `key` bytes, `wire` answer bytes, `records`
+/// TTL offsets of two bytes each, and [`ENTRY_OVERHEAD`].
+pub fn entry_cost(key: usize, wire: usize, records: usize) -> usize {
+    key + wire + 2 * records + ENTRY_OVERHEAD
 }
 
 /// The prefetch mark of an entry being refreshed.
@@ -100,19 +129,26 @@ pub struct Cache {
     hasher: ahash::RandomState,
     // Limits are atomics so that a reload can change them in place.
     per_shard: AtomicUsize,
+    /// `max_bytes / SHARDS`.
+    per_shard_bytes: AtomicUsize,
+    max_answer_bytes: AtomicUsize,
     stale_ms: AtomicU64,
     prefetch_enabled: AtomicBool,
     prefetch_min_hits: AtomicU32,
     prefetch_percent: AtomicU8,
     epoch: Instant,
-    /// Entries evicted to make room (success, denial), on a cache line of their own so
-    /// that counting an eviction never invalidates the line the hit path reads.
+    /// Entries evicted to make room (success, denial) and answers refused as too big,
+    /// on a cache line of their own so that counting never invalidates the line the hit
+    /// path reads.
     evicted: Evictions,
 }
 
 #[derive(Default)]
 #[repr(align(128))]
-struct Evictions([AtomicU64; 2]);
+struct Evictions {
+    by_kind: [AtomicU64; 2],
+    too_big: AtomicU64,
+}
 
 #[derive(Default)]
 struct Shard {
@@ -120,16 +156,27 @@ struct Shard {
     slots: Vec<Option<(u64, Arc<Entry>)>>,
     free: Vec<u32>,
     hand: usize,
+    /// Sum of the entries' [`Entry::cost`].
+    bytes: usize,
+}
+
+/// Does an entry of `cost` bytes fit a shard holding `len` entries and `bytes` bytes,
+/// under the per-shard budgets? `false` means: evict first.
+fn fits(len: usize, bytes: usize, cost: usize, per_shard: usize, per_shard_bytes: usize) -> bool {
+    len < per_shard && bytes.saturating_add(cost) <= per_shard_bytes
 }
 
 impl Cache {
     /// A cache holding at most about `capacity` entries (rounded up to a multiple of the
-    /// shard count), keeping expired entries for `stale_secs` for serve-stale.
+    /// shard count), keeping expired entries for `stale_secs` for serve-stale, with no
+    /// byte budget until [`Cache::set_bytes`].
     pub fn new(capacity: usize, stale_secs: u64, prefetch: PrefetchPolicy) -> Cache {
         let cache = Cache {
             shards: (0..SHARDS).map(|_| RwLock::new(Shard::default())).collect(),
             hasher: ahash::RandomState::new(),
             per_shard: AtomicUsize::new(1),
+            per_shard_bytes: AtomicUsize::new(usize::MAX),
+            max_answer_bytes: AtomicUsize::new(usize::MAX),
             stale_ms: AtomicU64::new(0),
             prefetch_enabled: AtomicBool::new(false),
             prefetch_min_hits: AtomicU32::new(0),
@@ -152,9 +199,26 @@ impl Cache {
         self.prefetch_percent.store(prefetch.percent, r);
     }
 
-    /// [`Cache::set`] from the `[cache]` config section.
+    /// Change the byte budget (`max_bytes` for the whole cache, split evenly over the
+    /// shards) and the largest answer stored. A smaller budget takes effect as entries
+    /// are inserted, like a smaller capacity.
+    pub fn set_bytes(&self, max_bytes: usize, max_answer_bytes: usize) {
+        let r = Ordering::Relaxed;
+        self.per_shard_bytes.store((max_bytes / SHARDS).max(1), r);
+        self.max_answer_bytes.store(max_answer_bytes, r);
+    }
+
+    /// A cache built from the `[cache]` config section.
+    pub fn from_config(c: &crate::config::Cache) -> Cache {
+        let cache = Cache::new(c.capacity, c.serve_stale.as_secs(), PrefetchPolicy::from(c));
+        cache.set_bytes(c.max_bytes, c.max_answer_bytes);
+        cache
+    }
+
+    /// [`Cache::set`] and [`Cache::set_bytes`] from the `[cache]` config section.
     pub fn set_limits(&self, c: &crate::config::Cache) {
         self.set(c.capacity, c.serve_stale.as_secs(), PrefetchPolicy::from(c));
+        self.set_bytes(c.max_bytes, c.max_answer_bytes);
     }
 
     /// Keep only the entries whose key satisfies `keep`; returns how many were dropped.
@@ -243,12 +307,28 @@ impl Cache {
             .then(|| Arc::clone(entry))
     }
 
-    /// Store an answer for `key`, replacing any previous one; evicts if the shard is full.
-    /// Answers with a zero TTL are not stored. Returns the stored entry.
+    /// Store an answer for `key`, replacing any previous one; evicts until the shard's
+    /// entry and byte budgets hold. Not stored (`None`): answers with a zero TTL, and
+    /// answers over `max_answer_bytes` or the shard's byte budget (counted in
+    /// [`Cache::refused`]). Returns the stored entry.
     pub fn insert(&self, key: &Key, answer: Answer) -> Option<Arc<Entry>> {
         if answer.ttl == 0 {
             return None;
         }
+        let r = Ordering::Relaxed;
+        let (limit, limit_bytes, stale_ms) = (
+            self.per_shard.load(r),
+            self.per_shard_bytes.load(r),
+            self.stale_ms.load(r),
+        );
+        let cost = match answer.stored_size() {
+            (wire, _) if wire > self.max_answer_bytes.load(r) => None,
+            (wire, records) => Some(entry_cost(key.as_bytes().len(), wire, records)),
+        };
+        let Some(cost) = cost.filter(|&c| c <= limit_bytes) else {
+            self.evicted.too_big.fetch_add(1, r);
+            return None;
+        };
         let now = self.now_ms();
         let entry = Arc::new(Entry {
             key: key.as_bytes().into(),
@@ -257,23 +337,21 @@ impl Cache {
             hits: AtomicU32::new(0),
             referenced: AtomicBool::new(false),
             prefetch_mark: AtomicU64::new(0),
+            cost,
         });
         let (hash, shard) = self.locate(key.as_bytes());
         let mut shard = shard.write();
+        // A replaced entry gives its room back first: the new one may differ in size.
         if let Some(idx) = shard.index(hash, key.as_bytes()) {
-            shard.slots[idx as usize] = Some((hash, Arc::clone(&entry)));
-            return Some(entry);
+            shard.remove_slot(idx as usize);
         }
-        let (limit, stale_ms) = (
-            self.per_shard.load(Ordering::Relaxed),
-            self.stale_ms.load(Ordering::Relaxed),
-        );
-        while shard.table.len() >= limit {
+        while !fits(shard.table.len(), shard.bytes, cost, limit, limit_bytes) {
             let Some(denial) = shard.evict_one(now, stale_ms) else {
                 break;
             };
-            self.evicted.0[usize::from(denial)].fetch_add(1, Ordering::Relaxed);
+            self.evicted.by_kind[usize::from(denial)].fetch_add(1, r);
         }
+        shard.bytes += cost;
         let idx = match shard.free.pop() {
             Some(i) => i,
             None => {
@@ -315,7 +393,18 @@ impl Cache {
 
     /// Entries evicted to make room so far (success, denial).
     pub fn evictions(&self) -> [u64; 2] {
-        [0, 1].map(|i| self.evicted.0[i].load(Ordering::Relaxed))
+        [0, 1].map(|i| self.evicted.by_kind[i].load(Ordering::Relaxed))
+    }
+
+    /// Answers refused so far because they were bigger than `max_answer_bytes` (or than
+    /// a shard's byte budget); each was served to its client, uncached.
+    pub fn refused(&self) -> u64 {
+        self.evicted.too_big.load(Ordering::Relaxed)
+    }
+
+    /// Bytes charged to the byte budget now, all shards ([`entry_cost`] summed).
+    pub fn bytes(&self) -> usize {
+        self.shards.iter().map(|s| s.read().bytes).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -367,9 +456,10 @@ impl Shard {
     }
 
     fn remove_slot(&mut self, at: usize) {
-        let Some((hash, _)) = self.slots[at].take() else {
+        let Some((hash, entry)) = self.slots[at].take() else {
             return;
         };
+        self.bytes -= entry.cost;
         if let Ok(found) = self.table.find_entry(hash, |&i| i as usize == at) {
             found.remove();
         }
@@ -384,17 +474,136 @@ mod tests {
     use crate::dns::query::tests::query;
     use crate::dns::Query;
 
-    fn answer(name: &str, ttl: u32) -> (Key, Answer) {
-        let q = query(1, name, 1, None);
+    /// An upstream answer for `name` with one record of `qtype` and `rdata`.
+    fn one_record(name: &str, qtype: u16, ttl: u32, rdata: &[u8]) -> (Key, Answer) {
+        let q = query(1, name, qtype, None);
         let key = Query::parse(&q).unwrap().key();
         let mut r = q.clone();
         r[2] = 0x81;
         r[3] = 0x80;
         r[7] = 1;
-        r.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1]);
+        r.extend_from_slice(&[0xc0, 12]);
+        r.extend_from_slice(&qtype.to_be_bytes());
+        r.extend_from_slice(&[0, 1]);
         r.extend_from_slice(&ttl.to_be_bytes());
-        r.extend_from_slice(&[0, 4, 10, 0, 0, 1]);
+        r.extend_from_slice(&(rdata.len() as u16).to_be_bytes());
+        r.extend_from_slice(rdata);
         (key, Answer::from_upstream(&r, 1, &key, &POLICY).unwrap())
+    }
+
+    fn answer(name: &str, ttl: u32) -> (Key, Answer) {
+        one_record(name, 1, ttl, &[10, 0, 0, 1])
+    }
+
+    /// A TXT answer for `name` whose record data is `rdlen` bytes (strings of 255 or less).
+    fn txt(name: &str, rdlen: usize) -> (Key, Answer) {
+        let mut rdata = Vec::with_capacity(rdlen);
+        while rdata.len() < rdlen {
+            let n = (rdlen - rdata.len() - 1).min(255);
+            rdata.push(n as u8);
+            rdata.extend(std::iter::repeat_n(b'x', n));
+        }
+        one_record(name, 16, 60, &rdata)
+    }
+
+    /// The sum of the costs of the entries held, recomputed from scratch.
+    fn recount(c: &Cache) -> usize {
+        c.shards
+            .iter()
+            .map(|s| {
+                let s = s.read();
+                s.slots.iter().flatten().map(|(_, e)| e.cost).sum::<usize>()
+            })
+            .sum()
+    }
+
+    #[test]
+    fn an_entry_costs_its_key_answer_and_overhead() {
+        let c = Cache::new(100, 0, NO_PREFETCH);
+        let (k, a) = txt("t.example", 1000);
+        let e = c.insert(&k, a).unwrap();
+        // Header 12, the question, the record.
+        let (wire, records) = e.answer.stored_size();
+        let question = 1 + "t.example".len() + 1 + 4;
+        assert_eq!(wire, 12 + question + 12 + 1000);
+        assert_eq!(records, 1);
+        assert_eq!(e.cost, k.as_bytes().len() + wire + 2 + ENTRY_OVERHEAD);
+        assert_eq!(c.bytes(), e.cost);
+        // The overhead is the layout's, not a guess far off: between 150 and 400 bytes.
+        assert!((150..400).contains(&ENTRY_OVERHEAD), "{ENTRY_OVERHEAD}");
+    }
+
+    #[test]
+    fn the_byte_budget_holds_whatever_the_answers_size() {
+        // 20,000 entries allowed, but only 2 MiB (32 KiB a shard): 2-22 KB answers would
+        // take up to 440 MB by count.
+        let c = Cache::new(20_000, 0, NO_PREFETCH);
+        let budget = 2 << 20;
+        c.set_bytes(budget, 30_000);
+        for i in 0..2000 {
+            let (k, a) = txt(&format!("n{i}.example"), 2_000 + (i % 5) * 5_000);
+            assert!(c.insert(&k, a).is_some(), "fits a shard's share: stored");
+            assert!(c.bytes() <= budget, "{} over {budget} at {i}", c.bytes());
+        }
+        assert_eq!(c.bytes(), recount(&c));
+        assert!(c.len() < 2000 / 10, "evicted by bytes: {} held", c.len());
+        let [positive, _] = c.evictions();
+        assert_eq!(positive as usize + c.len(), 2000);
+        assert_eq!(c.refused(), 0);
+    }
+
+    #[test]
+    fn a_smaller_budget_applies_as_entries_arrive_and_accounts_stay_exact() {
+        let c = Cache::new(20_000, 0, NO_PREFETCH);
+        for i in 0..1000 {
+            let (k, a) = answer(&format!("a{i}.example"), 60);
+            c.insert(&k, a);
+        }
+        let before = c.bytes();
+        assert_eq!(before, recount(&c));
+        assert!(before > 1000 * ENTRY_OVERHEAD);
+        // A reload halves the budget: new entries push old ones out until it holds.
+        c.set_bytes(before / 2, 16 * 1024);
+        for i in 0..1000 {
+            let (k, a) = answer(&format!("b{i}.example"), 60);
+            c.insert(&k, a);
+        }
+        assert!(c.bytes() <= before / 2);
+        // Replacing an entry charges it once; dropping entries gives their bytes back.
+        let (k, a) = answer("b1.example", 60);
+        c.insert(&k, a.clone());
+        c.insert(&k, a);
+        assert_eq!(c.bytes(), recount(&c));
+        c.retain(|_| false);
+        assert_eq!((c.bytes(), c.len()), (0, 0));
+    }
+
+    #[test]
+    fn answers_over_the_cap_are_refused_and_counted() {
+        let c = Cache::new(100, 0, NO_PREFETCH);
+        c.set_bytes(64 << 20, 16 * 1024);
+        let (k, a) = txt("big.example", 20_000);
+        assert!(c.insert(&k, a).is_none(), "over max_answer_bytes");
+        assert_eq!((c.len(), c.bytes(), c.refused()), (0, 0, 1));
+        // Just under the cap is stored.
+        let (k, a) = txt("fits.example", 16 * 1024 - 100);
+        assert!(c.insert(&k, a).is_some());
+        assert_eq!(c.refused(), 1);
+        // A shard's share smaller than the answer refuses it too (never evicts a whole
+        // shard for nothing).
+        c.set_bytes(64 * 1024, 65_535);
+        let (k, a) = txt("shard.example", 2000);
+        assert!(c.insert(&k, a).is_none());
+        assert_eq!(c.refused(), 2);
+    }
+
+    #[test]
+    fn fit_policy() {
+        assert!(fits(0, 0, 100, 1, 100));
+        assert!(!fits(1, 0, 1, 1, 100), "entry budget");
+        assert!(!fits(0, 50, 51, 10, 100), "byte budget");
+        assert!(fits(0, 50, 50, 10, 100));
+        assert!(!fits(0, usize::MAX, 1, 10, usize::MAX - 1), "no overflow");
     }
 
     const NO_PREFETCH: PrefetchPolicy = PrefetchPolicy {

@@ -159,6 +159,9 @@ pub struct ConfigReport {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct CacheReport {
     pub entries: u64,
+    /// Bytes the entries take, against `cache.max_bytes`.
+    #[serde(default)]
+    pub bytes: u64,
     pub hits: u64,
     pub misses: u64,
     pub hit_ratio: f64,

@@ -7,7 +7,7 @@
 //! - [`daemon`]: the life cycle of `localdns run`: kept sockets, node setup, serve, stop.
 //! - [`config`]: raw TOML → merged (`config.toml` + `conf.d/*.toml`) → validated [`config::Config`].
 //! - [`dns`]: the pure protocol core: query parsing, cache keys, stored answers, TTL rewriting.
-//! - [`cache`]: the bounded, sharded answer store with serve-stale and prefetch marks.
+//! - [`cache`]: the sharded answer store, bounded in entries and bytes, with serve-stale and prefetch marks.
 //! - [`upstream`]: routing by zone, upstream pools with failover and health, UDP/TCP exchange.
 //! - [`server`]: listeners (UDP hit-path loops, TCP), the miss path, the HTTP endpoint.
 //! - [`node`]: the node's network setup: the link holding the listen addresses

@@ -201,8 +201,9 @@ pub fn render(s: &Status) -> String {
     let _ = writeln!(o, "  rules:      {}", d.rules);
     let _ = writeln!(
         o,
-        "  cache:      {} entries, hit ratio {:.1}% ({} hits, {} misses)",
+        "  cache:      {} entries ({} KiB), hit ratio {:.1}% ({} hits, {} misses)",
         d.cache.entries,
+        d.cache.bytes / 1024,
         d.cache.hit_ratio * 100.0,
         d.cache.hits,
         d.cache.misses

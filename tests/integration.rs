@@ -1236,7 +1236,17 @@ fn idle_tcp_connections_are_closed() {
 /// A TCP connection to `server` on which one query was answered (so the server holds
 /// it), or None when the server closed it instead (over `tcp_max_connections`).
 fn answered_tcp(server: SocketAddr) -> Option<std::net::TcpStream> {
-    let mut c = client::tcp_connect(server).expect("connect");
+    answered_tcp_from("127.0.0.1", server)
+}
+
+/// [`answered_tcp`] from `source` (a loopback address: another client).
+fn answered_tcp_from(source: &str, server: SocketAddr) -> Option<std::net::TcpStream> {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let from: SocketAddr = format!("{source}:0").parse().unwrap();
+    s.bind(&from.into()).unwrap();
+    s.connect(&server.into()).expect("connect");
+    let mut c: std::net::TcpStream = s.into();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let _ = std::io::Write::write_all(&mut c, &client::tcp_frame(&query("www.example.com", A)));
     client::tcp_read(&mut c).ok().map(|_| c)
 }
@@ -1253,7 +1263,10 @@ fn tcp_connections_over_the_cap_are_closed_at_once() {
         .collect();
     assert!(answered_tcp(d.dns).is_none(), "third connection refused");
     assert_eq!(
-        scrape(d.metrics).value("localdns_tcp_refused_total", &[]),
+        scrape(d.metrics).value(
+            "localdns_tcp_refused_total",
+            &[("reason", "max_connections")]
+        ),
         1.0
     );
     // Releasing one makes room again.
@@ -1289,7 +1302,10 @@ fn tcp_max_connections_is_one_total_across_listen_addresses() {
         "a connection on the second address beyond the total was served"
     );
     assert_eq!(
-        scrape(d.metrics).value("localdns_tcp_refused_total", &[]),
+        scrape(d.metrics).value(
+            "localdns_tcp_refused_total",
+            &[("reason", "max_connections")]
+        ),
         1.0
     );
 }
@@ -2081,4 +2097,271 @@ fn the_query_log_names_failing_names() {
         "{log}"
     );
     assert!(!log.contains("query www.example.com"), "{log}");
+}
+
+// ---------------------------------------------------------------- byte budgets
+
+/// NSD (a real authority) serving `big.test` with a wildcard TXT of 230 strings of 250
+/// bytes: a 58 KB answer for any name (TC over UDP, then TCP). Its process group is
+/// killed by ID when dropped.
+struct BigZone {
+    addr: SocketAddr,
+    nsd: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl BigZone {
+    fn start() -> BigZone {
+        use std::os::unix::process::CommandExt;
+        assert!(
+            std::process::Command::new("nsd").arg("-v").output().is_ok(),
+            "nsd is not installed (apt-get install nsd; .ci/run installs it)"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display().to_string();
+        // A port nobody holds on both UDP and TCP, released for NSD to bind.
+        let port = {
+            let (udp, _tcp) = common::upstream::bind_pair();
+            udp.local_addr().unwrap().port()
+        };
+        let txt: String = (0..230)
+            .map(|_| format!(" \"{}\"", "x".repeat(250)))
+            .collect();
+        std::fs::write(
+            dir.path().join("big.test.zone"),
+            format!(
+                "$ORIGIN big.test.\n$TTL 300\n@ SOA ns hostmaster 1 3600 600 86400 300\n@ NS ns\nns A 127.0.0.1\n* TXT{txt}\n"
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("nsd.conf"),
+            format!(
+                "server:\n  ip-address: 127.0.0.1@{port}\n  username: \"\"\n  chroot: \"\"\n  database: \"\"\n  zonesdir: \"{d}\"\n  pidfile: \"{d}/nsd.pid\"\n  xfrdfile: \"{d}/xfrd.state\"\n  zonelistfile: \"{d}/zone.list\"\n  logfile: \"{d}/nsd.log\"\n  rrl-ratelimit: 0\n  server-count: 1\n  tcp-count: 200\n  verbosity: 1\nremote-control:\n  control-enable: no\nzone:\n  name: big.test\n  zonefile: \"{d}/big.test.zone\"\n"
+            ),
+        )
+        .unwrap();
+        let nsd = std::process::Command::new("nsd")
+            .args(["-d", "-c"])
+            .arg(dir.path().join("nsd.conf"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .process_group(0)
+            .spawn()
+            .expect("start nsd");
+        let zone = BigZone {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            nsd,
+            _dir: dir,
+        };
+        // Ready when it answers over TCP (it has no readiness signal of its own).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !client::tcp(zone.addr, &query("ready.big.test", RecordType::TXT))
+            .is_ok_and(|r| big_answer(&r))
+        {
+            let log = std::fs::read_to_string(zone._dir.path().join("nsd.log")).unwrap_or_default();
+            assert!(Instant::now() < deadline, "nsd not answering: {log}");
+            sleep(Duration::from_millis(20));
+        }
+        zone
+    }
+}
+
+impl Drop for BigZone {
+    fn drop(&mut self) {
+        // NSD forks (xfrd, server): stop the whole group it leads.
+        let pgid = nix::unistd::Pid::from_raw(-(self.nsd.id() as i32));
+        let _ = nix::sys::signal::kill(pgid, nix::sys::signal::Signal::SIGKILL);
+        let _ = self.nsd.wait();
+    }
+}
+
+/// The 58 KB wildcard answer: NOERROR with 230 strings of 250 bytes.
+fn big_answer(r: &hickory_proto::op::Message) -> bool {
+    r.response_code() == ResponseCode::NoError
+        && r.answers().iter().any(|rr| match rr.data() {
+            hickory_proto::rr::RData::TXT(t) => t.txt_data().len() == 230,
+            _ => false,
+        })
+}
+
+/// Resident memory of `pid` (VmRSS) and its peak so far (VmHWM), in KiB.
+fn rss_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} in /proc/{pid}/status"))
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Ask `names` distinct big names over TCP from `threads` clients at once; returns how
+/// many answers were the full 58 KB one.
+fn ask_big_names(server: SocketAddr, prefix: &str, names: usize, threads: usize) -> usize {
+    let per = names / threads;
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let prefix = prefix.to_string();
+            std::thread::spawn(move || {
+                let mut c = client::tcp_connect(server).expect("connect");
+                let mut good = 0;
+                for i in 0..per {
+                    let q = query(&format!("{prefix}-{t}-{i}.big.test"), RecordType::TXT);
+                    std::io::Write::write_all(&mut c, &client::tcp_frame(&q)).unwrap();
+                    let r = client::tcp_read(&mut c).expect("an answer");
+                    good += usize::from(big_answer(&r));
+                }
+                good
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).sum()
+}
+
+/// Thousands of distinct names with 58 KB answers: the cache stays inside `max_bytes`
+/// (on main it grew by their count: 7 MB → 348 MB for 6,000 names), and every answer is
+/// still served in full.
+#[test]
+fn the_cache_stays_inside_its_byte_budget_with_58_kb_answers() {
+    let zone = BigZone::start();
+    let budget: u64 = 8 << 20;
+    let mut cfg = Config::to(zone.addr);
+    // Answers up to the largest are stored, so it is the byte budget that holds.
+    cfg.cache_extra = format!("max_bytes = {budget}\nmax_answer_bytes = 65535\n");
+    let d = Daemon::start(&cfg);
+    assert_eq!(ask_big_names(d.dns, "warm", 40, 4), 40);
+    let (before, _) = rss_kib(d.pid());
+    let names = 3000;
+    assert_eq!(
+        ask_big_names(d.dns, "n", names, 4),
+        names,
+        "every answer served"
+    );
+    let (after, peak) = rss_kib(d.pid());
+    let m = scrape(d.metrics);
+    let bytes = m.value("localdns_cache_bytes", &[]);
+    assert!(bytes <= budget as f64, "cache bytes {bytes} over {budget}");
+    assert!(
+        m.value("coredns_cache_evictions_total", &[]) > 0.0,
+        "evicted"
+    );
+    // Growth: the budget plus a margin for the allocator's free lists and the answers
+    // being moved (a few 58 KB copies per client thread). 3,000 stored would be 174 MB.
+    let bound_kib = budget / 1024 + 12 * 1024;
+    eprintln!("RSS {before} KiB -> {after} KiB (peak {peak}), cache {bytes} bytes");
+    assert!(
+        peak.saturating_sub(before) < bound_kib,
+        "RSS grew {before} -> {peak} KiB (peak), over {bound_kib} KiB"
+    );
+}
+
+/// With the default `max_answer_bytes` (16 KiB) a 58 KB answer is served, never stored:
+/// asked again it goes upstream again, and each refusal is counted.
+#[test]
+fn answers_over_max_answer_bytes_are_served_not_stored() {
+    let zone = BigZone::start();
+    let d = Daemon::start(&Config::to(zone.addr));
+    for _ in 0..2 {
+        let r = client::tcp(d.dns, &query("same.big.test", RecordType::TXT)).unwrap();
+        assert!(big_answer(&r), "{r:?}");
+    }
+    let m = scrape(d.metrics);
+    assert_eq!(m.value("localdns_cache_refused_total", &[]), 2.0);
+    assert_eq!(m.value("localdns_cache_entries", &[]), 0.0);
+    assert_eq!(m.value("localdns_cache_bytes", &[]), 0.0);
+}
+
+/// Clients that pipeline big-answer queries and never read: each connection is closed
+/// once its queued answers pass the byte bound (128 KiB), so memory stays bounded (on
+/// main 64 answers of 58 KB, 3.7 MB, queued per connection until the idle timeout).
+#[test]
+fn tcp_clients_that_never_read_cannot_grow_memory() {
+    let zone = BigZone::start();
+    let mut cfg = Config::to(zone.addr);
+    cfg.listen_extra = "tcp_idle_timeout = \"30s\"\n".into();
+    let d = Daemon::start(&cfg);
+    let r = client::tcp(d.dns, &query("same.big.test", RecordType::TXT)).unwrap();
+    assert!(big_answer(&r));
+    let (before, _) = rss_kib(d.pid());
+    let conns = 32;
+    // One name per connection, not stored (over max_answer_bytes): its 64 pending
+    // queries are one miss whose 64 answers arrive at once, from the miss path.
+    let held: Vec<_> = (0..conns)
+        .map(|c| {
+            let frames: Vec<u8> = (0..200)
+                .flat_map(|_| client::tcp_frame(&query(&format!("c{c}.big.test"), RecordType::TXT)))
+                .collect();
+            // A small receive buffer, as a client that wants the server to hold its
+            // answers would ask: the kernel takes little of them.
+            let s =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            s.set_recv_buffer_size(4096).unwrap();
+            s.connect(&d.dns.into()).unwrap();
+            let mut s: std::net::TcpStream = s.into();
+            s.set_write_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
+            // The server may stop reading (full) or close: both are fine here.
+            let _ = std::io::Write::write_all(&mut s, &frames);
+            s
+        })
+        .collect();
+    // Every connection is closed by the bound: that is the signal to measure.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let closed = scrape(d.metrics).value("localdns_tcp_output_overflow_total", &[]);
+        if closed >= conns as f64 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{closed} of {conns} closed");
+        sleep(Duration::from_millis(20));
+    }
+    let (after, peak) = rss_kib(d.pid());
+    eprintln!("RSS {before} KiB -> {after} KiB (peak {peak}) with {conns} clients not reading");
+    // 32 connections x 128 KiB = 4 MiB at most queued; on main 32 x 3.7 MB = 118 MB.
+    let bound_kib = 4 * 1024 + 8 * 1024;
+    assert!(
+        peak.saturating_sub(before) < bound_kib,
+        "RSS grew {before} -> {peak} KiB (peak), over {bound_kib} KiB"
+    );
+    drop(held);
+    // The daemon still answers.
+    let r = client::tcp(d.dns, &query("same.big.test", RecordType::TXT)).unwrap();
+    assert!(big_answer(&r));
+}
+
+/// One pod cannot take every TCP slot: over `tcp_max_connections_per_client` its
+/// connections are closed at once (counted by reason), and another client still gets one.
+#[test]
+fn tcp_connections_per_client_are_capped() {
+    let up = example_upstream();
+    let mut cfg = Config::to(up.addr);
+    cfg.listen_extra = "tcp_max_connections = 10\ntcp_max_connections_per_client = 3".into();
+    let d = Daemon::start(&cfg);
+    let held: Vec<_> = (0..3)
+        .map(|_| answered_tcp_from("127.0.0.1", d.dns).expect("answer"))
+        .collect();
+    for _ in 0..5 {
+        assert!(
+            answered_tcp_from("127.0.0.1", d.dns).is_none(),
+            "a fourth connection from one client was served"
+        );
+    }
+    let m = scrape(d.metrics);
+    assert_eq!(
+        m.value("localdns_tcp_refused_total", &[("reason", "per_client")]),
+        5.0
+    );
+    assert_eq!(
+        m.value(
+            "localdns_tcp_refused_total",
+            &[("reason", "max_connections")]
+        ),
+        0.0
+    );
+    // Another pod (another source address) still gets a connection and an answer.
+    assert!(answered_tcp_from("127.0.0.2", d.dns).is_some());
+    drop(held);
 }

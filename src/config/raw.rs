@@ -55,7 +55,7 @@ pub struct RawListen {
     /// Port served on every address.
     #[serde(deserialize_with = "port")]
     pub port: u16,
-    /// UDP receive threads per address; 0 means one per CPU.
+    /// UDP receive threads per address; 0 means one per CPU, at most 4.
     pub udp_threads: usize,
     /// Receive buffer asked for each UDP socket, bytes (at least 64 KiB).
     #[serde(deserialize_with = "recv_buffer")]
@@ -66,6 +66,9 @@ pub struct RawListen {
     /// Client TCP connections at most at once.
     #[serde(deserialize_with = "at_least_one_usize")]
     pub tcp_max_connections: usize,
+    /// Client TCP connections at most at once from one source address (one pod).
+    #[serde(deserialize_with = "at_least_one_usize")]
+    pub tcp_max_connections_per_client: usize,
 }
 
 impl Default for RawListen {
@@ -77,6 +80,7 @@ impl Default for RawListen {
             udp_recv_buffer: 4 * 1024 * 1024,
             tcp_idle_timeout: Dur(Duration::from_secs(10)),
             tcp_max_connections: 1024,
+            tcp_max_connections_per_client: 64,
         }
     }
 }
@@ -182,6 +186,12 @@ pub struct RawCache {
     /// Entries at most.
     #[serde(deserialize_with = "at_least_one_usize")]
     pub capacity: usize,
+    /// Bytes the entries may take at most (keys, answers, bookkeeping); at least 1 MiB.
+    #[serde(deserialize_with = "cache_bytes")]
+    pub max_bytes: usize,
+    /// Largest answer stored, bytes (512-65535); bigger answers are served, not stored.
+    #[serde(deserialize_with = "answer_bytes")]
+    pub max_answer_bytes: usize,
     /// Cap on positive answers' TTL.
     #[serde(deserialize_with = "positive")]
     pub max_ttl: Dur,
@@ -211,6 +221,8 @@ impl Default for RawCache {
     fn default() -> Self {
         Self {
             capacity: 20_000,
+            max_bytes: 64 * 1024 * 1024,
+            max_answer_bytes: 16 * 1024,
             max_ttl: Dur(Duration::from_secs(3600)),
             min_ttl: Dur(Duration::ZERO),
             negative_max_ttl: Dur(Duration::from_secs(5)),
@@ -383,6 +395,8 @@ ranged! {
     attempts: usize, 1..=10, "must be 1-10";
     socket_queries: u32, 1..=65_535, "must be 1-65535";
     percent: u8, 1..=99, "must be 1-99";
+    cache_bytes: usize, 1_048_576.., "must be at least 1048576 bytes (1 MiB)";
+    answer_bytes: usize, 512..=65_535, "must be 512-65535 bytes";
 }
 
 fn positive<'de, D: Deserializer<'de>>(d: D) -> Result<Dur, D::Error> {

@@ -27,6 +27,11 @@ pub fn render(c: &Config) -> String {
     line(&mut out, "udp_recv_buffer", l.udp_recv_buffer);
     line(&mut out, "tcp_idle_timeout", duration(l.tcp_idle_timeout));
     line(&mut out, "tcp_max_connections", l.tcp_max_connections);
+    line(
+        &mut out,
+        "tcp_max_connections_per_client",
+        l.tcp_max_connections_per_client,
+    );
 
     let k = &c.cluster;
     section(&mut out, "cluster");
@@ -74,6 +79,8 @@ pub fn render(c: &Config) -> String {
     let ca = &c.cache;
     section(&mut out, "cache");
     line(&mut out, "capacity", ca.capacity);
+    line(&mut out, "max_bytes", ca.max_bytes);
+    line(&mut out, "max_answer_bytes", ca.max_answer_bytes);
     line(&mut out, "max_ttl", duration(ca.max_ttl));
     line(&mut out, "min_ttl", duration(ca.min_ttl));
     line(&mut out, "negative_max_ttl", duration(ca.negative_max_ttl));

@@ -142,6 +142,19 @@ fn out_of_range_values() {
             "cache.prefetch_percent",
         ),
         ("[cache]\ncapacity = 0\n", "cache.capacity"),
+        ("[cache]\nmax_bytes = 1000\n", "cache.max_bytes"),
+        (
+            "[cache]\nmax_answer_bytes = 100\n",
+            "cache.max_answer_bytes",
+        ),
+        (
+            "[cache]\nmax_answer_bytes = 65536\n",
+            "cache.max_answer_bytes",
+        ),
+        (
+            "[listen]\ntcp_max_connections_per_client = 0\n",
+            "listen.tcp_max_connections_per_client",
+        ),
         ("[listen]\nport = 0\n", "listen.port"),
         ("[listen]\nport = 65536\n", "listen.port"),
         (
@@ -224,6 +237,18 @@ fn empty_stub_servers() {
 }
 
 // ---- cross-field errors name the file that last set the key ----
+
+#[test]
+fn the_largest_answer_must_fit_a_shard_of_the_byte_budget() {
+    let (msg, ..) = load_err(&[(
+        "a.toml",
+        "[cache]\nmax_bytes = 1048576\nmax_answer_bytes = 20000\n",
+    )]);
+    assert_eq!(
+        msg,
+        "a.toml:3: key `cache.max_answer_bytes`: 20000 is more than cache.max_bytes / 64 (16384): the budget is split over 64 shards and each must hold the largest answer"
+    );
+}
 
 #[test]
 fn cross_field_error_names_the_last_file_setting_the_key() {
@@ -365,6 +390,7 @@ fn defaults_are_the_documented_schema() {
             udp_recv_buffer: 4_194_304,
             tcp_idle_timeout: Duration::from_secs(10),
             tcp_max_connections: 1024,
+            tcp_max_connections_per_client: 64,
         },
         cluster: Cluster {
             domain: "cluster.local".into(),
@@ -388,6 +414,8 @@ fn defaults_are_the_documented_schema() {
         stubs: vec![],
         cache: Cache {
             capacity: 20_000,
+            max_bytes: 64 * 1024 * 1024,
+            max_answer_bytes: 16 * 1024,
             max_ttl: Duration::from_secs(3600),
             min_ttl: Duration::ZERO,
             negative_max_ttl: Duration::from_secs(5),

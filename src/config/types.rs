@@ -37,7 +37,8 @@ pub struct Listen {
     /// Addresses served on UDP and TCP; never empty.
     pub addresses: Vec<IpAddr>,
     pub port: u16,
-    /// UDP receive threads per address; 0 means one per CPU.
+    /// UDP receive threads per address; 0 means one per CPU, at most
+    /// [`crate::server::udp::AUTO_THREADS_MAX`].
     pub udp_threads: usize,
     /// Receive buffer asked for each UDP socket, bytes.
     pub udp_recv_buffer: usize,
@@ -45,6 +46,9 @@ pub struct Listen {
     pub tcp_idle_timeout: Duration,
     /// At most this many client TCP connections at once; more are refused.
     pub tcp_max_connections: usize,
+    /// At most this many of them from one source address; more are refused, so one pod
+    /// cannot take every slot.
+    pub tcp_max_connections_per_client: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -101,6 +105,10 @@ pub struct Stub {
 pub struct Cache {
     /// Entries at most; the least recently used are evicted beyond it.
     pub capacity: usize,
+    /// Bytes the entries take at most (see `cache::entry_cost`); evicted beyond it too.
+    pub max_bytes: usize,
+    /// Largest answer (wire bytes) stored; a bigger one is served, never stored.
+    pub max_answer_bytes: usize,
     /// Cap on positive answers' TTL.
     pub max_ttl: Duration,
     /// Floor on positive answers' TTL.

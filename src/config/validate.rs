@@ -69,6 +69,7 @@ pub fn validate(
         udp_recv_buffer: raw.listen.udp_recv_buffer,
         tcp_idle_timeout: raw.listen.tcp_idle_timeout.0,
         tcp_max_connections: raw.listen.tcp_max_connections,
+        tcp_max_connections_per_client: raw.listen.tcp_max_connections_per_client,
     };
 
     let cluster_upstream = usable("cluster.upstream", sockets(&raw.cluster.upstream), &listen);
@@ -134,8 +135,24 @@ pub fn validate(
             ),
         ));
     }
+    // The byte budget is split over the cache's shards; an answer bigger than a shard's
+    // share could never be stored.
+    if c.max_answer_bytes > c.max_bytes / crate::cache::SHARDS {
+        return Err(prov.invalid(
+            "cache.max_answer_bytes",
+            format!(
+                "{} is more than cache.max_bytes / {} ({}): the budget is split over {} shards and each must hold the largest answer",
+                c.max_answer_bytes,
+                crate::cache::SHARDS,
+                c.max_bytes / crate::cache::SHARDS,
+                crate::cache::SHARDS
+            ),
+        ));
+    }
     let cache = Cache {
         capacity: c.capacity,
+        max_bytes: c.max_bytes,
+        max_answer_bytes: c.max_answer_bytes,
         max_ttl: c.max_ttl.0,
         min_ttl: c.min_ttl.0,
         negative_max_ttl: c.negative_max_ttl.0,

@@ -57,6 +57,12 @@ pub struct Answer {
 }
 
 impl Answer {
+    /// What the answer holds in memory: its stored message bytes and TTL fields (for
+    /// the cache's byte budget).
+    pub fn stored_size(&self) -> (usize, usize) {
+        (self.wire.len(), self.ttl_offsets.len())
+    }
+
     /// The upstream's RCODE (header bits).
     pub fn rcode(&self) -> u8 {
         self.wire.get(3).map_or(0, |b| b & 0x0f)

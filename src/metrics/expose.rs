@@ -40,6 +40,10 @@ pub struct Scrape {
     /// Cache entries (success, denial).
     pub cache_entries: [u64; 2],
     pub cache_evictions: [u64; 2],
+    /// Bytes the cache's entries take ([`crate::cache::Cache::bytes`]).
+    pub cache_bytes: u64,
+    /// Answers the cache refused as bigger than `max_answer_bytes` (served uncached).
+    pub cache_refused: u64,
     pub in_flight: u64,
     pub upstreams: Vec<UpstreamValue>,
     pub ready: bool,
@@ -413,7 +417,7 @@ impl Scrape {
             .collect();
         o.counter("localdns_answers", "Answers sent, by rcode.", &rcodes)?;
         let l = |c: &std::sync::atomic::AtomicU64| c.load(Relaxed);
-        let plain: [(&str, &str, u64); 17] = [
+        let plain: &[(&str, &str, u64)] = &[
             ("localdns_cache_hits", "Queries answered from a fresh cache entry.", hits),
             ("localdns_cache_misses", "Queries that needed an upstream answer.", l(&m.misses)),
             ("localdns_coalesced", "Misses that joined an identical upstream query in flight.", l(&m.coalesced)),
@@ -429,10 +433,11 @@ impl Scrape {
             ("localdns_client_budget_rejects", "Misses of a client over max_in_flight_per_client (answered stale when cached, else SERVFAIL).", l(&m.client_budget)),
             ("localdns_truncated", "UDP answers sent with TC=1 because they did not fit.", l(&m.truncated)),
             ("localdns_tcp_connections", "Client TCP connections accepted.", l(&m.tcp_connections)),
-            ("localdns_tcp_refused", "Client TCP connections closed at once because the cap was reached.", l(&m.tcp_refused)),
+            ("localdns_tcp_output_overflow", "Client TCP connections closed because their queued answers went over the byte bound (a client that does not read).", l(&m.tcp_output_overflow)),
+            ("localdns_cache_refused", "Answers bigger than cache.max_answer_bytes: served to the client that asked, not stored.", self.cache_refused),
             ("localdns_send_errors", "Answers that could not be sent.", l(&m.send_errors)),
         ];
-        for (name, help, v) in plain {
+        for &(name, help, v) in plain {
             o.counter(name, help, &[(vec![], v)])?;
         }
         o.counter(
@@ -441,6 +446,14 @@ impl Scrape {
             &[
                 (labels(&[("timer", "client")]), l(&m.stale_client_timer)),
                 (labels(&[("timer", "recheck")]), l(&m.stale_recheck)),
+            ],
+        )?;
+        o.counter(
+            "localdns_tcp_refused",
+            "Client TCP connections closed at once, by the cap reached: tcp_max_connections or tcp_max_connections_per_client.",
+            &[
+                (labels(&[("reason", "max_connections")]), l(&m.tcp_refused)),
+                (labels(&[("reason", "per_client")]), l(&m.tcp_refused_per_client)),
             ],
         )?;
         o.counter(
@@ -496,8 +509,9 @@ impl Scrape {
             &latency,
         )?;
         let c = &m.config;
-        let gauges: [(&str, &str, f64); 8] = [
+        let gauges: [(&str, &str, f64); 9] = [
             ("localdns_cache_entries", "Entries in the cache, fresh and stale.", (self.cache_entries[0] + self.cache_entries[1]) as f64),
+            ("localdns_cache_bytes", "Bytes the cache's entries take (keys, answers, bookkeeping), against cache.max_bytes.", self.cache_bytes as f64),
             ("localdns_upstream_in_flight", "Keys being resolved upstream now.", self.in_flight as f64),
             ("localdns_config_generation", "The config in use: 1 at start, one more per reload that changed it.", l(&c.generation) as f64),
             ("localdns_config_last_reload_successful", "1 when the last reload attempt (SIGHUP or a file change) was accepted.", f64::from(u8::from(c.last_reload_ok.load(Relaxed) || l(&c.last_reload_time) == 0))),
@@ -549,6 +563,8 @@ mod tests {
             listeners: m.listeners(),
             cache_entries: [3, 1],
             cache_evictions: [0, 0],
+            cache_bytes: 4096,
+            cache_refused: 0,
             in_flight: 0,
             upstreams: vec![UpstreamValue {
                 pool: "cluster".into(),
@@ -573,6 +589,8 @@ mod tests {
             "localdns_upstream_up{pool=\"cluster\",server=\"10.96.0.11:53\"} 1",
             "coredns_nodecache_setup_errors_total{errortype=\"iptables\"} 0\n",
             "localdns_answers_total{rcode=\"NXDOMAIN\"} 1\n",
+            "localdns_cache_bytes 4096.0\n",
+            "localdns_tcp_refused_total{reason=\"per_client\"} 0\n",
             "# EOF\n",
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");

@@ -137,6 +137,10 @@ pub struct Metrics {
     pub truncated: AtomicU64,
     pub tcp_connections: AtomicU64,
     pub tcp_refused: AtomicU64,
+    /// Client TCP connections closed at accept: `tcp_max_connections_per_client` reached.
+    pub tcp_refused_per_client: AtomicU64,
+    /// Client TCP connections closed because their queued answers went over the byte bound.
+    pub tcp_output_overflow: AtomicU64,
     pub send_errors: AtomicU64,
     /// Node setup drift repaired by the running daemon (see `node::repair`).
     pub repairs_link: AtomicU64,
@@ -179,6 +183,8 @@ impl Default for Metrics {
             truncated: AtomicU64::new(0),
             tcp_connections: AtomicU64::new(0),
             tcp_refused: AtomicU64::new(0),
+            tcp_refused_per_client: AtomicU64::new(0),
+            tcp_output_overflow: AtomicU64::new(0),
             send_errors: AtomicU64::new(0),
             repairs_link: AtomicU64::new(0),
             repairs_addresses: AtomicU64::new(0),

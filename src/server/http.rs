@@ -193,6 +193,8 @@ fn scrape(ctx: &Context, ready: bool, healthy: bool) -> Scrape {
         listeners: r.metrics.listeners(),
         cache_entries: r.cache.entries_by_kind(),
         cache_evictions: r.cache.evictions(),
+        cache_bytes: r.cache.bytes() as u64,
+        cache_refused: r.cache.refused(),
         in_flight: r.in_flight() as u64,
         upstreams: upstreams(ctx),
         ready,
@@ -246,6 +248,7 @@ async fn report(ctx: &Arc<Context>) -> Report {
         rules,
         cache: health::CacheReport {
             entries: entries[0] + entries[1],
+            bytes: ctx.resolver.cache.bytes() as u64,
             hits,
             misses,
             hit_ratio: health::hit_ratio(hits, misses),

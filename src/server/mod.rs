@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::cache::{Cache, Hit, PrefetchPolicy};
+use crate::cache::{Cache, Hit};
 use crate::config::{Config, Source};
 use crate::dns::answer::write_error;
 use crate::dns::{wire, Key, Kind, Query, Reject, Ttl};
@@ -217,11 +217,7 @@ impl Server {
         kept: &mut Inherited,
     ) -> Result<Server, BindError> {
         let c = &config.cache;
-        let cache = Arc::new(Cache::new(
-            c.capacity,
-            c.serve_stale.as_secs(),
-            PrefetchPolicy::from(c),
-        ));
+        let cache = Arc::new(Cache::from_config(c));
         let resolver = Arc::new(Resolver::new(
             cache,
             Settings::from_config(&config, None),
@@ -230,10 +226,8 @@ impl Server {
         ));
         resolver.query_log.set(config.log.queries);
         let l = &config.listen;
-        let threads = match l.udp_threads {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-            n => n,
-        };
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads = udp::thread_count(l.udp_threads, cpus);
         let mut udp = Vec::new();
         let mut tcp = Vec::new();
         let mut reused = 0;
@@ -344,7 +338,10 @@ impl Server {
         let mut tasks = tokio::task::JoinSet::new();
         let l = &self.config.listen;
         // One total for all listeners, as documented.
-        let tcp_slots = Arc::new(tokio::sync::Semaphore::new(l.tcp_max_connections));
+        let tcp_conns = Arc::new(tcp::Connections::new(
+            l.tcp_max_connections,
+            l.tcp_max_connections_per_client,
+        ));
         for (_, listener) in self.tcp {
             let stats = metrics.shared_block(Listener::new(listener.local_addr()?, "tcp"));
             let listener = tokio::net::TcpListener::from_std(listener)?;
@@ -352,7 +349,7 @@ impl Server {
                 listener,
                 Arc::clone(&self.resolver),
                 l.tcp_idle_timeout,
-                Arc::clone(&tcp_slots),
+                Arc::clone(&tcp_conns),
                 stats,
             ));
         }

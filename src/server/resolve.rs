@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use tokio::runtime::Handle;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 
 use crate::cache::{Cache, Entry};
 use crate::config::Config;
@@ -51,8 +51,8 @@ pub enum ReplyTo {
         socket: Arc<UdpSocket>,
         peer: SocketAddr,
     },
-    /// A TCP connection's writer; messages are sent without the length prefix.
-    Tcp(mpsc::UnboundedSender<Vec<u8>>),
+    /// A TCP connection's writer (bounded in bytes); messages are sent without the length prefix.
+    Tcp(super::tcp::Out),
 }
 
 /// What an answer needs of the client's query: a few dozen bytes, whatever the client

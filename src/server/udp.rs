@@ -27,6 +27,24 @@ const WAKE: Duration = Duration::from_millis(200);
 /// Largest query accepted over UDP.
 const MAX_QUERY: usize = 4096;
 
+/// Receive loops per address when `udp_threads = 0`, at most. Each loop has its own
+/// socket whose receive buffer (`udp_recv_buffer`, 4 MiB by default, forced past
+/// `rmem_max`) is charged to the unit's memory when it fills, plus a 128 KiB batch
+/// buffer: one per CPU on a 192-CPU node with two addresses would be 1.6 GB against
+/// `MemoryMax=256M`. Four loops answer several hundred thousand cached queries a second
+/// (about 4.2 µs each, bench/), more than the pods of any node ask; more threads are a
+/// number to set, not a default.
+pub const AUTO_THREADS_MAX: usize = 4;
+
+/// Receive loops per address: `configured`, or for 0 one per CPU up to
+/// [`AUTO_THREADS_MAX`].
+pub fn thread_count(configured: usize, cpus: usize) -> usize {
+    match configured {
+        0 => cpus.clamp(1, AUTO_THREADS_MAX),
+        n => n,
+    }
+}
+
 /// Bind a UDP socket for serving: `SO_REUSEPORT` (several receive loops per address),
 /// free bind (the address may appear on the interface a moment later), a large receive
 /// buffer (forced past `rmem_max` when privileged), v6-only for IPv6.
@@ -196,7 +214,7 @@ fn to_socket_addr(a: &nix::sys::socket::SockaddrStorage) -> Option<SocketAddr> {
 
 #[cfg(test)]
 mod tests {
-    use super::send_batch;
+    use super::{send_batch, thread_count, AUTO_THREADS_MAX};
 
     /// A stand-in for `sendmmsg` where the destinations in `bad` fail: it sends from
     /// `from` up to the first bad one, and fails when that is the first.
@@ -228,5 +246,15 @@ mod tests {
             assert_eq!((sent, failed), (want, bad.len()), "n {n} bad {bad:?}");
             assert!(calls <= calls_max, "n {n} bad {bad:?}: {calls} calls");
         }
+    }
+
+    #[test]
+    fn automatic_thread_count_is_capped() {
+        assert_eq!(thread_count(0, 1), 1);
+        assert_eq!(thread_count(0, 2), 2);
+        assert_eq!(thread_count(0, 192), AUTO_THREADS_MAX);
+        assert_eq!(thread_count(0, 0), 1);
+        // A number set is a number kept, past the automatic cap too.
+        assert_eq!(thread_count(16, 2), 16);
     }
 }
