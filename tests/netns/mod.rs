@@ -518,6 +518,60 @@ impl Topology {
     }
 }
 
+/// A node namespace wired to a kube-dns namespace whose pods have the addresses `pods`
+/// (10.244.1.x; the node is 10.244.1.1), with the Service range 10.96.0.0/12 routed there
+/// for the kube-proxy stand-in the test adds.
+pub fn node_and_kube_dns(pods: &[&str]) -> (Netns, Netns) {
+    let node = Netns::new("node");
+    let kdns = Netns::new("kdns");
+    node.sh(&format!(
+        "ip link add n1 type veth peer name k0 netns {kdns}
+         ip addr add 10.244.1.1/24 dev n1
+         ip link set n1 up
+         ip route add 10.96.0.0/12 dev n1",
+        kdns = kdns.name
+    ));
+    let addrs: String = pods
+        .iter()
+        .map(|p| format!("ip addr add {p}/24 dev k0\n"))
+        .collect();
+    kdns.sh(&format!(
+        "{addrs}ip link set k0 up
+         ip route add default via 10.244.1.1"
+    ));
+    (node, kdns)
+}
+
+/// The config of a localdns on 127.0.0.1:53 of the node namespace, without interface or
+/// rules, whose cluster upstream is the kube-dns-upstream Service 10.96.0.20 over TCP and
+/// whose default upstream is `default`; `upstream_extra` is added to `[upstream]`.
+pub fn cluster_config(dir: &Path, default: &str, upstream_extra: &str) -> PathBuf {
+    let path = dir.join("config.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[listen]
+addresses = [\"127.0.0.1\"]
+port = 53
+udp_threads = 1
+[cluster]
+upstream = [\"10.96.0.20:53\"]
+protocol = \"tcp\"
+[upstream]
+servers = [\"{default}\"]
+{upstream_extra}
+[network]
+setup_interface = false
+setup_rules = false
+[metrics]
+address = \"127.0.0.1:9253\"
+"
+        ),
+    )
+    .unwrap();
+    path
+}
+
 /// A kube-proxy in nftables mode, as far as DNS goes: its `ip kube-proxy` and
 /// `ip6 kube-proxy` tables with the DNAT of the Service IP to the kube-dns pod at the
 /// dstnat hooks (prerouting for pods, output for the node), and a conntrack rule in a
