@@ -1,4 +1,4 @@
-//! A persistent, pipelined TCP connection to one upstream (RFC 7766 §6.2.1): many queries
+//! Persistent, pipelined TCP connections to one upstream (RFC 7766 §6.2.1): many queries
 //! in flight on one connection, answers matched by ID, reconnected on demand.
 //!
 //! A connection whose peer stops answering is given up, not waited on: when the peer
@@ -28,7 +28,10 @@
 //! connection's silence began are replaced too, before they are used again: they have not
 //! shown they are alive, they are likely to lead to the same dead replica, and trying them
 //! one by one would cost a query one timeout per connection (with 4 connections and 3
-//! attempts, a SERVFAIL where one connection cost one timeout).
+//! attempts, a SERVFAIL where one connection cost one timeout). The silence is noted by
+//! whichever sees it first: the connection task's timer, or the caller whose attempt timed
+//! out with nothing read on its connection since its query was sent (its retry comes
+//! right after, and must already see the siblings as stale).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -97,8 +100,10 @@ fn jittered_age(max_age: Duration, jitter: f64) -> Duration {
     max_age.mul_f64(1.0 - 0.2 * jitter.clamp(0.0, 1.0))
 }
 
-/// Is a connection whose last read (or opening) was at `last_read` (ms on the pipeline's
-/// clock) presumed dead, a sibling having been found silent since `silent_since`?
+/// Is a connection whose last read (or opening) was at `last_read` (µs on the pipeline's
+/// clock) presumed dead, a sibling having been found silent since `silent_since`? The same
+/// rule tells whether a connection is itself silent since a query was sent at
+/// `silent_since`.
 fn stale(last_read: u64, silent_since: u64) -> bool {
     last_read < silent_since
 }
@@ -110,7 +115,7 @@ struct Conn {
     opened: Instant,
     max_age: Duration,
     queries: u32,
-    /// When it last read an answer (or opened), ms on the pipeline's clock.
+    /// When it last read an answer (or opened), µs on the pipeline's clock.
     last_read: Arc<AtomicU64>,
 }
 
@@ -118,14 +123,16 @@ struct Conn {
 #[derive(Debug)]
 struct Shared {
     epoch: Instant,
-    /// The latest start of a silence that made a connection give up (ms on this clock):
+    /// The latest start of a silence that made a connection give up (µs on this clock):
     /// connections that read nothing since are replaced before their next query.
     silent_since: AtomicU64,
 }
 
 impl Shared {
-    fn ms(&self, t: Instant) -> u64 {
-        t.saturating_duration_since(self.epoch).as_millis() as u64 + 1
+    /// Microseconds since the epoch, plus one (0 = never): fine enough that a read and a
+    /// write a moment apart are ordered.
+    fn us(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.epoch).as_micros() as u64 + 1
     }
 }
 
@@ -165,7 +172,7 @@ impl Pipeline {
         // A query handed to a connection that was given up before writing it is sent once
         // more, on a new connection.
         for _ in 0..2 {
-            let tx = self.sender();
+            let (tx, last_read) = self.sender();
             let (reply, answer) = oneshot::channel();
             let request = Request {
                 msg: msg.clone(),
@@ -179,7 +186,16 @@ impl Pipeline {
             }
             // Only the slot keeps a rotated-out connection's queue open: let it drain.
             drop(tx);
-            match answer.await {
+            let mut waiting = Waiting {
+                shared: &self.shared,
+                last_read,
+                sent: Instant::now(),
+                timeout: self.timeout,
+                answered: false,
+            };
+            let reply = answer.await;
+            waiting.answered = true;
+            match reply {
                 Ok(Reply::Answer(resp)) => return Ok(resp),
                 Ok(Reply::Unsent) => continue,
                 Err(_) => return Err(ExchangeError::Closed),
@@ -192,7 +208,7 @@ impl Pipeline {
     /// none, it closed, it is past its age or query count, or it is stale after a sibling
     /// was found silent (the old one then drains: dropping its last sender ends its queue
     /// after what was already queued).
-    fn sender(&self) -> mpsc::Sender<Request> {
+    fn sender(&self) -> (mpsc::Sender<Request>, Arc<AtomicU64>) {
         let now = Instant::now();
         let mut conns = self.conns.lock();
         let i = self.next.fetch_add(1, Ordering::Relaxed) % conns.len();
@@ -213,7 +229,7 @@ impl Pipeline {
         };
         if fresh {
             let (tx, rx) = mpsc::channel(QUEUE);
-            let last_read = Arc::new(AtomicU64::new(self.shared.ms(now)));
+            let last_read = Arc::new(AtomicU64::new(self.shared.us(now)));
             let task = Task {
                 server: self.server,
                 timeout: self.timeout,
@@ -231,7 +247,32 @@ impl Pipeline {
         }
         let c = slot.as_mut().expect("the slot was just filled");
         c.queries = c.queries.saturating_add(1);
-        c.tx.clone()
+        (c.tx.clone(), Arc::clone(&c.last_read))
+    }
+}
+
+/// A caller waiting for its answer. Dropped unanswered (its attempt timed out) on a
+/// connection that read nothing since the query was sent, it marks the connection's
+/// silence at once: the caller's timeout can fire before the connection task's own timer,
+/// and its retry must not pick a sibling that the silence makes stale.
+struct Waiting<'a> {
+    shared: &'a Shared,
+    last_read: Arc<AtomicU64>,
+    sent: Instant,
+    timeout: Duration,
+    answered: bool,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        // A caller dropped much earlier (shutdown, not a timeout) says nothing of the peer.
+        if self.answered || self.sent.elapsed() < self.timeout / 2 {
+            return;
+        }
+        let sent = self.shared.us(self.sent);
+        if stale(self.last_read.load(Ordering::Relaxed), sent) {
+            self.shared.silent_since.fetch_max(sent, Ordering::Relaxed);
+        }
     }
 }
 
@@ -259,7 +300,7 @@ impl Task {
     /// Close a silent connection (see [`give_up`]) and mark its siblings that read nothing
     /// since `progress` stale.
     fn give_up(&self, rx: mpsc::Receiver<Request>, pending: usize, progress: Instant) {
-        let since = self.shared.ms(progress);
+        let since = self.shared.us(progress);
         self.shared.silent_since.fetch_max(since, Ordering::Relaxed);
         give_up(self.server, rx, pending);
     }
@@ -326,7 +367,7 @@ async fn run(task: Task, mut rx: mpsc::Receiver<Request>) {
             (res, reader) = &mut read => {
                 let Ok(mut msg) = res else { return };
                 progress = Instant::now();
-                task.last_read.store(task.shared.ms(progress), Ordering::Relaxed);
+                task.last_read.store(task.shared.us(progress), Ordering::Relaxed);
                 if let Some(id) = wire::u16_at(&msg, 0) {
                     if let Some((caller_id, reply)) = pending.remove(&id) {
                         wire::put_u16(&mut msg, 0, caller_id);
