@@ -1694,6 +1694,41 @@ fn a_failed_prefetch_backs_off() {
     );
 }
 
+/// A pipelined connection that reaches its age with answers still pending takes no new
+/// query but still delivers them: the upstream answers 150 ms late, the connection is
+/// replaced every 40 ms, queries go every 20 ms. A dropped answer would fail its attempt
+/// (counted) and be answered by the next one.
+#[test]
+fn rotated_connections_deliver_their_pending_answers() {
+    let up = example_upstream();
+    up.set_delay(Duration::from_millis(150));
+    let mut cfg = Config::to(up.addr);
+    cfg.upstream_extra =
+        "tcp_connections = 1\ntcp_connection_max_age = \"40ms\"\nhealth_check_interval = \"0s\"\n"
+            .into();
+    let d = Daemon::start(&cfg);
+    let dns = d.dns;
+    let clients: Vec<_> = (0..8)
+        .map(|i| {
+            sleep(Duration::from_millis(20));
+            std::thread::spawn(move || {
+                let name = format!("r{i}.default.svc.cluster.local");
+                client::udp(dns, &query(&name, A)).map(|r| r.response_code())
+            })
+        })
+        .collect();
+    for c in clients {
+        assert_eq!(c.join().unwrap().unwrap(), ResponseCode::NXDomain);
+    }
+    let conns: std::collections::HashSet<_> = up.seen().iter().map(|s| s.src).collect();
+    assert!(conns.len() >= 3, "rotated {} times only", conns.len());
+    assert_eq!(
+        scrape(d.metrics).value("localdns_upstream_failures_total", &[]),
+        0.0,
+        "an answer pending on a rotated connection was dropped"
+    );
+}
+
 /// The time `name` (A) took to be answered with NOERROR, waiting 5 s at most.
 fn answered_in(d: &Daemon, name: &str) -> Duration {
     let t = Instant::now();

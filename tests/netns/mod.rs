@@ -743,6 +743,19 @@ impl Drop for Daemon {
     }
 }
 
+/// The reply (head and body) to `GET path` from the metrics endpoint of a localdns in `ns`
+/// (127.0.0.1:9253, as the configs here have it).
+pub fn http_get(ns: &Netns, path: &str) -> String {
+    let path = path.to_string();
+    ns.enter(move || {
+        let mut c = TcpStream::connect("127.0.0.1:9253").unwrap();
+        write!(c, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+        let mut text = String::new();
+        let _ = c.read_to_string(&mut text);
+        text
+    })
+}
+
 /// Polls `cond` every 5 ms until it holds; the time it took, or `None` past `limit`.
 pub fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> Option<Duration> {
     let start = Instant::now();
