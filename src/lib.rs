@@ -8,7 +8,8 @@
 //! - [`config`]: raw TOML → merged (`config.toml` + `conf.d/*.toml`) → validated [`config::Config`].
 //! - [`dns`]: the pure protocol core: query parsing, cache keys, stored answers, TTL rewriting.
 //! - [`cache`]: the sharded answer store, bounded in entries and bytes, with serve-stale and prefetch marks.
-//! - [`upstream`]: routing by zone, upstream pools with failover and health, UDP/TCP exchange.
+//! - [`upstream`]: routing by zone, upstream pools with failover and health, idle health
+//!   probes, UDP/TCP exchange, rotated pipelined TCP connections.
 //! - [`server`]: listeners (UDP hit-path loops, TCP), the miss path, the HTTP endpoint.
 //! - [`node`]: the node's network setup: the link holding the listen addresses
 //!   (rtnetlink), the NOTRACK/ACCEPT rules (nftables or iptables), setup/teardown, drift

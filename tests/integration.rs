@@ -478,6 +478,8 @@ fn queries_are_routed_by_zone() {
     cfg.cluster = vec![cluster.addr];
     cfg.cluster_protocol = "tcp".into();
     cfg.stubs = vec![("corp.example".into(), vec![stub.addr])];
+    // One connection, never rotated, so that "persistent" can be checked by its source.
+    cfg.upstream_extra = "tcp_connections = 1\ntcp_connection_max_age = \"0s\"\n".into();
     let d = Daemon::start(&cfg);
 
     let svc = "kubernetes.default.svc.cluster.local";
@@ -1712,6 +1714,90 @@ fn a_failed_prefetch_backs_off() {
     );
 }
 
+/// A pipelined connection that reaches its age with answers still pending takes no new
+/// query but still delivers them: the upstream answers 150 ms late, the connection is
+/// replaced every 40 ms, queries go every 20 ms. A dropped answer would fail its attempt
+/// (counted) and be answered by the next one.
+#[test]
+fn rotated_connections_deliver_their_pending_answers() {
+    let up = example_upstream();
+    up.set_delay(Duration::from_millis(150));
+    let mut cfg = Config::to(up.addr);
+    cfg.upstream_extra =
+        "tcp_connections = 1\ntcp_connection_max_age = \"40ms\"\nhealth_check_interval = \"0s\"\n"
+            .into();
+    let d = Daemon::start(&cfg);
+    let dns = d.dns;
+    let clients: Vec<_> = (0..8)
+        .map(|i| {
+            sleep(Duration::from_millis(20));
+            std::thread::spawn(move || {
+                let name = format!("r{i}.default.svc.cluster.local");
+                client::udp(dns, &query(&name, A)).map(|r| r.response_code())
+            })
+        })
+        .collect();
+    for c in clients {
+        assert_eq!(c.join().unwrap().unwrap(), ResponseCode::NXDomain);
+    }
+    let conns: std::collections::HashSet<_> = up.seen().iter().map(|s| s.src).collect();
+    assert!(conns.len() >= 3, "rotated {} times only", conns.len());
+    assert_eq!(
+        scrape(d.metrics).value("localdns_upstream_failures_total", &[]),
+        0.0,
+        "an answer pending on a rotated connection was dropped"
+    );
+}
+
+/// The time `name` (A) took to be answered with NOERROR, waiting 5 s at most.
+fn answered_in(d: &Daemon, name: &str) -> Duration {
+    let t = Instant::now();
+    let r = client::udp_timeout(d.dns, &query(name, A), Duration::from_secs(5)).expect("answer");
+    let took = t.elapsed();
+    assert_eq!(
+        r.response_code(),
+        ResponseCode::NoError,
+        "after {took:?}: {r:?}"
+    );
+    took
+}
+
+/// Four pipelined connections (the default) to a replica that goes silent: the first
+/// query that finds one silent costs one timeout, and its siblings, which have read nothing
+/// since, are replaced before they are used (tried one by one, each would cost a timeout
+/// and the query its three attempts: SERVFAIL).
+#[test]
+fn silent_sibling_connections_are_replaced_together() {
+    use common::upstream::TcpRelay;
+    let up = example_upstream();
+    for i in 0..12 {
+        up.a(&format!("s{i}.default.svc.cluster.local"), 300, "10.0.0.7");
+    }
+    let relay = TcpRelay::start(up.addr);
+    let mut cfg = Config::to(up.addr);
+    cfg.cluster = vec![relay.addr];
+    cfg.upstream_extra = "tcp_connection_max_age = \"0s\"\n".into();
+    let d = Daemon::start(&cfg);
+    for i in 0..4 {
+        ok(d.dns, &format!("s{i}.default.svc.cluster.local"), A);
+    }
+    assert_eq!(relay.accepted(), 4, "one connection per slot");
+    relay.silence_existing();
+    let took = answered_in(&d, "s4.default.svc.cluster.local");
+    assert!(
+        took < Duration::from_millis(1900),
+        "answered after {took:?}"
+    );
+    // The next names go to fresh connections: none is sent on a silent one.
+    let failures = || scrape(d.metrics).value("localdns_upstream_failures_total", &[]);
+    let before = failures();
+    for i in 5..12 {
+        ok(d.dns, &format!("s{i}.default.svc.cluster.local"), A);
+    }
+    assert_eq!(failures(), before, "an attempt went to a silent connection");
+    assert_eq!(relay.accepted(), 8, "the four were replaced once each");
+}
+
 /// Fault 1 on loopback (the namespace test in tests/netns.rs is the realistic one): the
 /// cluster upstream's pipelined TCP connection goes silent (still open, nothing read or
 /// answered); the next cluster name must be answered on a new connection within 3 s.
@@ -1726,6 +1812,8 @@ fn a_silent_pipelined_connection_is_replaced() {
     let relay = TcpRelay::start(up.addr);
     let mut cfg = Config::to(up.addr);
     cfg.cluster = vec![relay.addr];
+    // One connection, never rotated: the silence of that one is what is tested here.
+    cfg.upstream_extra = "tcp_connections = 1\ntcp_connection_max_age = \"0s\"\n".into();
     let d = Daemon::start(&cfg);
     assert_eq!(
         client::addrs(&ok(d.dns, "s0.default.svc.cluster.local", A)),
@@ -1733,19 +1821,7 @@ fn a_silent_pipelined_connection_is_replaced() {
     );
     assert_eq!(relay.accepted(), 1);
     relay.silence_existing();
-    let t = Instant::now();
-    let r = client::udp_timeout(
-        d.dns,
-        &query("s1.default.svc.cluster.local", A),
-        Duration::from_secs(5),
-    )
-    .expect("answer");
-    let took = t.elapsed();
-    assert_eq!(
-        r.response_code(),
-        ResponseCode::NoError,
-        "after {took:?}: {r:?}"
-    );
+    let took = answered_in(&d, "s1.default.svc.cluster.local");
     assert!(took < Duration::from_secs(3), "answered after {took:?}");
     assert_eq!(relay.accepted(), 2, "one new connection");
     // The new connection carries the next names at once: no attempt fails (one sent on a
@@ -1951,6 +2027,114 @@ fn ready_and_status_follow_the_cluster_upstream() {
     }
     let (code, out, err) = status(&d, &[]);
     assert_eq!(code, 0, "{out}{err}");
+}
+
+/// Polls `cond` every 20 ms until it holds: how long it took, or `None` past `limit`.
+fn within(limit: Duration, mut cond: impl FnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if cond() {
+            return Some(start.elapsed());
+        }
+        sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+/// Idle health probes every 300 ms, a 200 ms timeout, down after the default 3 failures.
+fn probing_config(cluster: SocketAddr, default: SocketAddr) -> Config {
+    let mut cfg = Config::to(default);
+    cfg.cluster = vec![cluster];
+    cfg.timeout = "200ms".into();
+    cfg.attempts = 1;
+    cfg.upstream_extra = "health_check_interval = \"300ms\"\n".into();
+    cfg
+}
+
+#[test]
+fn ready_follows_the_cluster_upstream_with_no_client_traffic() {
+    // Nobody asks anything: only the idle probes can tell that the cluster upstream died.
+    let mut cluster = Upstream::start();
+    cluster.zone("cluster.local");
+    let addr = cluster.addr;
+    let default = example_upstream();
+    let d = Daemon::start(&probing_config(addr, default.addr));
+    let ready = || metrics::http_get(d.metrics, "/ready").unwrap().0;
+    let cluster_up = || scrape(d.metrics).value("localdns_upstream_up", &[("pool", "cluster")]);
+    // The probe question reaches the cluster upstream over its pool's transport (TCP).
+    within(Duration::from_secs(3), || {
+        cluster.count_over("cluster.local", RecordType::SOA, Transport::Tcp) > 0
+    })
+    .expect("no SOA probe of the cluster domain reached the idle cluster upstream in 3 s");
+    assert_eq!(ready(), 200);
+    assert_eq!(cluster_up(), 1.0);
+
+    // Dies: not ready within 2 intervals + 3 failed probes (+ slack), with no client query.
+    cluster.shutdown();
+    let took = within(Duration::from_secs(3), || ready() == 503)
+        .expect("/ready still 200 3 s after the idle cluster upstream died");
+    eprintln!("not ready {took:?} after the cluster upstream died");
+    assert_eq!(cluster_up(), 0.0);
+    let (code, body) = metrics::http_get(d.metrics, "/ready").unwrap();
+    assert_eq!(code, 503);
+    assert!(body.contains("cluster upstream: none of 1"), "{body}");
+    let (code, out, _) = status(&d, &[]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains(&format!("{addr} (cluster) DOWN")), "{out}");
+    assert!(out.contains("health probe"), "status says why: {out}");
+
+    // Comes back on the same port: ready again within about one interval.
+    let back = Upstream::start_at(addr);
+    let took = within(Duration::from_secs(3), || ready() == 200)
+        .expect("/ready not 200 3 s after the cluster upstream came back");
+    eprintln!("ready {took:?} after the cluster upstream came back");
+    assert_eq!(cluster_up(), 1.0);
+    // Still no client query anywhere: only probes were sent.
+    let only_probes = |up: &Upstream| up.seen().iter().all(|s| s.qtype != RecordType::A);
+    assert!(only_probes(&back) && only_probes(&default));
+
+    // Silent (a black hole: every probe times out): down again, then back when it answers.
+    back.set_silent(true);
+    let took = within(Duration::from_secs(3), || ready() == 503)
+        .expect("/ready still 200 3 s after the idle cluster upstream went silent");
+    eprintln!("not ready {took:?} after the cluster upstream went silent");
+    back.set_silent(false);
+    within(Duration::from_secs(3), || ready() == 200)
+        .expect("/ready not 200 3 s after the cluster upstream answered again");
+
+    // State changes are logged once per change (twice down, twice up), never per probe.
+    let log = d.stderr();
+    for change in ["(cluster pool) marked down", "(cluster pool) answers again"] {
+        assert_eq!(log.matches(change).count(), 2, "{change}: {log}");
+    }
+}
+
+#[test]
+fn a_server_answering_clients_is_not_probed() {
+    let cluster = Upstream::start();
+    let default = example_upstream();
+    let d = Daemon::start(&probing_config(cluster.addr, default.addr));
+    // 2 s of steady client misses (every 50 ms, 6 probe intervals): no probe is needed.
+    let start = Instant::now();
+    let mut i = 0;
+    while start.elapsed() < Duration::from_secs(2) {
+        let r = client::udp(d.dns, &query(&format!("n{i}.cluster.local"), RecordType::A)).unwrap();
+        assert_eq!(r.response_code(), ResponseCode::NXDomain);
+        i += 1;
+        sleep(Duration::from_millis(50));
+    }
+    assert!(cluster.count("n0.cluster.local", RecordType::A) == 1);
+    assert_eq!(
+        cluster.count("cluster.local", RecordType::SOA),
+        0,
+        "a busy cluster upstream was probed"
+    );
+    // The idle default upstream was probed meanwhile (with `. NS`).
+    assert!(
+        default.count("", RecordType::NS) > 0,
+        "{:?}",
+        default.seen()
+    );
 }
 
 #[test]

@@ -142,6 +142,16 @@ pub struct RawUpstream {
     /// Age after which an upstream UDP socket is closed instead of reused.
     #[serde(deserialize_with = "positive")]
     pub udp_socket_lifetime: Dur,
+    /// A server no client has had an answer from for this long is sent a known-good
+    /// question, so its health is known without traffic; "0s" = never.
+    pub health_check_interval: Dur,
+    /// Pipelined TCP connections kept per server (1-16), queries spread round-robin.
+    #[serde(deserialize_with = "tcp_connections")]
+    pub tcp_connections: usize,
+    /// Age after which a TCP connection takes no new queries; "0s" = no limit.
+    pub tcp_connection_max_age: Dur,
+    /// Queries after which a TCP connection takes no new ones; 0 = no limit.
+    pub tcp_connection_max_queries: u32,
 }
 
 impl Default for RawUpstream {
@@ -158,6 +168,10 @@ impl Default for RawUpstream {
             down_time: Dur(Duration::from_secs(5)),
             udp_socket_queries: 100,
             udp_socket_lifetime: Dur(Duration::from_secs(1)),
+            health_check_interval: Dur(Duration::from_secs(3)),
+            tcp_connections: 4,
+            tcp_connection_max_age: Dur(Duration::from_secs(3)),
+            tcp_connection_max_queries: 1000,
         }
     }
 }
@@ -397,6 +411,7 @@ ranged! {
     percent: u8, 1..=99, "must be 1-99";
     cache_bytes: usize, 1_048_576.., "must be at least 1048576 bytes (1 MiB)";
     answer_bytes: usize, 512..=65_535, "must be 512-65535 bytes";
+    tcp_connections: usize, 1..=16, "must be 1-16";
 }
 
 fn positive<'de, D: Deserializer<'de>>(d: D) -> Result<Dur, D::Error> {

@@ -68,6 +68,22 @@ pub fn render(c: &Config) -> String {
         "udp_socket_lifetime",
         duration(u.udp_socket_lifetime),
     );
+    line(
+        &mut out,
+        "health_check_interval",
+        duration(u.health_check_interval),
+    );
+    line(&mut out, "tcp_connections", u.tcp_connections);
+    line(
+        &mut out,
+        "tcp_connection_max_age",
+        duration(u.tcp_connection_max_age),
+    );
+    line(
+        &mut out,
+        "tcp_connection_max_queries",
+        u.tcp_connection_max_queries,
+    );
 
     for stub in &c.stubs {
         out.push_str("\n[[stub]]\n");

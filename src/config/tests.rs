@@ -138,6 +138,22 @@ fn out_of_range_values() {
             "upstream.udp_socket_lifetime",
         ),
         (
+            "[upstream]\ntcp_connections = 0\n",
+            "upstream.tcp_connections",
+        ),
+        (
+            "[upstream]\ntcp_connections = 17\n",
+            "upstream.tcp_connections",
+        ),
+        (
+            "[upstream]\ntcp_connection_max_age = \"-1s\"\n",
+            "upstream.tcp_connection_max_age",
+        ),
+        (
+            "[upstream]\nhealth_check_interval = \"often\"\n",
+            "upstream.health_check_interval",
+        ),
+        (
             "[cache]\nprefetch_percent = 100\n",
             "cache.prefetch_percent",
         ),
@@ -410,6 +426,10 @@ fn defaults_are_the_documented_schema() {
             down_time: Duration::from_secs(5),
             udp_socket_queries: 100,
             udp_socket_lifetime: Duration::from_secs(1),
+            health_check_interval: Duration::from_secs(3),
+            tcp_connections: 4,
+            tcp_connection_max_age: Duration::from_secs(3),
+            tcp_connection_max_queries: 1000,
         },
         stubs: vec![],
         cache: Cache {

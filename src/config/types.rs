@@ -91,6 +91,14 @@ pub struct Upstream {
     pub udp_socket_queries: u32,
     /// Age after which an upstream UDP socket is closed instead of reused.
     pub udp_socket_lifetime: Duration,
+    /// Idle time after which a server is probed with a known-good question; zero = never.
+    pub health_check_interval: Duration,
+    /// Pipelined TCP connections per server (1-16).
+    pub tcp_connections: usize,
+    /// Age after which a TCP connection takes no new queries; zero = no limit.
+    pub tcp_connection_max_age: Duration,
+    /// Queries after which a TCP connection takes no new ones; 0 = no limit.
+    pub tcp_connection_max_queries: u32,
 }
 
 #[derive(Debug, Clone, PartialEq)]

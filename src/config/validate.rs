@@ -108,6 +108,10 @@ pub fn validate(
         down_time: raw.upstream.down_time.0,
         udp_socket_queries: raw.upstream.udp_socket_queries,
         udp_socket_lifetime: raw.upstream.udp_socket_lifetime.0,
+        health_check_interval: raw.upstream.health_check_interval.0,
+        tcp_connections: raw.upstream.tcp_connections,
+        tcp_connection_max_age: raw.upstream.tcp_connection_max_age.0,
+        tcp_connection_max_queries: raw.upstream.tcp_connection_max_queries,
     };
 
     let mut stubs = Vec::with_capacity(raw.stub.len());

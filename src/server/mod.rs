@@ -406,6 +406,21 @@ impl Server {
                 }
             });
         }
+        {
+            // Idle health probes: a quiet node knows its upstreams' health too.
+            let resolver = Arc::clone(&self.resolver);
+            tasks.spawn(async move {
+                let mut tick = tokio::time::interval(crate::upstream::probe::TICK);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    let settings = resolver.settings();
+                    settings
+                        .upstreams
+                        .probe_idle(&settings.policy, &resolver.metrics);
+                }
+            });
+        }
         let up = &self.config.upstream;
         tracing::info!(
             listen = %addrs.join(","),

@@ -15,12 +15,17 @@
 //! the probe is sent), and a success brings it back. When every server is down, one of
 //! them (the one due first) is still tried, once: a pool never fails every query at once
 //! just because of its marks.
+//!
+//! Idle servers are probed with a known-good question ([`probe`]), so health is known on a
+//! quiet node too; pipelined TCP keeps several connections per server and replaces them by
+//! age and query count ([`pipeline`]), so kube-proxy spreads the load over kube-dns replicas.
 
 pub mod attempts;
 pub mod exchange;
 pub mod health;
 pub mod pipeline;
 pub mod ports;
+pub mod probe;
 pub mod route;
 
 use std::hash::{BuildHasher, BuildHasherDefault};
@@ -75,6 +80,8 @@ struct Server {
     rtt: Mutex<attempts::Rtt>,
     /// When the last up/down line was logged, and how many changes were not logged since.
     logged: Mutex<(Option<Instant>, u32)>,
+    /// When this server is next probed if no client gets an answer from it.
+    schedule: Mutex<probe::Schedule>,
 }
 
 /// Up/down lines of one server at most once per this long; the changes in between are
@@ -119,6 +126,11 @@ pub struct Pool {
     policy: health::Policy,
     reuse: ports::Reuse,
     epoch: Instant,
+    /// TCP connections per server and their rotation.
+    spread: pipeline::Spread,
+    /// Idle probes: how often (zero = never) and the question.
+    probe_interval: Duration,
+    probe_question: Key,
 }
 
 impl Pool {
@@ -132,6 +144,11 @@ impl Pool {
             max_queries: up.udp_socket_queries,
             lifetime: up.udp_socket_lifetime,
         };
+        let spread = pipeline::Spread {
+            connections: up.tcp_connections,
+            max_age: up.tcp_connection_max_age,
+            max_queries: up.tcp_connection_max_queries,
+        };
         Pool {
             name,
             servers: servers
@@ -142,12 +159,15 @@ impl Pool {
                     stats: Arc::default(),
                     rtt: Mutex::default(),
                     logged: Mutex::default(),
+                    schedule: Mutex::default(),
                     transport: match protocol {
                         Protocol::Udp => Transport::Udp {
                             ports: ports::Ports::new(addr, reuse),
-                            tcp: pipeline::Pipeline::new(addr, up.timeout),
+                            tcp: pipeline::Pipeline::new(addr, up.timeout, spread),
                         },
-                        Protocol::Tcp => Transport::Tcp(pipeline::Pipeline::new(addr, up.timeout)),
+                        Protocol::Tcp => {
+                            Transport::Tcp(pipeline::Pipeline::new(addr, up.timeout, spread))
+                        }
                     },
                 })
                 .collect(),
@@ -164,6 +184,91 @@ impl Pool {
             ),
             reuse,
             epoch: Instant::now(),
+            spread,
+            probe_interval: up.health_check_interval,
+            probe_question: probe::question(None),
+        }
+    }
+
+    /// Probe idle servers with the SOA of `zone` (the pool's first zone) instead of `. NS`.
+    fn probing(mut self, zone: Option<&str>) -> Pool {
+        self.probe_question = probe::question(zone);
+        self
+    }
+
+    /// Send the probe question to every server that is due one (idle, or no good answer
+    /// to a client for an interval); called every [`probe::TICK`].
+    pub fn probe_idle(self: &Arc<Self>, policy: &TtlPolicy, metrics: &Arc<Metrics>) {
+        let interval = self.probe_interval.as_millis() as u64;
+        if interval == 0 {
+            return;
+        }
+        let now = self.now_ms();
+        for (i, s) in self.servers.iter().enumerate() {
+            // Good answers to clients: NOERROR and NXDOMAIN (the rcode index).
+            let d = s.stats.durations();
+            let answered = d[0].count + d[3].count;
+            if s.schedule
+                .lock()
+                .due(now, answered, interval, rand::random())
+            {
+                let (pool, policy, metrics) = (Arc::clone(self), *policy, Arc::clone(metrics));
+                tokio::spawn(async move { pool.probe(i, &policy, &metrics).await });
+            }
+        }
+    }
+
+    /// Probe server `i`: again at once after a failure while it is still up, so a dead
+    /// server is marked down without waiting `down_after` intervals.
+    async fn probe(&self, i: usize, policy: &TtlPolicy, metrics: &Metrics) {
+        let s = &self.servers[i];
+        let key = self.probe_question;
+        for tries in 1.. {
+            let attempt = self.attempt(s, &key, policy, metrics, self.first_via());
+            let result = tokio::time::timeout(self.timeout, attempt)
+                .await
+                .unwrap_or(Err(ExchangeError::Timeout));
+            let why = match result {
+                Ok(answer) if probe::alive(answer.rcode()) => None,
+                Ok(answer) => Some(format!(
+                    "health probe answered with RCODE {}",
+                    answer.rcode()
+                )),
+                Err(e) => Some(format!("health probe: {e}")),
+            };
+            match &why {
+                None => self.succeeded(s),
+                Some(why) => self.probe_failed(s, why),
+            }
+            if !probe::again(
+                why.is_none(),
+                s.health.lock().is_up(),
+                tries,
+                self.down_after,
+            ) {
+                break;
+            }
+        }
+        let interval = self.probe_interval.as_millis() as u64;
+        s.schedule
+            .lock()
+            .done(self.now_ms(), interval, rand::random());
+    }
+
+    /// A probe got no good answer: one more distinct failed question (logged when that
+    /// marks the server down, never per probe).
+    fn probe_failed(&self, s: &Server, why: &str) {
+        tracing::debug!(upstream = %s.addr, pool = %self.name, "upstream {} ({}): {why}", s.addr, self.name);
+        s.stats.failed(why.to_string());
+        let question = s.schedule.lock().question();
+        self.failed_question(s, question, &why);
+    }
+
+    /// How a pool's first attempt goes: its own protocol.
+    fn first_via(&self) -> attempts::Via {
+        match self.protocol {
+            Protocol::Tcp => attempts::Via::Tcp,
+            Protocol::Udp => attempts::Via::Udp,
         }
     }
 
@@ -212,6 +317,11 @@ impl Pool {
     fn failed(&self, s: &Server, key: &Key, why: &dyn std::fmt::Display) {
         let question = BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
             .hash_one(key.as_bytes());
+        self.failed_question(s, question, why);
+    }
+
+    /// `question` (a hash) got no usable answer from `s`; logged when that marks it down.
+    fn failed_question(&self, s: &Server, question: u64, why: &dyn std::fmt::Display) {
         let marked = s
             .health
             .lock()
@@ -386,12 +496,7 @@ impl Pool {
         let pool = Arc::clone(self);
         tokio::spawn(async move {
             let server = &pool.servers[index];
-            let via = if pool.protocol == Protocol::Tcp {
-                attempts::Via::Tcp
-            } else {
-                attempts::Via::Udp
-            };
-            let attempt = pool.counted_attempt(server, &key, &policy, &metrics, via);
+            let attempt = pool.counted_attempt(server, &key, &policy, &metrics, pool.first_via());
             match tokio::time::timeout(pool.timeout, attempt).await {
                 Ok(Ok(a)) if attempts::verdict(a.rcode()) == attempts::Verdict::Final => {
                     pool.succeeded(server)
@@ -481,6 +586,9 @@ impl Pool {
         self.name == other.name
             && self.same_servers(other)
             && self.reuse == other.reuse
+            && self.spread == other.spread
+            && (self.probe_interval, self.probe_question)
+                == (other.probe_interval, other.probe_question)
             && (self.timeout, self.attempts, self.down_after, self.down_time)
                 == (
                     other.timeout,
@@ -551,19 +659,20 @@ impl Upstreams {
     /// connections.
     pub fn from_config(cfg: &config::Config, previous: Option<&Upstreams>) -> Upstreams {
         let up = &cfg.upstream;
-        let make = |name: String, servers: &[SocketAddr], protocol| {
-            let fresh = Pool::new(name, servers, protocol, up);
+        let make = |name: String, servers: &[SocketAddr], protocol, zone: Option<&str>| {
+            let fresh = Pool::new(name, servers, protocol, up).probing(zone);
             previous
                 .and_then(|p| p.pools.iter().find(|old| old.same_settings(&fresh)))
                 .map_or_else(|| Arc::new(fresh), Arc::clone)
         };
-        let mut pools = vec![make("default".into(), &up.servers, up.protocol)];
+        let mut pools = vec![make("default".into(), &up.servers, up.protocol, None)];
         let mut zones: Vec<(&str, usize)> = Vec::new();
         if !cfg.cluster.upstream.is_empty() {
             pools.push(make(
                 "cluster".into(),
                 &cfg.cluster.upstream,
                 cfg.cluster.protocol,
+                Some(&cfg.cluster.domain),
             ));
             let i = pools.len() - 1;
             zones.push((&cfg.cluster.domain, i));
@@ -574,6 +683,7 @@ impl Upstreams {
                 format!("stub:{}", stub.zone),
                 &stub.servers,
                 stub.protocol,
+                Some(&stub.zone),
             ));
             zones.push((&stub.zone, pools.len() - 1));
         }
@@ -592,6 +702,13 @@ impl Upstreams {
     pub fn sweep(&self) {
         for p in &self.pools {
             p.sweep();
+        }
+    }
+
+    /// Probe the idle servers of every pool (called every [`probe::TICK`]).
+    pub fn probe_idle(&self, policy: &TtlPolicy, metrics: &Arc<Metrics>) {
+        for p in &self.pools {
+            p.probe_idle(policy, metrics);
         }
     }
 

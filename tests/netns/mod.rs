@@ -518,6 +518,60 @@ impl Topology {
     }
 }
 
+/// A node namespace wired to a kube-dns namespace whose pods have the addresses `pods`
+/// (10.244.1.x; the node is 10.244.1.1), with the Service range 10.96.0.0/12 routed there
+/// for the kube-proxy stand-in the test adds.
+pub fn node_and_kube_dns(pods: &[&str]) -> (Netns, Netns) {
+    let node = Netns::new("node");
+    let kdns = Netns::new("kdns");
+    node.sh(&format!(
+        "ip link add n1 type veth peer name k0 netns {kdns}
+         ip addr add 10.244.1.1/24 dev n1
+         ip link set n1 up
+         ip route add 10.96.0.0/12 dev n1",
+        kdns = kdns.name
+    ));
+    let addrs: String = pods
+        .iter()
+        .map(|p| format!("ip addr add {p}/24 dev k0\n"))
+        .collect();
+    kdns.sh(&format!(
+        "{addrs}ip link set k0 up
+         ip route add default via 10.244.1.1"
+    ));
+    (node, kdns)
+}
+
+/// The config of a localdns on 127.0.0.1:53 of the node namespace, without interface or
+/// rules, whose cluster upstream is the kube-dns-upstream Service 10.96.0.20 over TCP and
+/// whose default upstream is `default`; `upstream_extra` is added to `[upstream]`.
+pub fn cluster_config(dir: &Path, default: &str, upstream_extra: &str) -> PathBuf {
+    let path = dir.join("config.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[listen]
+addresses = [\"127.0.0.1\"]
+port = 53
+udp_threads = 1
+[cluster]
+upstream = [\"10.96.0.20:53\"]
+protocol = \"tcp\"
+[upstream]
+servers = [\"{default}\"]
+{upstream_extra}
+[network]
+setup_interface = false
+setup_rules = false
+[metrics]
+address = \"127.0.0.1:9253\"
+"
+        ),
+    )
+    .unwrap();
+    path
+}
+
 /// A kube-proxy in nftables mode, as far as DNS goes: its `ip kube-proxy` and
 /// `ip6 kube-proxy` tables with the DNAT of the Service IP to the kube-dns pod at the
 /// dstnat hooks (prerouting for pods, output for the node), and a conntrack rule in a
@@ -687,6 +741,19 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// The reply (head and body) to `GET path` from the metrics endpoint of a localdns in `ns`
+/// (127.0.0.1:9253, as the configs here have it).
+pub fn http_get(ns: &Netns, path: &str) -> String {
+    let path = path.to_string();
+    ns.enter(move || {
+        let mut c = TcpStream::connect("127.0.0.1:9253").unwrap();
+        write!(c, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+        let mut text = String::new();
+        let _ = c.read_to_string(&mut text);
+        text
+    })
 }
 
 /// Polls `cond` every 5 ms until it holds; the time it took, or `None` past `limit`.
