@@ -20,6 +20,7 @@ use parking_lot::Mutex;
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, Notify};
 
+use super::querylog::{Asked, By};
 use crate::cache::{Cache, Entry};
 use crate::config::Config;
 use crate::dns::answer::write_error;
@@ -281,12 +282,30 @@ impl Resolver {
             inc(&self.metrics.truncated);
         }
         w.stats.response(&out, 0, origin);
-        let proto = match w.reply {
-            ReplyTo::Udp { .. } => "udp",
-            ReplyTo::Tcp(_) => "tcp",
+        // Which server answered is not known here yet (`Pool::query` returns the answer
+        // only): `By::Upstream(None)` until it does.
+        let by = match outcome {
+            Outcome::Cached(_) | Outcome::Uncached(_) => By::Upstream(None),
+            Outcome::Stale(_) => By::Stale,
+            Outcome::Fail => By::Localdns,
         };
-        self.query_log
-            .answer(|| q.key().name_text(), q.qtype, &out, origin, proto);
+        self.query_log.answer(
+            || q.key().name_text(),
+            q.qtype,
+            &out,
+            by,
+            || Asked {
+                proto: match w.reply {
+                    ReplyTo::Udp { .. } => "udp",
+                    ReplyTo::Tcp(_) => "tcp",
+                },
+                client: match &w.reply {
+                    ReplyTo::Udp { peer, .. } => Some(*peer),
+                    ReplyTo::Tcp(_) => None,
+                },
+                received: Some(w.received),
+            },
+        );
         w.stats.durations(w.received.elapsed().as_nanos() as u64, 1);
         send(&self.metrics, w.reply, out);
     }
@@ -336,10 +355,16 @@ impl Resolver {
     }
 }
 
-/// Send an answer; errors are counted, never fatal.
+/// Send an answer; errors are counted, never fatal. The UDP socket is the listener's,
+/// blocking for its receive loop: the send here runs on a runtime worker and must not
+/// wait for room in a full send buffer (every miss answer behind it would wait too), so
+/// it is sent with `MSG_DONTWAIT` and a full buffer is a send error (the client retries,
+/// as for any lost datagram).
 pub fn send(metrics: &Metrics, to: ReplyTo, msg: Vec<u8>) {
     let ok = match to {
-        ReplyTo::Udp { socket, peer } => socket.send_to(&msg, peer).is_ok(),
+        ReplyTo::Udp { socket, peer } => socket2::SockRef::from(&*socket)
+            .send_to_with_flags(&msg, &peer.into(), nix::libc::MSG_DONTWAIT)
+            .is_ok(),
         ReplyTo::Tcp(tx) => tx.send(msg).is_ok(),
     };
     if !ok {

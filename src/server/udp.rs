@@ -19,7 +19,7 @@ use std::time::Duration;
 use socket2::{Protocol, Socket, Type};
 
 use super::resolve::{ReplyTo, Resolver, Waiter};
-use super::{handle, Action};
+use super::{handle_from, Action};
 use crate::metrics::{inc, Stats};
 
 /// How often a blocked receive wakes up to check for shutdown.
@@ -121,7 +121,8 @@ pub fn serve(
         for (i, &(n, addr)) in got.iter().enumerate() {
             let pkt = &bufs[i][..n.min(MAX_QUERY)];
             let out = &mut outs[replies.len()];
-            match handle(&resolver, pkt, out, false, now, &stats) {
+            let who = || (addr.and_then(|a| to_socket_addr(&a)), Some(received_at));
+            match handle_from(&resolver, pkt, out, false, now, &stats, who) {
                 Action::Hit | Action::Reply => replies.push(addr),
                 Action::Miss(key) => {
                     let peer = addr.and_then(|a| to_socket_addr(&a));

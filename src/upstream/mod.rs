@@ -25,7 +25,6 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 
 use crate::config::{self, Protocol};
-use crate::dns::answer::write_upstream_query;
 use crate::dns::{Answer, AnswerError, Key, TtlPolicy};
 use crate::metrics::{inc, Metrics, UpstreamStats};
 use exchange::ExchangeError;
@@ -61,6 +60,8 @@ struct Server {
     transport: Transport,
     /// Requests, answers by rcode and time, failures (CoreDNS `forward` metrics).
     stats: Arc<UpstreamStats>,
+    /// Whether it is asked without EDNS for now ([`exchange::EdnsMemory`]).
+    edns: exchange::EdnsMemory,
 }
 
 /// A list of equivalent servers for a set of zones.
@@ -98,6 +99,7 @@ impl Pool {
                     addr,
                     health: Mutex::new(health::Health::default()),
                     stats: Arc::default(),
+                    edns: exchange::EdnsMemory::new(addr),
                     transport: match protocol {
                         Protocol::Udp => Transport::Udp(ports::Ports::new(addr, reuse)),
                         Protocol::Tcp => Transport::Tcp(pipeline::Pipeline::new(addr, up.timeout)),
@@ -211,7 +213,9 @@ impl Pool {
                 }
                 Err(e) => {
                     tracing::debug!(upstream = %server.addr, pool = %self.name, error = %e, "upstream {} ({}) attempt failed: {e}", server.addr, self.name);
-                    self.failed(server, key, &e);
+                    if e.counts_against_server() {
+                        self.failed(server, key, &e);
+                    }
                     last = Some((server.addr, e));
                 }
             }
@@ -276,11 +280,7 @@ impl Pool {
         let ports = match &s.transport {
             Transport::Udp(ports) => ports,
             Transport::Tcp(pipeline) => {
-                let id: u16 = rand::random();
-                let mut msg = Vec::with_capacity(64);
-                write_upstream_query(&mut msg, id, key);
-                let resp = pipeline.exchange(msg).await?;
-                return Ok(Answer::from_upstream(&resp, id, key, policy)?);
+                return exchange::pipelined(pipeline, key, policy, &s.edns).await
             }
         };
         let (lease, new) = ports.take()?;
@@ -288,14 +288,14 @@ impl Pool {
             inc(&metrics.upstream_udp_sockets);
         }
         // On a timeout this future is dropped with the socket: it is never reused.
-        match exchange::udp(&lease.socket, key, policy).await {
+        match exchange::udp(&lease.socket, key, policy, &s.edns).await {
             Ok(answer) => {
                 ports.give_back(lease);
                 Ok(answer)
             }
             Err(ExchangeError::Answer(AnswerError::Truncated)) => {
                 inc(&metrics.upstream_tcp_retries);
-                exchange::tcp(s.addr, key, policy).await
+                exchange::tcp(s.addr, key, policy, &s.edns).await
             }
             Err(e) => Err(e),
         }
