@@ -821,6 +821,222 @@ fn garbage_is_answered_or_dropped_correctly() {
     assert!(m.value("localdns_bad_queries_total", &[("kind", "dropped")]) >= 1.0);
 }
 
+/// The 16-bit flags word of a raw answer.
+fn flags_of(ans: &[u8]) -> u16 {
+    u16::from_be_bytes([ans[2], ans[3]])
+}
+
+/// NOTIMP to an opcode localdns does not implement echoes the ID, the opcode and RD, and
+/// nothing else of the header (no RA, AD or CD); it carries an OPT record when the query
+/// had one (RFC 6891 §7) and the question. A FORMERR to a query whose question parsed
+/// (two OPT records) echoes the question and one OPT.
+#[test]
+fn error_answers_echo_the_header_as_the_rfcs_expect() {
+    let up = example_upstream();
+    let d = daemon_for(&up);
+    let wait = Duration::from_secs(3);
+
+    let mut q = with_edns(query("www.example.com", A), 1232);
+    q.set_op_code(OpCode::Status)
+        .set_checking_disabled(true)
+        .set_authentic_data(true);
+    let ans = client::udp_raw(d.dns, &client::encode(&q), wait)
+        .unwrap()
+        .expect("NOTIMP expected");
+    let notimp = 0x8000 | (2 << 11) | 0x0100 | 4;
+    assert_eq!(flags_of(&ans), notimp, "flags {:#06x}", flags_of(&ans));
+    let m = hickory_proto::op::Message::from_vec(&ans).expect("decodes");
+    assert_eq!((m.id(), m.queries()), (q.id(), q.queries()));
+    assert!(m.extensions().is_some(), "no OPT answering a query with one");
+    // No OPT asked, none given.
+    let mut plain = query("www.example.com", A);
+    plain.set_op_code(OpCode::Status);
+    let ans = client::udp_raw(d.dns, &client::encode(&plain), wait)
+        .unwrap()
+        .expect("NOTIMP expected");
+    let m = hickory_proto::op::Message::from_vec(&ans).expect("decodes");
+    assert!(m.extensions().is_none(), "an OPT the query did not have");
+
+    // Two OPT records: FORMERR, with the question and one OPT; RD and CD echoed, RA set.
+    let mut q = with_edns(query("www.example.com", A), 1232);
+    q.set_checking_disabled(true).set_authentic_data(true);
+    let mut pkt = client::encode(&q);
+    let opt = pkt[pkt.len() - 11..].to_vec();
+    pkt.extend_from_slice(&opt);
+    pkt[11] = 2;
+    let ans = client::udp_raw(d.dns, &pkt, wait)
+        .unwrap()
+        .expect("FORMERR expected");
+    assert_eq!(
+        flags_of(&ans),
+        0x8000 | 0x0100 | 0x0080 | 0x0010 | 1,
+        "flags {:#06x}",
+        flags_of(&ans)
+    );
+    let m = hickory_proto::op::Message::from_vec(&ans).expect("decodes");
+    assert_eq!(m.queries(), q.queries());
+    assert!(m.extensions().is_some(), "no OPT in the FORMERR");
+    assert_eq!(up.total(), 0, "no error query reaches the upstream");
+}
+
+/// An old server answering FORMERR (or NOTIMP) to every query with EDNS is asked again
+/// without it, and from then on without it: clients get answers, and each later name costs
+/// one upstream query.
+#[test]
+fn an_upstream_that_refuses_edns_is_asked_without_it() {
+    for rcode in [ResponseCode::FormErr, ResponseCode::NotImp] {
+        let up = example_upstream();
+        up.set_refuse_edns(Some(rcode));
+        let d = daemon_for(&up);
+        let r = client::udp(d.dns, &with_edns(query("www.example.com", A), 1232)).unwrap();
+        assert_eq!(r.response_code(), ResponseCode::NoError, "{rcode}: {r:?}");
+        assert_eq!(client::addrs(&r), ["192.0.2.1"]);
+        ok(d.dns, "example.com", A);
+        let sizes = |name: &str| -> Vec<Option<u16>> {
+            up.seen()
+                .iter()
+                .filter(|s| s.name == name)
+                .map(|s| s.edns_size)
+                .collect()
+        };
+        assert_eq!(sizes("www.example.com"), [Some(1232), None], "{rcode}");
+        assert_eq!(sizes("example.com"), [None], "{rcode}: not remembered");
+        assert!(d.stderr().contains("refuses EDNS"), "{}", d.stderr());
+    }
+}
+
+/// An extended RCODE from upstream (BADCOOKIE = 23: 7 in the header, 1 in the OPT) reaches
+/// an EDNS client whole; a client without EDNS cannot be told it and gets SERVFAIL, not
+/// the low bits alone (YXRRSET).
+#[test]
+fn extended_rcodes_from_upstream_reach_the_client() {
+    let up = example_upstream();
+    up.set_rcode("cookie.example.com", ResponseCode::BADCOOKIE);
+    let d = daemon_for(&up);
+    let r = client::udp(d.dns, &with_edns(query("cookie.example.com", A), 1232)).unwrap();
+    assert_eq!(r.response_code(), ResponseCode::BADCOOKIE, "{r:?}");
+    let r = client::udp(d.dns, &query("cookie.example.com", A)).unwrap();
+    assert_eq!(r.response_code(), ResponseCode::ServFail, "{r:?}");
+}
+
+/// The lowest file descriptor number free in process `pid`.
+fn lowest_free_fd(pid: u32) -> u64 {
+    let used: std::collections::BTreeSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("/proc/PID/fd")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    (0..).find(|n| !used.contains(n)).expect("a free number")
+}
+
+fn prlimit_nofile(pid: u32, limit: &str) {
+    let out = std::process::Command::new("prlimit")
+        .args(["--pid", &pid.to_string(), &format!("--nofile={limit}")])
+        .output()
+        .expect("prlimit (util-linux)");
+    assert!(out.status.success(), "prlimit: {out:?}");
+}
+
+/// Out of file descriptors (EMFILE on every new upstream socket), localdns fails the
+/// queries, but its upstream is not to blame: it is not marked down, and answers as soon
+/// as descriptors are free again.
+#[test]
+fn running_out_of_file_descriptors_does_not_mark_the_upstream_down() {
+    let up = example_upstream();
+    let d = daemon_for(&up);
+    let pid = d.pid();
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let open_files: Vec<&str> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("Max open files")
+        .split_whitespace()
+        .skip(3)
+        .collect();
+    // The soft limit only (raising a hard limit again needs CAP_SYS_RESOURCE), at the
+    // lowest free number: no new descriptor fits. Set again if a descriptor open a moment
+    // ago (the READY notification's socket) was closed meanwhile.
+    loop {
+        let free = lowest_free_fd(pid);
+        prlimit_nofile(pid, &format!("{free}:"));
+        if lowest_free_fd(pid) == free {
+            break;
+        }
+    }
+    for i in 0..5 {
+        let name = format!("n{i}.example.com");
+        let r = client::udp(d.dns, &query(&name, A)).unwrap();
+        assert_eq!(r.response_code(), ResponseCode::ServFail, "{name}: {r:?}");
+    }
+    prlimit_nofile(pid, &format!("{}:", open_files[0]));
+    assert_eq!(up.total(), 0, "a query went out without a socket?");
+    let m = scrape(d.metrics);
+    let server = up.addr.to_string();
+    assert_eq!(
+        m.value(
+            "localdns_upstream_up",
+            &[("pool", "default"), ("server", &server)]
+        ),
+        1.0,
+        "marked down for our own EMFILE"
+    );
+    assert!(!d.stderr().contains("marked down"), "{}", d.stderr());
+    assert_eq!(
+        client::addrs(&ok(d.dns, "www.example.com", A)),
+        ["192.0.2.1"]
+    );
+}
+
+/// One query over UDP from a socket bound to `src` (another loopback address: another
+/// client for the query log).
+fn udp_from(src: &str, server: SocketAddr, name: &str) -> Vec<u8> {
+    let s = std::net::UdpSocket::bind((src, 0)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    s.send_to(&client::encode(&query(name, A)), server).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = s.recv(&mut buf).expect("an answer");
+    buf.truncate(n);
+    buf
+}
+
+/// The query log names the client, the latency and who answered; one noisy client cannot
+/// fill the log's budget: a quiet one is logged in full, and what was left out is
+/// reported per client in one line.
+#[test]
+fn the_query_log_says_who_and_one_client_cannot_hide_the_others() {
+    let up = example_upstream();
+    let mut cfg = Config::to(up.addr);
+    cfg.extra = "[log]\nqueries = \"all\"\n".into();
+    let d = Daemon::start(&cfg);
+    for _ in 0..200 {
+        udp_from("127.0.0.2", d.dns, "www.example.com");
+    }
+    for _ in 0..3 {
+        udp_from("127.0.0.3", d.dns, "example.com");
+    }
+    // The report of what was left out comes with the first line of a later second.
+    sleep(Duration::from_millis(1100));
+    udp_from("127.0.0.3", d.dns, "example.com");
+    let log = d.stderr();
+    let lines = |client: &str| log.lines().filter(|l| l.contains(client)).count();
+    assert_eq!(lines("from 127.0.0.3:"), 4, "{log}");
+    let noisy = lines("from 127.0.0.2:");
+    assert!((1..=20).contains(&noisy), "{noisy} lines of the noisy client: {log}");
+    assert!(log.contains("lines left out"), "{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("lines left out") && l.contains("127.0.0.2 ")),
+        "{log}"
+    );
+    // Who answered: the first query went upstream, the rest came from the cache; each line
+    // says how long it took.
+    assert!(
+        log.contains("query example.com. A (udp) from 127.0.0.3:")
+            && log.contains(": NOERROR by upstream in "),
+        "{log}"
+    );
+    assert!(log.contains(": NOERROR by cache in "), "{log}");
+}
+
 #[test]
 fn check_config_reports_file_line_and_key() {
     let dir = tempfile::tempdir().unwrap();
@@ -2052,8 +2268,8 @@ fn the_dashboard_and_alerts_query_only_exported_metrics() {
     }
 }
 
-/// `[log] queries = "errors"` writes the failing answers (name, type, rcode, who
-/// answered), not the good ones.
+/// `[log] queries = "errors"` writes the failing answers (name, type, client, rcode, who
+/// answered, latency), not the good ones.
 #[test]
 fn the_query_log_names_failing_names() {
     let up = example_upstream();
@@ -2068,13 +2284,14 @@ fn the_query_log_names_failing_names() {
     let r = client::udp(d.dns, &query("broken.example.com", A)).unwrap();
     assert_eq!(r.response_code(), ResponseCode::ServFail);
     let log = d.stderr();
-    assert!(
-        log.contains("query broken.example.com. A (udp): SERVFAIL from forward"),
-        "{log}"
-    );
-    assert!(
-        log.contains("query broken.example.com. A (udp): SERVFAIL from cache"),
-        "{log}"
-    );
+    let line = |by: &str| {
+        log.lines().any(|l| {
+            l.contains("query broken.example.com. A (udp) from 127.0.0.1:")
+                && l.contains(&format!(": SERVFAIL by {by} in "))
+                && l.contains(" ms")
+        })
+    };
+    assert!(line("upstream"), "{log}");
+    assert!(line("cache"), "{log}");
     assert!(!log.contains("query www.example.com"), "{log}");
 }
