@@ -2318,7 +2318,10 @@ fn the_dashboard_and_alerts_query_only_exported_metrics() {
                 Ok("true"),
                 "CI: promtool: {e} (apt-get install prometheus)"
             );
-            eprintln!("SKIPPED promtool check rules: {e} (apt-get install prometheus)");
+            common::skipped::skipped(
+                "promtool check rules",
+                &format!("{e} (apt-get install prometheus)"),
+            );
         }
     }
 }
