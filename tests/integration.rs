@@ -2353,3 +2353,95 @@ fn the_query_log_names_failing_names() {
     assert!(line("cache"), "{log}");
     assert!(!log.contains("query www.example.com"), "{log}");
 }
+
+/// A network namespace of this test's own, deleted on drop.
+struct Ns(String);
+
+impl Ns {
+    fn new(role: &str) -> Result<Ns, String> {
+        let name = format!("ld-proto-{role}-{}", std::process::id());
+        let out = std::process::Command::new("ip")
+            .args(["netns", "add", &name])
+            .output()
+            .map_err(|e| format!("ip: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "ip netns add: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(Ns(name))
+    }
+
+    fn sh(&self, line: &str) {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.0, "sh", "-ec", line])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "[{}] {line}: {out:?}", self.0);
+    }
+}
+
+impl Drop for Ns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .output();
+    }
+}
+
+/// A miss answer sent to a client behind a link whose queue is full (a slow tbf qdisc on
+/// the way out, a small send buffer) is dropped and counted, and the send returns at once:
+/// a runtime worker never waits for room in the listener's blocking socket. Needs network
+/// namespaces (root).
+#[test]
+fn a_full_send_buffer_never_blocks_the_miss_path() {
+    let (here, there) = match (Ns::new("send"), Ns::new("peer")) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(why), _) | (_, Err(why)) => {
+            assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "CI: {why}");
+            common::skipped::skipped("a_full_send_buffer_never_blocks_the_miss_path", &why);
+            return;
+        }
+    };
+    here.sh(&format!(
+        "ip link add va type veth peer name vb netns {peer}
+         ip addr add 10.77.0.1/24 dev va
+         ip link set va up
+         ip netns exec {peer} ip addr add 10.77.0.2/24 dev vb
+         ip netns exec {peer} ip link set vb up
+         ip neigh replace 10.77.0.2 lladdr $(ip netns exec {peer} cat /sys/class/net/vb/address) dev va nud permanent
+         tc qdisc add dev va root tbf rate 8kbit burst 1600 limit 1000000",
+        peer = there.0
+    ));
+    let path = format!("/run/netns/{}", here.0);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap();
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let socket = std::net::UdpSocket::bind("10.77.0.1:0").unwrap();
+        socket2::SockRef::from(&socket)
+            .set_send_buffer_size(4096)
+            .unwrap();
+        let socket = Arc::new(socket);
+        let metrics = localdns::metrics::Metrics::default();
+        let peer: SocketAddr = "10.77.0.2:9".parse().unwrap();
+        for _ in 0..50 {
+            let to = localdns::server::resolve::ReplyTo::Udp {
+                socket: Arc::clone(&socket),
+                peer,
+            };
+            localdns::server::resolve::send(&metrics, to, vec![0u8; 1000]);
+        }
+        let _ = tx.send(
+            metrics
+                .send_errors
+                .load(std::sync::atomic::Ordering::Relaxed),
+        );
+    });
+    // At 8 kbit/s a blocking send waits about a second per answer once the buffer is full.
+    let errors = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("send() blocked on a full send buffer");
+    assert!(errors >= 40, "{errors} of 50 counted as send errors");
+}
