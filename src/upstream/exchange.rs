@@ -61,7 +61,8 @@ impl ExchangeError {
 
 /// Whether an I/O error comes from this host's own resources rather than from the server
 /// or the path to it: out of descriptors or memory, no buffer space, no local address or
-/// port, an address family the host does not have.
+/// port. (No route or no such address family is about the path to that server, which
+/// other servers of the pool may not share: that counts against it.)
 pub fn is_local(e: &io::Error) -> bool {
     use nix::errno::Errno;
     let Some(errno) = e.raw_os_error().map(Errno::from_raw) else {
@@ -75,7 +76,6 @@ pub fn is_local(e: &io::Error) -> bool {
             | Errno::ENOMEM
             | Errno::EADDRNOTAVAIL
             | Errno::EADDRINUSE
-            | Errno::EAFNOSUPPORT
     )
 }
 
@@ -263,6 +263,8 @@ mod tests {
             nix::libc::ECONNREFUSED,
             nix::libc::ECONNRESET,
             nix::libc::EHOSTUNREACH,
+            nix::libc::ENETUNREACH,
+            nix::libc::EAFNOSUPPORT,
         ] {
             let e = ExchangeError::from(io::Error::from_raw_os_error(remote));
             assert!(matches!(e, ExchangeError::Io(_)), "{e}");
