@@ -51,7 +51,7 @@ fn validator() -> Option<PathBuf> {
     if found.is_none() {
         let why = "kubernetes-validate not found ($KUBERNETES_VALIDATE, target/k8s-validate, PATH): .ci/run installs it";
         assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
-        println!("SKIPPED manifests: {why}");
+        common::skipped::skipped("manifests", why);
     }
     found
 }

@@ -13,6 +13,9 @@ use std::process::{Command, Output, Stdio};
 
 use clap::CommandFactory;
 
+#[path = "common/skipped.rs"]
+mod skipped;
+
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// The glibc the binary may need at most: RHEL 8's.
 const MAX_GLIBC: &str = "2.28";
@@ -100,7 +103,7 @@ fn skip(test: &str, why: &str) {
     if std::env::var("CI").is_ok_and(|v| v == "true") {
         panic!("{test}: {why} (CI=true: .ci/run installs the tools and builds the packages)");
     }
-    println!("SKIPPED {test}: {why}");
+    skipped::skipped(test, why);
 }
 
 /// `true` when every tool is on PATH; else says which is missing.

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use hickory_proto::op::Message;
 use localdns::config::{load_documents, ConfigError, Environment};
-use localdns::dns::answer::write_error;
+use localdns::dns::answer::{write_error, write_refusal};
 use localdns::dns::query::question_end;
 use localdns::dns::wire::{self, Header, HEADER_LEN};
 use localdns::dns::{Answer, AnswerError, Key, Query, Reject, Ttl, TtlPolicy};
@@ -85,7 +85,7 @@ fn error_answer(pkt: &[u8]) -> Option<(Vec<u8>, u16)> {
         Err(Reject::NotImp { id, flags }) => (id, flags, wire::RCODE_NOTIMP, 0),
         Err(Reject::BadVers { id, flags }) => (id, flags, wire::RCODE_NOERROR, 1),
     };
-    write_error(&mut out, id, flags, rcode, None, ext);
+    write_refusal(&mut out, pkt, id, flags, rcode, ext);
     Some((out, id))
 }
 
@@ -176,25 +176,6 @@ proptest! {
         assert_answers(&out, &q);
     }
 
-    /// Arbitrary bytes as an upstream response: never a panic; when accepted, the
-    /// rendered answer has every byte inside a counted record.
-    #[test]
-    fn upstream_parser_never_panics(
-        resp in prop::collection::vec(any::<u8>(), 0..300),
-        age in any::<u32>(),
-        edns in edns(),
-    ) {
-        let Some((id, key)) = key_of(&resp) else { return Ok(()) };
-        let Ok(answer) = Answer::from_upstream(&resp, id, &key, &POLICY) else { return Ok(()) };
-        let pkt = client_query(1, key.qname(), key.qtype(), edns);
-        let Ok(q) = Query::parse(&pkt) else { return Ok(()) };
-        let mut out = Vec::new();
-        answer.render(&mut out, &q, Ttl::Age(age), u16::MAX as usize);
-        let h = Header::read(&out).expect("a header");
-        let end = wire::walk_records(&out, question_end(&out).unwrap(), &h, |_, _| {});
-        prop_assert_eq!(end, Some(out.len()));
-    }
-
     /// A well-formed upstream answer with bytes flipped: never a panic.
     #[test]
     fn mangled_upstream_answers(
@@ -226,6 +207,162 @@ proptest! {
             Err(e) => prop_assert!(false, "{e}"),
         }
     }
+}
+
+// ---- The upstream parser on structured answers.
+
+/// Record types of the structured answers: A, NS, CNAME, SOA, PTR, MX, TXT, AAAA, SRV.
+const TYPES: [u16; 9] = [1, 2, 5, 6, 12, 15, 16, 28, 33];
+
+/// One record of a structured answer: section (0 answer, 1 authority, 2 additional),
+/// index into [`TYPES`], TTL, and bytes for RDATA (used as they are for types without
+/// names, as the label of the name for the others).
+type Rec = (u8, usize, u32, Vec<u8>);
+
+/// What the structured generator draws: ID, question name and type index, rcode, TC,
+/// records, the OPT's extended rcode byte (when there is an OPT) and a few byte flips.
+type Drawn = (
+    u16,
+    Vec<String>,
+    usize,
+    u8,
+    bool,
+    Vec<Rec>,
+    Option<u8>,
+    Vec<(prop::sample::Index, u8)>,
+);
+
+fn drawn() -> impl Strategy<Value = Drawn> {
+    let rec = (
+        0u8..3,
+        0..TYPES.len(),
+        any::<u32>(),
+        prop::collection::vec(any::<u8>(), 0..24),
+    );
+    let flips = prop_oneof![
+        4 => Just(Vec::new()),
+        1 => prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..3),
+    ];
+    (
+        any::<u16>(),
+        labels(),
+        0..TYPES.len(),
+        prop_oneof![6 => Just(0u8), 2 => Just(3u8), 1 => 0u8..16],
+        prop::bool::weighted(0.05),
+        prop::collection::vec(rec, 0..8),
+        prop_oneof![2 => Just(None), 2 => Just(Some(0u8)), 1 => any::<u8>().prop_map(Some)],
+        flips,
+    )
+}
+
+/// RDATA for a record of type `rtype` from `bytes`: a name (one label from the bytes, then
+/// a pointer to the question name) where the type holds one, fixed sizes where it has them.
+fn rdata(rtype: u16, bytes: &[u8]) -> Vec<u8> {
+    let label: Vec<u8> = bytes.iter().take(10).map(|b| b'a' + b % 26).collect();
+    let mut name = Vec::new();
+    if !label.is_empty() {
+        name.push(label.len() as u8);
+        name.extend_from_slice(&label);
+    }
+    name.extend_from_slice(&[0xc0, 12]);
+    let padded = |n: usize| {
+        (0..n)
+            .map(|i| bytes.get(i).copied().unwrap_or(0))
+            .collect::<Vec<u8>>()
+    };
+    match rtype {
+        2 | 5 | 12 => name,
+        6 => [name.clone(), vec![0xc0, 12], padded(20)].concat(),
+        15 => [padded(2), name].concat(),
+        33 => [padded(6), name].concat(),
+        1 => padded(4),
+        28 => padded(16),
+        16 => [vec![bytes.len() as u8], bytes.to_vec()].concat(),
+        _ => bytes.to_vec(),
+    }
+}
+
+/// The wire form of a drawn answer.
+fn structured(d: &Drawn) -> Vec<u8> {
+    let (id, labels, qtype, rcode, tc, recs, opt, flips) = d;
+    let mut r = id.to_be_bytes().to_vec();
+    r.extend_from_slice(&[
+        0x81 | if *tc { 0x02 } else { 0 },
+        0x80 | (rcode & 0xf),
+        0,
+        1,
+    ]);
+    let count = |s: u8| recs.iter().filter(|r| r.0 == s).count() as u16;
+    r.extend_from_slice(&count(0).to_be_bytes());
+    r.extend_from_slice(&count(1).to_be_bytes());
+    r.extend_from_slice(&(count(2) + u16::from(opt.is_some())).to_be_bytes());
+    r.extend_from_slice(&wire_name(labels));
+    r.extend_from_slice(&TYPES[*qtype].to_be_bytes());
+    r.extend_from_slice(&[0, 1]);
+    for section in 0..3 {
+        for (_, t, ttl, bytes) in recs.iter().filter(|r| r.0 == section) {
+            let rtype = TYPES[*t];
+            let data = rdata(rtype, bytes);
+            r.extend_from_slice(&[0xc0, 12]);
+            r.extend_from_slice(&rtype.to_be_bytes());
+            r.extend_from_slice(&[0, 1]);
+            r.extend_from_slice(&ttl.to_be_bytes());
+            r.extend_from_slice(&(data.len() as u16).to_be_bytes());
+            r.extend_from_slice(&data);
+        }
+    }
+    if let Some(ext) = opt {
+        r.extend_from_slice(&[0, 0, 41, 4, 0xd0, *ext, 0, 0, 0, 0, 0]);
+    }
+    for (at, byte) in flips {
+        let at = at.index(r.len());
+        r[at] = *byte;
+    }
+    r
+}
+
+/// Upstream answers, structured (a valid header, the question of the key, records of the
+/// usual types, an OPT) and sometimes mangled: never a panic; when accepted, the rendered
+/// answer has every byte inside a counted record (RDATA localdns does not read, such as a
+/// mangled TXT, is passed on as it came). Most cases must reach that
+/// check (arbitrary bytes reached it in 1.5% of cases), so the share is counted and has a
+/// floor.
+#[test]
+fn upstream_parser_never_panics() {
+    use proptest::test_runner::{Config, TestRunner};
+    const CASES: u32 = 3000;
+    let (cases, rendered) = (std::cell::Cell::new(0u32), std::cell::Cell::new(0u32));
+    let mut runner = TestRunner::new(Config::with_cases(CASES));
+    let strategy = (drawn(), any::<u32>(), edns());
+    runner
+        .run(&strategy, |(d, age, edns)| {
+            cases.set(cases.get() + 1);
+            let resp = structured(&d);
+            let Some((id, key)) = key_of(&resp) else {
+                return Ok(());
+            };
+            let Ok(answer) = Answer::from_upstream(&resp, id, &key, &POLICY) else {
+                return Ok(());
+            };
+            let pkt = client_query(1, key.qname(), key.qtype(), edns);
+            let Ok(q) = Query::parse(&pkt) else {
+                return Ok(());
+            };
+            rendered.set(rendered.get() + 1);
+            let mut out = Vec::new();
+            answer.render(&mut out, &q, Ttl::Age(age), u16::MAX as usize);
+            let h = Header::read(&out).expect("a header");
+            let end = wire::walk_records(&out, question_end(&out).unwrap(), &h, |_, _| {});
+            prop_assert_eq!(end, Some(out.len()));
+            Ok(())
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (cases, rendered) = (cases.get(), rendered.get());
+    eprintln!("upstream_parser_never_panics: {rendered} of {cases} cases reached the render check");
+    assert!(
+        rendered * 2 > cases,
+        "only {rendered} of {cases} cases reached the render check"
+    );
 }
 
 // ---- The fuzzers' findings (README "Fuzzing").

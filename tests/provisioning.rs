@@ -76,7 +76,7 @@ fn run_ok(program: &str, args: &[&str]) -> String {
 macro_rules! require_tools {
     ($name:expr, $tools:expr) => {
         if let Some(why) = harness::missing_tool($tools) {
-            eprintln!("SKIPPED {}: {why}", $name);
+            common::skipped::skipped($name, &why);
             return;
         }
     };

@@ -5,7 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use localdns::dns::answer::write_error;
+use localdns::dns::answer::{write_error, write_refusal};
 use localdns::dns::wire::{self, FLAG_TC, HEADER_LEN};
 use localdns::dns::{Answer, Key, Query, Reject, Ttl, TtlPolicy};
 use localdns_fuzz::{assert_answers, assert_error_answer, assert_well_formed};
@@ -37,15 +37,15 @@ fuzz_target!(|pkt: &[u8]| {
         Ok(q) => q,
         Err(Reject::Drop) => return,
         Err(Reject::FormErr { id, flags }) => {
-            write_error(&mut out, id, flags, wire::RCODE_FORMERR, None, 0);
+            write_refusal(&mut out, pkt, id, flags, wire::RCODE_FORMERR, 0);
             return assert_error_answer(&out, id);
         }
         Err(Reject::NotImp { id, flags }) => {
-            write_error(&mut out, id, flags, wire::RCODE_NOTIMP, None, 0);
+            write_refusal(&mut out, pkt, id, flags, wire::RCODE_NOTIMP, 0);
             return assert_error_answer(&out, id);
         }
         Err(Reject::BadVers { id, flags }) => {
-            write_error(&mut out, id, flags, wire::RCODE_NOERROR, None, 1);
+            write_refusal(&mut out, pkt, id, flags, wire::RCODE_NOERROR, 1);
             return assert_error_answer(&out, id);
         }
     };

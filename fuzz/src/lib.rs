@@ -31,7 +31,7 @@ pub fn assert_answers(out: &[u8], q: &Query<'_>) -> Message {
     msg
 }
 
-/// An error answer (`write_error` without the question) decodes and keeps the ID.
+/// An error answer (`write_refusal`, as `server::handle` writes it) decodes and keeps the ID.
 pub fn assert_error_answer(out: &[u8], id: u16) {
     let msg = Message::from_vec(out)
         .unwrap_or_else(|e| panic!("error answer does not decode: {e}\n{out:02x?}"));

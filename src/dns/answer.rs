@@ -5,7 +5,7 @@
 //! TTL already capped by policy and the offsets of those TTL fields recorded at insert, so
 //! serving is a copy plus a few 4-byte patches.
 
-use super::query::{Key, Query};
+use super::query::{salvage, Echo, Key, Query};
 use super::wire::{self, Header, Section, HEADER_LEN, TYPE_OPT, TYPE_SOA};
 
 /// The UDP payload size localdns advertises in its own OPT records, to clients and
@@ -50,6 +50,10 @@ pub struct Answer {
     /// Header (ID zero) + question + records, OPT removed, TTLs capped.
     wire: Box<[u8]>,
     question_end: u16,
+    /// The upper 8 bits of a 12-bit extended RCODE (the OPT TTL's top byte, RFC 6891
+    /// §6.1.3), replayed in the client's OPT record: BADCOOKIE (23) is 1 here, 7 in the
+    /// header.
+    ext_rcode: u8,
     ttl_offsets: Box<[u16]>,
     /// Seconds this answer is fresh after it was stored.
     pub ttl: u32,
@@ -66,6 +70,11 @@ impl Answer {
     /// The upstream's RCODE (header bits).
     pub fn rcode(&self) -> u8 {
         self.wire.get(3).map_or(0, |b| b & 0x0f)
+    }
+
+    /// The upstream's whole RCODE: the header's 4 bits and the OPT record's upper 8.
+    pub fn full_rcode(&self) -> u16 {
+        u16::from(self.ext_rcode) << 4 | u16::from(self.rcode())
     }
 
     /// Validate an upstream response to the query `id`/`key` and turn it into an answer.
@@ -125,10 +134,13 @@ impl Answer {
             wire::RCODE_SERVFAIL => Kind::ServFail,
             _ => Kind::Uncacheable,
         };
-        // An extended RCODE (upper bits in OPT) cannot be replayed from our own OPT.
-        let kind = match opt {
-            Some(o) if o.ttl >> 24 != 0 => Kind::Uncacheable,
-            _ => kind,
+        // An extended RCODE (upper bits in OPT) is passed on, never cached: it says
+        // something about that exchange (a cookie, a key), not about the name.
+        let ext_rcode = opt.map_or(0, |o| (o.ttl >> 24) as u8);
+        let kind = if ext_rcode != 0 {
+            Kind::Uncacheable
+        } else {
+            kind
         };
 
         let ttl = match kind {
@@ -190,6 +202,7 @@ impl Answer {
         Ok(Answer {
             wire,
             question_end: qend as u16,
+            ext_rcode,
             ttl_offsets: ttl_offsets.into_boxed_slice(),
             ttl,
             kind,
@@ -202,7 +215,10 @@ impl Answer {
     /// seconds; `Ttl::Fixed(t)` shows `t` everywhere (serve-stale). The client's ID,
     /// question (letter case included), RD and CD bits are echoed. When the result is
     /// longer than `limit` a truncated answer (TC=1, question only) is written instead;
-    /// returns whether that happened.
+    /// returns whether that happened. An extended RCODE goes in the client's OPT record;
+    /// a client without EDNS cannot be told it (RFC 6891 §7: no OPT in the answer) and
+    /// gets SERVFAIL instead of a header code that would mean something else (BADCOOKIE's
+    /// low bits read YXRRSET).
     pub fn render(&self, out: &mut Vec<u8>, q: &Query<'_>, ttl: Ttl, limit: usize) -> bool {
         out.clear();
         out.extend_from_slice(&self.wire[..HEADER_LEN]);
@@ -220,7 +236,10 @@ impl Answer {
             };
             wire::put_u32(out, off, shown);
         }
-        finish(out, q, limit)
+        if self.ext_rcode != 0 && q.edns.is_none() {
+            out[3] = (out[3] & 0xf0) | wire::RCODE_SERVFAIL;
+        }
+        finish(out, q, limit, self.ext_rcode)
     }
 }
 
@@ -231,8 +250,9 @@ pub enum Ttl {
     Fixed(u32),
 }
 
-/// Append the client's OPT record if it sent one, then truncate to `limit` if needed.
-fn finish(out: &mut Vec<u8>, q: &Query<'_>, limit: usize) -> bool {
+/// Append the client's OPT record (with these upper RCODE bits) if it sent one, then
+/// truncate to `limit` if needed.
+fn finish(out: &mut Vec<u8>, q: &Query<'_>, limit: usize, ext_rcode: u8) -> bool {
     let truncated = out.len() + if q.edns.is_some() { 11 } else { 0 } > limit;
     if truncated {
         out.truncate(HEADER_LEN + q.question.len());
@@ -241,7 +261,7 @@ fn finish(out: &mut Vec<u8>, q: &Query<'_>, limit: usize) -> bool {
         out[6..12].fill(0);
     }
     if let Some(e) = q.edns {
-        push_opt(out, 0, e.dnssec_ok);
+        push_opt(out, ext_rcode, e.dnssec_ok);
         let ar = wire::u16_at(out, 10).unwrap_or(0);
         wire::put_u16(out, 10, ar + 1);
     }
@@ -256,6 +276,22 @@ fn push_opt(out: &mut Vec<u8>, ext_rcode: u8, dnssec_ok: bool) {
     out.extend_from_slice(&[ext_rcode, 0, if dnssec_ok { 0x80 } else { 0 }, 0, 0, 0]);
 }
 
+/// The flags of an error answer to a query with `query_flags`: QR, the opcode and RD
+/// echoed (RFC 1035 §4.1.1), never AA, TC or AD. For QUERY, CD is echoed (RFC 4035
+/// §3.2.2) and RA set, as in every answer localdns gives. For an opcode localdns does not
+/// implement (NOTIMP), nothing else: the other bits mean what that opcode defines, and
+/// recursion was not offered for it. (unbound 1.17 and NSD 4.6 echo CD there too, unbound
+/// leaves RA clear; RFC 6891 and the issue ask for no RA, AD or CD.)
+pub fn error_flags(query_flags: u16, rcode: u8) -> u16 {
+    let opcode = query_flags & 0x7800;
+    let flags = wire::FLAG_QR | opcode | (query_flags & wire::FLAG_RD) | u16::from(rcode & 0xf);
+    if opcode == 0 {
+        flags | (query_flags & wire::FLAG_CD) | wire::FLAG_RA
+    } else {
+        flags
+    }
+}
+
 /// Write a response with no records: `rcode` for the query with this ID and flags.
 /// The question is included when known. `ext_rcode` is the upper RCODE bits (BADVERS = 1),
 /// sent in an OPT record when the client used EDNS or the code needs it.
@@ -267,25 +303,52 @@ pub fn write_error(
     q: Option<&Query<'_>>,
     ext_rcode: u8,
 ) {
+    let echo = Echo {
+        question: q.map(|q| q.question),
+        edns: q.and_then(|q| q.edns),
+    };
+    write_echo(out, id, query_flags, rcode, &echo, ext_rcode);
+}
+
+/// Write the answer to a query refused at parse time (FORMERR, NOTIMP, BADVERS), echoing
+/// what could be read of it ([`salvage`]): its question, and an OPT record when it had
+/// one (RFC 6891 §7: a responder that speaks EDNS answers an OPT with an OPT).
+pub fn write_refusal(
+    out: &mut Vec<u8>,
+    pkt: &[u8],
+    id: u16,
+    query_flags: u16,
+    rcode: u8,
+    ext_rcode: u8,
+) {
+    write_echo(out, id, query_flags, rcode, &salvage(pkt), ext_rcode);
+}
+
+fn write_echo(
+    out: &mut Vec<u8>,
+    id: u16,
+    query_flags: u16,
+    rcode: u8,
+    echo: &Echo<'_>,
+    ext_rcode: u8,
+) {
     out.clear();
     out.extend_from_slice(&id.to_be_bytes());
-    let keep = query_flags & (0x7800 | wire::FLAG_RD | wire::FLAG_CD);
-    let flags = wire::FLAG_QR | keep | wire::FLAG_RA | rcode as u16 & 0xf;
-    out.extend_from_slice(&flags.to_be_bytes());
-    out.extend_from_slice(&[0, u8::from(q.is_some()), 0, 0, 0, 0, 0, 0]);
-    if let Some(q) = q {
-        out.extend_from_slice(q.question);
+    out.extend_from_slice(&error_flags(query_flags, rcode).to_be_bytes());
+    out.extend_from_slice(&[0, u8::from(echo.question.is_some()), 0, 0, 0, 0, 0, 0]);
+    if let Some(question) = echo.question {
+        out.extend_from_slice(question);
     }
-    let edns = q.and_then(|q| q.edns);
-    if edns.is_some() || ext_rcode != 0 {
-        push_opt(out, ext_rcode, edns.is_some_and(|e| e.dnssec_ok));
+    if echo.edns.is_some() || ext_rcode != 0 {
+        push_opt(out, ext_rcode, echo.edns.is_some_and(|e| e.dnssec_ok));
         out[11] = 1;
     }
 }
 
 /// Write the query localdns sends upstream for `key` with this ID: RD set, CD as the
-/// client asked, EDNS with our UDP size and the client's DO bit.
-pub fn write_upstream_query(out: &mut Vec<u8>, id: u16, key: &Key) {
+/// client asked, and with `edns` an OPT record with our UDP size and the client's DO bit
+/// (without, for a server that refuses EDNS: see `upstream::exchange`).
+pub fn write_upstream_query(out: &mut Vec<u8>, id: u16, key: &Key, edns: bool) {
     out.clear();
     out.extend_from_slice(&id.to_be_bytes());
     let mut flags = wire::FLAG_RD;
@@ -293,11 +356,13 @@ pub fn write_upstream_query(out: &mut Vec<u8>, id: u16, key: &Key) {
         flags |= wire::FLAG_CD;
     }
     out.extend_from_slice(&flags.to_be_bytes());
-    out.extend_from_slice(&[0, 1, 0, 0, 0, 0, 0, 1]);
+    out.extend_from_slice(&[0, 1, 0, 0, 0, 0, 0, u8::from(edns)]);
     out.extend_from_slice(key.qname());
     out.extend_from_slice(&key.qtype().to_be_bytes());
     out.extend_from_slice(&key.qclass().to_be_bytes());
-    push_opt(out, 0, key.dnssec_ok());
+    if edns {
+        push_opt(out, 0, key.dnssec_ok());
+    }
 }
 
 #[cfg(test)]
@@ -642,11 +707,100 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn notimp_to_an_unknown_opcode_echoes_only_id_opcode_rd_and_the_opt() {
+        let mut q = query(77, "x.example", 1, Some((1232, true)));
+        // STATUS, with RD, AD and CD set by the client.
+        let flags = (2 << 11) | wire::FLAG_RD | wire::FLAG_AD | wire::FLAG_CD;
+        wire::put_u16(&mut q, 2, flags);
+        let mut out = Vec::new();
+        write_refusal(&mut out, &q, 77, flags, wire::RCODE_NOTIMP, 0);
+        let h = Header::read(&out).unwrap();
+        assert_eq!(
+            h.flags,
+            wire::FLAG_QR | (2 << 11) | wire::FLAG_RD | u16::from(wire::RCODE_NOTIMP)
+        );
+        assert_eq!((h.id, h.qdcount, h.ancount, h.arcount), (77, 1, 0, 1));
+        let qend = super::super::query::question_end(&out).unwrap();
+        assert_eq!(&out[12..qend], &q[12..qend]);
+        let opt = wire::read_record(&out, qend).unwrap();
+        assert_eq!((opt.rtype, opt.ttl, opt.end), (TYPE_OPT, 0x8000, out.len()));
+        // Without an OPT in the query, none in the answer.
+        let mut plain = query(78, "x.example", 1, None);
+        wire::put_u16(&mut plain, 2, flags);
+        write_refusal(&mut out, &plain, 78, flags, wire::RCODE_NOTIMP, 0);
+        assert_eq!(Header::read(&out).unwrap().arcount, 0);
+        assert_eq!(out.len(), plain.len());
+    }
+
+    #[test]
+    fn errors_to_queries_keep_rd_and_cd_set_ra_never_ad() {
+        let all = wire::FLAG_RD | wire::FLAG_AD | wire::FLAG_CD | wire::FLAG_AA | wire::FLAG_TC;
+        let f = error_flags(all, wire::RCODE_FORMERR);
+        assert_eq!(
+            f,
+            wire::FLAG_QR | wire::FLAG_RD | wire::FLAG_CD | wire::FLAG_RA | 1
+        );
+        assert_eq!(
+            error_flags(0, wire::RCODE_SERVFAIL),
+            wire::FLAG_QR | wire::FLAG_RA | 2
+        );
+        // UPDATE (5): no RA, CD or AD whatever the query said.
+        assert_eq!(
+            error_flags((5 << 11) | all, wire::RCODE_NOTIMP),
+            wire::FLAG_QR | (5 << 11) | wire::FLAG_RD | 4
+        );
+        // A FORMERR whose question parsed echoes it, and the OPT.
+        let mut q = query(9, "x.example", 1, Some((1232, false)));
+        q[7] = 1; // an answer record claimed and missing
+        let mut out = Vec::new();
+        write_refusal(&mut out, &q, 9, 0x0100, wire::RCODE_FORMERR, 0);
+        let h = Header::read(&out).unwrap();
+        assert_eq!((h.rcode(), h.qdcount, h.arcount), (1, 1, 0));
+    }
+
+    #[test]
+    fn extended_rcodes_reach_the_client_in_its_opt() {
+        let q = query(10, "a.example", 1, Some((1232, false)));
+        let key = parse(&q).key();
+        // BADCOOKIE (23): 7 in the header, 1 in the top byte of the OPT TTL.
+        let mut r = response(&q, 23 & 0xf, &[], false);
+        r.extend_from_slice(&[0, 0, 41, 4, 0xd0, 1, 0, 0, 0, 0, 0]);
+        wire::put_u16(&mut r, 10, 1);
+        let a = Answer::from_upstream(&r, 10, &key, &POLICY).unwrap();
+        assert_eq!((a.kind, a.full_rcode()), (Kind::Uncacheable, 23));
+        let mut out = Vec::new();
+        a.render(&mut out, &parse(&q), Ttl::Age(0), 1232);
+        let h = Header::read(&out).unwrap();
+        assert_eq!((h.rcode(), h.arcount), (7, 1));
+        let opt = wire::read_record(&out, q.len() - 11).unwrap();
+        assert_eq!((opt.rtype, opt.ttl >> 24), (TYPE_OPT, 1));
+        // A client without EDNS cannot be told BADCOOKIE: SERVFAIL, no OPT.
+        let plain = query(10, "a.example", 1, None);
+        a.render(&mut out, &parse(&plain), Ttl::Age(0), 512);
+        let h = Header::read(&out).unwrap();
+        assert_eq!((h.rcode(), h.arcount), (wire::RCODE_SERVFAIL, 0));
+        // Truncated, the code is still there.
+        a.render(&mut out, &parse(&q), Ttl::Age(0), 12);
+        let opt = wire::read_record(&out, q.len() - 11).unwrap();
+        assert_eq!(opt.ttl >> 24, 1);
+    }
+
+    #[test]
+    fn upstream_query_without_edns_has_no_opt() {
+        let key = parse(&query(1, "a.example", 1, Some((4096, true)))).key();
+        let mut out = Vec::new();
+        write_upstream_query(&mut out, 5, &key, false);
+        let q = parse(&out);
+        assert_eq!((q.edns, q.key().qname()), (None, key.qname()));
+        assert_eq!(Header::read(&out).unwrap().arcount, 0);
+    }
+
+    #[test]
     fn upstream_query_round_trips_through_parse() {
         let client = query(1, "Mixed.Case", 28, Some((4096, true)));
         let key = parse(&client).key();
         let mut out = Vec::new();
-        write_upstream_query(&mut out, 999, &key);
+        write_upstream_query(&mut out, 999, &key, true);
         let q = parse(&out);
         assert_eq!(q.id, 999);
         assert_eq!(q.key(), key);

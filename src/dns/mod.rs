@@ -6,4 +6,4 @@ pub mod query;
 pub mod wire;
 
 pub use answer::{Answer, AnswerError, Kind, Ttl, TtlPolicy};
-pub use query::{Key, Query, Reject};
+pub use query::{Echo, Key, Query, Reject};

@@ -128,6 +128,49 @@ impl<'a> Query<'a> {
     }
 }
 
+/// What an error answer echoes of a query it refuses: the question and the EDNS options,
+/// when they could be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Echo<'a> {
+    pub question: Option<&'a [u8]>,
+    pub edns: Option<Edns>,
+}
+
+/// Read what can be read of a query that [`Query::parse`] refused (FORMERR, NOTIMP,
+/// BADVERS), whatever its opcode (every opcode has this layout): the single question if
+/// it is well formed, and the first OPT record of the additional section, as far as the
+/// records before it can be walked. Never panics.
+pub fn salvage(pkt: &[u8]) -> Echo<'_> {
+    let Some(h) = Header::read(pkt) else {
+        return Echo::default();
+    };
+    let (question, mut at) = match h.qdcount {
+        0 => (None, HEADER_LEN),
+        1 => match question_end(pkt) {
+            Some(end) => (Some(&pkt[HEADER_LEN..end]), end),
+            None => return Echo::default(),
+        },
+        _ => return Echo::default(),
+    };
+    let before_additional = h.ancount as usize + h.nscount as usize;
+    let mut edns = None;
+    for i in 0..before_additional + h.arcount as usize {
+        let Some(r) = wire::read_record(pkt, at) else {
+            break;
+        };
+        if r.rtype == TYPE_OPT && i >= before_additional && pkt[r.start] == 0 {
+            edns = Some(Edns {
+                udp_size: r.class.max(512),
+                version: (r.ttl >> 16) as u8,
+                dnssec_ok: r.ttl & 0x8000 != 0,
+            });
+            break;
+        }
+        at = r.end;
+    }
+    Echo { question, edns }
+}
+
 /// Never send a UDP answer larger than this, whatever the client advertises.
 pub const MAX_UDP_RESPONSE: usize = 4096;
 
@@ -389,6 +432,46 @@ pub(crate) mod tests {
                 let _ = q.key();
             }
         }
+    }
+
+    #[test]
+    fn salvage_reads_question_and_opt_of_refused_queries() {
+        let q = query(3, "x.example", 1, Some((1232, true)));
+        let mut notify = q.clone();
+        notify[2] = 4 << 3; // opcode NOTIFY
+        let e = salvage(&notify);
+        assert_eq!(e.question, Some(&q[12..q.len() - 11]));
+        assert_eq!(
+            e.edns,
+            Some(Edns {
+                udp_size: 1232,
+                version: 0,
+                dnssec_ok: true
+            })
+        );
+        // No OPT: none echoed; a question that does not parse: neither.
+        let plain = query(3, "x.example", 1, None);
+        assert_eq!(salvage(&plain).edns, None);
+        assert!(salvage(&plain).question.is_some());
+        let mut bad = q.clone();
+        bad[12] = 0xc0;
+        assert_eq!(salvage(&bad), Echo::default());
+        // Header only: nothing, and no panic on any prefix.
+        for n in 0..q.len() {
+            let _ = salvage(&q[..n]);
+        }
+        assert_eq!(salvage(&q[..12]), Echo::default());
+        // An answer record before the OPT (FORMERR in a query) is walked over.
+        let mut with_an = plain.clone();
+        with_an[7] = 1;
+        with_an[11] = 1;
+        with_an.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 5, 0, 4, 1, 2, 3, 4]);
+        with_an.extend_from_slice(&q[q.len() - 11..]);
+        assert!(salvage(&with_an).edns.is_some());
+        assert!(matches!(
+            Query::parse(&with_an),
+            Err(Reject::FormErr { .. })
+        ));
     }
 
     #[test]

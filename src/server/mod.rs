@@ -19,14 +19,15 @@ use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::cache::{Cache, Hit};
 use crate::config::{Config, Source};
-use crate::dns::answer::write_error;
+use crate::dns::answer::write_refusal;
 use crate::dns::{wire, Key, Kind, Query, Reject, Ttl};
 use crate::metrics::{inc, Listener, Metrics, Origin, Stats};
 use crate::systemd::{self, Inherited};
+use querylog::{Asked, By};
 use resolve::{Resolver, Settings};
 
 /// What to do with a received packet after the hit path looked at it.
@@ -56,6 +57,21 @@ pub fn handle(
     now_ms: u64,
     stats: &Stats,
 ) -> Action {
+    handle_from(resolver, pkt, out, tcp, now_ms, stats, || (None, None))
+}
+
+/// [`handle`] for a caller that knows the client and when its query arrived, for the
+/// query log: `who` is called only when a line is written, so the hit path pays nothing
+/// for it with the log off.
+pub fn handle_from(
+    resolver: &Arc<Resolver>,
+    pkt: &[u8],
+    out: &mut Vec<u8>,
+    tcp: bool,
+    now_ms: u64,
+    stats: &Stats,
+    who: impl FnOnce() -> (Option<SocketAddr>, Option<Instant>),
+) -> Action {
     let m = &resolver.metrics;
     let reply = |out: &mut Vec<u8>, extended: u8| {
         stats.unparsed_request(pkt.len());
@@ -71,18 +87,18 @@ pub fn handle(
         }
         Err(Reject::FormErr { id, flags }) => {
             inc(&m.formerr);
-            write_error(out, id, flags, wire::RCODE_FORMERR, None, 0);
+            write_refusal(out, pkt, id, flags, wire::RCODE_FORMERR, 0);
             return reply(out, 0);
         }
         Err(Reject::NotImp { id, flags }) => {
             inc(&m.notimp);
-            write_error(out, id, flags, wire::RCODE_NOTIMP, None, 0);
+            write_refusal(out, pkt, id, flags, wire::RCODE_NOTIMP, 0);
             return reply(out, 0);
         }
         Err(Reject::BadVers { id, flags }) => {
             inc(&m.formerr);
             // BADVERS is extended RCODE 16: upper bits 1, header bits 0 (RFC 6891 §6.1.3).
-            write_error(out, id, flags, wire::RCODE_NOERROR, None, 1);
+            write_refusal(out, pkt, id, flags, wire::RCODE_NOERROR, 1);
             return reply(out, 1);
         }
     };
@@ -112,8 +128,15 @@ pub fn handle(
                 || key.name_text(),
                 q.qtype,
                 out,
-                Origin::Cache,
-                if tcp { "tcp" } else { "udp" },
+                By::Cache,
+                || {
+                    let (client, received) = who();
+                    Asked {
+                        proto: if tcp { "tcp" } else { "udp" },
+                        client,
+                        received,
+                    }
+                },
             );
             if prefetch {
                 resolver.prefetch(key);

@@ -37,6 +37,7 @@ use parking_lot::Mutex;
 use tokio::runtime::Handle;
 use tokio::sync::Notify;
 
+use super::querylog::{Asked, By};
 use crate::cache::{Cache, Entry};
 use crate::config::Config;
 use crate::dns::answer::write_error;
@@ -57,7 +58,7 @@ pub enum ReplyTo {
 
 /// What an answer needs of the client's query: a few dozen bytes, whatever the client
 /// sent (a 4 KB query padded with records costs a waiter no more than a plain one).
-struct Asked {
+struct Question {
     id: u16,
     flags: u16,
     /// The question as sent (letter case preserved).
@@ -67,9 +68,9 @@ struct Asked {
     edns: Option<Edns>,
 }
 
-impl Asked {
-    fn new(q: &Query<'_>) -> Asked {
-        Asked {
+impl Question {
+    fn new(q: &Query<'_>) -> Question {
+        Question {
             id: q.id,
             flags: q.flags,
             question: q.question.into(),
@@ -94,9 +95,9 @@ impl Asked {
 /// A client waiting for an answer.
 pub struct Waiter {
     reply: ReplyTo,
-    /// Whose budget it counts against.
-    client: IpAddr,
-    asked: Asked,
+    /// Who asked (its address is whose budget it counts against).
+    peer: SocketAddr,
+    asked: Question,
     /// Where its answer is counted (the listener's shared block), and when it arrived.
     stats: Arc<Stats>,
     received: Instant,
@@ -107,7 +108,7 @@ impl Waiter {
     /// if it does not parse.
     pub fn new(
         reply: ReplyTo,
-        client: IpAddr,
+        peer: SocketAddr,
         packet: &[u8],
         stats: Arc<Stats>,
         received: Instant,
@@ -115,8 +116,8 @@ impl Waiter {
         let q = Query::parse(packet).ok()?;
         Some(Waiter {
             reply,
-            client,
-            asked: Asked::new(&q),
+            peer,
+            asked: Question::new(&q),
             stats,
             received,
         })
@@ -184,8 +185,9 @@ fn admit(load: Load, budget: Budget) -> Admit {
 
 /// What the upstream exchange produced for a key.
 enum Outcome {
-    Cached(Arc<Entry>),
-    Uncached(Answer),
+    /// An upstream answer, stored or not, and the server that gave it.
+    Cached(Arc<Entry>, SocketAddr),
+    Uncached(Answer, SocketAddr),
     Stale(Arc<Entry>),
     Fail,
 }
@@ -336,7 +338,7 @@ impl Resolver {
         let load = Load {
             waiters: table.flights.get(&key).map(|f| f.waiters.len()),
             pool_in_flight: table.pool_in_flight(pool),
-            client: table.clients.get(&waiter.client).copied().unwrap_or(0),
+            client: table.clients.get(&waiter.peer.ip()).copied().unwrap_or(0),
         };
         let budget = Budget {
             pool: settings.max_in_flight,
@@ -344,14 +346,14 @@ impl Resolver {
         };
         match admit(load, budget) {
             Admit::Join => {
-                table.add_client(waiter.client);
+                table.add_client(waiter.peer.ip());
                 if let Some(f) = table.flights.get_mut(&key) {
                     f.waiters.push(waiter);
                 }
                 inc(&self.metrics.coalesced);
             }
             Admit::Start => {
-                table.add_client(waiter.client);
+                table.add_client(waiter.peer.ip());
                 *table.pools.entry(pool_id(pool)).or_default() += 1;
                 table.flights.insert(
                     key,
@@ -369,7 +371,8 @@ impl Resolver {
                     Admit::Overload => &self.metrics.overload,
                     Admit::TooManyWaiters => &self.metrics.coalesce_overflow,
                     _ => {
-                        self.noisy.held_back(waiter.client, settings.max_per_client);
+                        self.noisy
+                            .held_back(waiter.peer.ip(), settings.max_per_client);
                         &self.metrics.client_budget
                     }
                 });
@@ -424,7 +427,7 @@ impl Resolver {
                     }
                 }
             };
-            if prefetch && !matches!(outcome, Outcome::Cached(_)) {
+            if prefetch && !matches!(outcome, Outcome::Cached(..)) {
                 this.cache.prefetch_failed(&key);
             }
             let waiters = {
@@ -433,7 +436,7 @@ impl Resolver {
                 table.end_flight(&pool);
                 let waiters = flight.map(|f| f.waiters).unwrap_or_default();
                 for w in &waiters {
-                    table.remove_client(w.client);
+                    table.remove_client(w.peer.ip());
                 }
                 waiters
             };
@@ -458,7 +461,7 @@ impl Resolver {
             flight.stale_given = true;
             let waiters = std::mem::take(&mut flight.waiters);
             for w in &waiters {
-                table.remove_client(w.client);
+                table.remove_client(w.peer.ip());
             }
             waiters
         };
@@ -474,9 +477,9 @@ impl Resolver {
         let result = pool.query(key, &settings.policy, &self.metrics).await;
         // SERVFAIL or REFUSED from every server is a failure too: a stale answer beats it.
         let answer = match result {
-            Ok(answer) if attempts::verdict(answer.rcode()) == attempts::Verdict::Final => {
+            Ok((answer, from)) if attempts::verdict(answer.rcode()) == attempts::Verdict::Final => {
                 self.recheck.lock().remove(key);
-                return self.store(key, answer);
+                return self.store(key, answer, from);
             }
             Ok(answer) => Some(answer),
             Err(e) => {
@@ -489,7 +492,7 @@ impl Resolver {
                 self.failed_refresh(key);
                 Outcome::Stale(entry)
             }
-            (None, Some(answer)) => self.store(key, answer),
+            (None, Some((answer, from))) => self.store(key, answer, from),
             (None, None) => Outcome::Fail,
         }
     }
@@ -520,13 +523,13 @@ impl Resolver {
         }
     }
 
-    fn store(&self, key: &Key, answer: Answer) -> Outcome {
+    fn store(&self, key: &Key, answer: Answer, from: SocketAddr) -> Outcome {
         if answer.ttl == 0 || answer.kind == Kind::Uncacheable {
-            return Outcome::Uncached(answer);
+            return Outcome::Uncached(answer, from);
         }
         match self.cache.insert(key, answer.clone()) {
-            Some(entry) => Outcome::Cached(entry),
-            None => Outcome::Uncached(answer),
+            Some(entry) => Outcome::Cached(entry, from),
+            None => Outcome::Uncached(answer, from),
         }
     }
 
@@ -545,16 +548,16 @@ impl Resolver {
         let mut out = Vec::with_capacity(512);
         let stale_ttl = self.settings.load().stale_answer_ttl;
         let origin = match outcome {
-            Outcome::Cached(_) | Outcome::Uncached(_) => Origin::Forward,
+            Outcome::Cached(..) | Outcome::Uncached(..) => Origin::Forward,
             Outcome::Stale(_) => Origin::Cache,
             Outcome::Fail => Origin::Server,
         };
         let truncated = match outcome {
-            Outcome::Cached(e) => {
+            Outcome::Cached(e, _) => {
                 let age = e.age_secs(self.cache.now_ms());
                 e.answer.render(&mut out, &q, Ttl::Age(age), limit)
             }
-            Outcome::Uncached(a) => a.render(&mut out, &q, Ttl::Age(0), limit),
+            Outcome::Uncached(a, _) => a.render(&mut out, &q, Ttl::Age(0), limit),
             Outcome::Stale(e) => {
                 inc(&self.metrics.stale_answers);
                 e.answer.render(&mut out, &q, Ttl::Fixed(stale_ttl), limit)
@@ -569,12 +572,25 @@ impl Resolver {
             inc(&self.metrics.truncated);
         }
         w.stats.response(&out, 0, origin);
-        let proto = match w.reply {
-            ReplyTo::Udp { .. } => "udp",
-            ReplyTo::Tcp(_) => "tcp",
+        let by = match outcome {
+            Outcome::Cached(_, from) | Outcome::Uncached(_, from) => By::Upstream(Some(*from)),
+            Outcome::Stale(_) => By::Stale,
+            Outcome::Fail => By::Localdns,
         };
-        self.query_log
-            .answer(|| q.key().name_text(), q.qtype, &out, origin, proto);
+        self.query_log.answer(
+            || q.key().name_text(),
+            q.qtype,
+            &out,
+            by,
+            || Asked {
+                proto: match w.reply {
+                    ReplyTo::Udp { .. } => "udp",
+                    ReplyTo::Tcp(_) => "tcp",
+                },
+                client: Some(w.peer),
+                received: Some(w.received),
+            },
+        );
         w.stats.durations(w.received.elapsed().as_nanos() as u64, 1);
         send(&self.metrics, w.reply, out);
     }
@@ -624,10 +640,16 @@ impl Resolver {
     }
 }
 
-/// Send an answer; errors are counted, never fatal.
+/// Send an answer; errors are counted, never fatal. The UDP socket is the listener's,
+/// blocking for its receive loop: the send here runs on a runtime worker and must not
+/// wait for room in a full send buffer (every miss answer behind it would wait too), so
+/// it is sent with `MSG_DONTWAIT` and a full buffer is a send error (the client retries,
+/// as for any lost datagram).
 pub fn send(metrics: &Metrics, to: ReplyTo, msg: Vec<u8>) {
     let ok = match to {
-        ReplyTo::Udp { socket, peer } => socket.send_to(&msg, peer).is_ok(),
+        ReplyTo::Udp { socket, peer } => socket2::SockRef::from(&*socket)
+            .send_to_with_flags(&msg, &peer.into(), nix::libc::MSG_DONTWAIT)
+            .is_ok(),
         ReplyTo::Tcp(tx) => tx.send(msg).is_ok(),
     };
     if !ok {

@@ -336,8 +336,8 @@ async fn connection(
     held: Arc<Held>,
 ) -> io::Result<()> {
     let _ = stream.set_nodelay(true);
-    // Whose miss budget its queries count against.
-    let client = stream.peer_addr()?.ip();
+    // Who asks: its address is whose miss budget its queries count against.
+    let client = stream.peer_addr()?;
     let sock = socket2::SockRef::from(&stream);
     let _ = sock.set_send_buffer_size(SOCKET_BUFFER);
     let _ = sock.set_recv_buffer_size(SOCKET_BUFFER);

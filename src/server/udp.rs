@@ -19,7 +19,7 @@ use std::time::Duration;
 use socket2::{Protocol, Socket, Type};
 
 use super::resolve::{ReplyTo, Resolver, Waiter};
-use super::{handle, Action};
+use super::{handle_from, Action};
 use crate::metrics::{inc, Stats};
 
 /// How often a blocked receive wakes up to check for shutdown.
@@ -139,7 +139,8 @@ pub fn serve(
         for (i, &(n, addr)) in got.iter().enumerate() {
             let pkt = &bufs[i][..n.min(MAX_QUERY)];
             let out = &mut outs[replies.len()];
-            match handle(&resolver, pkt, out, false, now, &stats) {
+            let who = || (addr.and_then(|a| to_socket_addr(&a)), Some(received_at));
+            match handle_from(&resolver, pkt, out, false, now, &stats, who) {
                 Action::Hit | Action::Reply => replies.push(addr),
                 Action::Miss(key) => {
                     let peer = addr.and_then(|a| to_socket_addr(&a));
@@ -149,7 +150,7 @@ pub fn serve(
                     };
                     let waiter = peer.and_then(|peer: SocketAddr| {
                         let stats = Arc::clone(&miss_stats);
-                        Waiter::new(reply(peer), peer.ip(), pkt, stats, received_at)
+                        Waiter::new(reply(peer), peer, pkt, stats, received_at)
                     });
                     if let Some(waiter) = waiter {
                         resolver.miss(key, waiter);

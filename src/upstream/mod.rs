@@ -36,7 +36,6 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 
 use crate::config::{self, Protocol};
-use crate::dns::answer::write_upstream_query;
 use crate::dns::{Answer, AnswerError, Key, TtlPolicy};
 use crate::metrics::{inc, Metrics, UpstreamStats};
 use exchange::ExchangeError;
@@ -82,6 +81,8 @@ struct Server {
     logged: Mutex<(Option<Instant>, u32)>,
     /// When this server is next probed if no client gets an answer from it.
     schedule: Mutex<probe::Schedule>,
+    /// Whether it is asked without EDNS for now ([`exchange::EdnsMemory`]).
+    edns: exchange::EdnsMemory,
 }
 
 /// Up/down lines of one server at most once per this long; the changes in between are
@@ -160,6 +161,7 @@ impl Pool {
                     rtt: Mutex::default(),
                     logged: Mutex::default(),
                     schedule: Mutex::default(),
+                    edns: exchange::EdnsMemory::new(addr),
                     transport: match protocol {
                         Protocol::Udp => Transport::Udp {
                             ports: ports::Ports::new(addr, reuse),
@@ -234,6 +236,8 @@ impl Pool {
                     "health probe answered with RCODE {}",
                     answer.rcode()
                 )),
+                // Our own socket failing says nothing of the server: try at the next tick.
+                Err(e) if !e.counts_against_server() => break,
                 Err(e) => Some(format!("health probe: {e}")),
             };
             match &why {
@@ -345,7 +349,7 @@ impl Pool {
         key: &Key,
         policy: &TtlPolicy,
         metrics: &Arc<Metrics>,
-    ) -> Result<Answer, UpstreamError> {
+    ) -> Result<(Answer, SocketAddr), UpstreamError> {
         let (up, probe) = self.candidates();
         if up.is_empty() && !self.servers.is_empty() {
             inc(&metrics.healthcheck_broken);
@@ -384,7 +388,7 @@ impl Pool {
         let mut judged = vec![false; order.len()];
         // Servers that answered SERVFAIL/REFUSED: not asked this question again.
         let mut refused = vec![false; order.len()];
-        let mut fallback: Option<Answer> = None;
+        let mut fallback: Option<(Answer, SocketAddr)> = None;
         let mut last_err: Option<(SocketAddr, ExchangeError)> = None;
         let (mut sent, mut last_sent, mut next_now) = (0, started, true);
         // An attempt that fails after others were started behind it (they all went to a
@@ -437,12 +441,12 @@ impl Pool {
                                     }
                                 }
                                 self.succeeded(server);
-                                return Ok(answer);
+                                return Ok((answer, server.addr));
                             }
                             let why = format!("answered RCODE {}", answer.rcode());
                             self.failed(server, key, &why);
                             (refused[i], judged[i]) = (true, true);
-                            fallback = Some(answer);
+                            fallback = Some((answer, server.addr));
                         }
                         Err(e) => {
                             tracing::debug!(upstream = %server.addr, pool = %self.name, error = %e, "upstream {} ({}) attempt failed: {e}", server.addr, self.name);
@@ -554,20 +558,22 @@ impl Pool {
         via: attempts::Via,
     ) -> Result<Answer, ExchangeError> {
         let (ports, tcp) = match (&s.transport, via) {
-            (Transport::Tcp(pipeline), _) => return over_tcp(pipeline, key, policy).await,
+            (Transport::Tcp(pipeline), _) => {
+                return exchange::pipelined(pipeline, key, policy, &s.edns).await
+            }
             (Transport::Udp { tcp, .. }, attempts::Via::Tcp) => {
                 inc(&metrics.upstream_tcp_retries);
-                return over_tcp(tcp, key, policy).await;
+                return exchange::pipelined(tcp, key, policy, &s.edns).await;
             }
             (Transport::Udp { ports, tcp }, attempts::Via::Udp) => (ports, tcp),
         };
-        let (lease, new) = ports.take().map_err(ExchangeError::Local)?;
+        let (lease, new) = ports.take()?;
         if new {
             inc(&metrics.upstream_udp_sockets);
         }
         // When this future is dropped (overtaken, or at the deadline) the socket goes with
         // it: it is never reused.
-        match exchange::udp(&lease.socket, key, policy).await {
+        match exchange::udp(&lease.socket, key, policy, &s.edns).await {
             Ok(answer) => {
                 ports.give_back(lease);
                 Ok(answer)
@@ -575,7 +581,7 @@ impl Pool {
             Err(ExchangeError::Answer(AnswerError::Truncated)) => {
                 ports.give_back(lease);
                 inc(&metrics.upstream_tcp_retries);
-                over_tcp(tcp, key, policy).await
+                exchange::pipelined(tcp, key, policy, &s.edns).await
             }
             Err(e) => Err(e),
         }
@@ -632,19 +638,6 @@ impl Pool {
             .map(|s| (s.addr, s.health.lock().is_up()))
             .collect()
     }
-}
-
-/// One query over a pipelined TCP connection.
-async fn over_tcp(
-    pipeline: &pipeline::Pipeline,
-    key: &Key,
-    policy: &TtlPolicy,
-) -> Result<Answer, ExchangeError> {
-    let id: u16 = rand::random();
-    let mut msg = Vec::with_capacity(64);
-    write_upstream_query(&mut msg, id, key);
-    let resp = pipeline.exchange(msg).await?;
-    Ok(Answer::from_upstream(&resp, id, key, policy)?)
 }
 
 /// Every pool and the router that picks one per name.

@@ -8,4 +8,5 @@ pub mod client;
 pub mod daemon;
 pub mod dig;
 pub mod metrics;
+pub mod skipped;
 pub mod upstream;

@@ -8,8 +8,10 @@
 //!
 //! Knobs a test can turn while it runs: `set_silent` (receive and count, never answer: a black
 //! hole), `set_delay` (answer late: for coalescing), `set_name_delay` (answer one name late:
-//! an authority that is slow for one name only), and `shutdown` (close both sockets: the
-//! port refuses afterwards).
+//! an authority that is slow for one name only), `set_rcode` (one name answered with any
+//! rcode, extended ones such as BADCOOKIE included), `set_refuse_edns` (an old server that
+//! answers FORMERR or NOTIMP to every query with EDNS), and `shutdown` (close both sockets:
+//! the port refuses afterwards).
 //!
 //! Size limits are applied here and not left to hickory: a UDP answer that does not fit the
 //! client's limit (512 without EDNS, else the EDNS size) is sent as header + question with TC=1,
@@ -86,6 +88,12 @@ struct State {
     /// rest are dropped. TCP is always answered. 0 or 1 = off.
     udp_one_in: AtomicUsize,
     udp_seen: AtomicUsize,
+    /// Names (keyed like `key`) answered with this rcode and no records; an extended one
+    /// (BADCOOKIE) has its upper bits in the OPT record when the query had one.
+    rcodes: Mutex<HashMap<String, ResponseCode>>,
+    /// An old server: every query with an OPT record is answered with this rcode
+    /// (FORMERR or NOTIMP) and no OPT.
+    refuse_edns: Mutex<Option<ResponseCode>>,
 }
 
 /// Normalise a name the way the upstream keys it: lower case, no trailing dot.
@@ -217,11 +225,24 @@ impl RequestHandler for Handler {
             tokio::time::sleep(delay).await;
         }
 
+        let refuse = *self.0.refuse_edns.lock().unwrap();
+        if let (Some(rcode), Some(_)) = (refuse, request.edns()) {
+            let mut header = Header::response_from_request(request.header());
+            header.set_response_code(rcode);
+            let builder = MessageResponseBuilder::from_message_request(request);
+            return response
+                .send_response(builder.build_no_records(header))
+                .await
+                .unwrap_or_else(|_| fail.into());
+        }
+        let forced = self.0.rcodes.lock().unwrap().get(&qname).copied();
         let all = *self.0.rcode_all.lock().unwrap();
         let (rcode, answers, authority) = if let Some(rcode) = all {
             (rcode, Vec::new(), Vec::new())
         } else if self.0.servfail.lock().unwrap().contains(&qname) {
             (ResponseCode::ServFail, Vec::new(), Vec::new())
+        } else if let Some(rcode) = forced {
+            (rcode, Vec::new(), Vec::new())
         } else {
             self.0.zone.lock().unwrap().lookup(&qname, qtype)
         };
@@ -333,6 +354,8 @@ impl Upstream {
             rcode_all: Mutex::new(None),
             udp_one_in: AtomicUsize::new(0),
             udp_seen: AtomicUsize::new(0),
+            rcodes: Mutex::new(HashMap::new()),
+            refuse_edns: Mutex::new(None),
         });
         let addr = udp.local_addr().expect("addr");
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -450,6 +473,17 @@ impl Upstream {
     /// `one_in`, truncate half of the others and drop the rest; TCP is not limited.
     pub fn set_udp_rate_limit(&self, one_in: usize) {
         self.state.udp_one_in.store(one_in, Ordering::SeqCst);
+    }
+
+    /// Answer `name` with `rcode` and no records from now on.
+    pub fn set_rcode(&self, name: &str, rcode: ResponseCode) {
+        self.state.rcodes.lock().unwrap().insert(key(name), rcode);
+    }
+
+    /// Answer every query with an OPT record with `rcode` (FORMERR, NOTIMP), no OPT; `None`
+    /// speaks EDNS again.
+    pub fn set_refuse_edns(&self, rcode: Option<ResponseCode>) {
+        *self.state.refuse_edns.lock().unwrap() = rcode;
     }
 
     pub fn set_delay(&self, delay: Duration) {

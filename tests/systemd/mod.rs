@@ -65,7 +65,7 @@ pub fn missing_tool(tools: &[&str]) -> Option<String> {
 macro_rules! require_root_and_tools {
     ($name:expr) => {
         if let Some(why) = $crate::harness::missing_prerequisite() {
-            eprintln!("SKIPPED {}: {why}", $name);
+            $crate::common::skipped::skipped($name, &why);
             return;
         }
     };
@@ -110,7 +110,7 @@ pub fn built_package(ext: &str) -> Option<PathBuf> {
     if !path.exists() {
         let why = format!("no {}: run packaging/build", path.display());
         assert!(std::env::var("CI").as_deref() != Ok("true"), "CI: {why}");
-        eprintln!("SKIPPED: {why}");
+        crate::common::skipped::skipped(&format!("{ext} package"), &why);
         return None;
     }
     Some(path)
