@@ -77,38 +77,45 @@ struct Server {
     stats: Arc<UpstreamStats>,
     /// Round-trip estimate: when to start the next attempt.
     rtt: Mutex<attempts::Rtt>,
-    /// When the last up/down line was logged, and how many changes were not logged since.
-    logged: Mutex<(Option<Instant>, u32)>,
+    /// The up/down log's window (start, lines written) and the changes not logged since.
+    logged: Mutex<(Option<(Instant, u32)>, u32)>,
     /// When this server is next probed if no client gets an answer from it.
     schedule: Mutex<probe::Schedule>,
     /// Whether it is asked without EDNS for now ([`exchange::EdnsMemory`]).
     edns: exchange::EdnsMemory,
 }
 
-/// Up/down lines of one server at most once per this long; the changes in between are
-/// counted in the next line (a flapping server writes one line per interval, not one per
-/// change).
-const CHANGE_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// Up/down lines of one server: at most [`CHANGE_LOG_BURST`] per [`CHANGE_LOG_WINDOW`]; the
+/// changes beyond are counted in the next line written (a flapping server writes a handful
+/// of lines a minute, not one per change, and a real outage and recovery are always seen).
+const CHANGE_LOG_WINDOW: Duration = Duration::from_secs(60);
+const CHANGE_LOG_BURST: u32 = 6;
+
+/// May a change be logged at `now`, given the window's start and the lines written in it?
+/// Returns the new (start, lines) when it may.
+fn change_log_due(window: Option<(Instant, u32)>, now: Instant) -> Option<(Instant, u32)> {
+    match window {
+        Some((start, n)) if now.saturating_duration_since(start) < CHANGE_LOG_WINDOW => {
+            (n < CHANGE_LOG_BURST).then_some((start, n + 1))
+        }
+        _ => Some((now, 1)),
+    }
+}
 
 impl Server {
-    /// Log a change of state through `log`, unless one was logged less than
-    /// [`CHANGE_LOG_INTERVAL`] ago.
+    /// Log a change of state through `log`, within the rate of [`change_log_due`].
     fn log_change(&self, log: impl FnOnce()) {
         let mut logged = self.logged.lock();
-        let now = Instant::now();
-        if logged
-            .0
-            .is_some_and(|at| now.duration_since(at) < CHANGE_LOG_INTERVAL)
-        {
+        let Some(window) = change_log_due(logged.0, Instant::now()) else {
             logged.1 += 1;
             return;
-        }
+        };
         if logged.1 > 0 {
             tracing::info!(upstream = %self.addr, changes = logged.1,
-                "upstream {}: {} more up/down changes in the last {} s were not logged",
-                self.addr, logged.1, CHANGE_LOG_INTERVAL.as_secs());
+                "upstream {}: {} more up/down changes were not logged (at most {} lines a minute)",
+                self.addr, logged.1, CHANGE_LOG_BURST);
         }
-        *logged = (Some(now), 0);
+        *logged = (Some(window), 0);
         log();
     }
 }
@@ -707,5 +714,24 @@ impl Upstreams {
 
     pub fn pools(&self) -> &[Arc<Pool>] {
         &self.pools
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changes_are_logged_in_bursts_of_a_few_a_minute() {
+        let t = Instant::now();
+        let mut w = None;
+        for i in 0..CHANGE_LOG_BURST {
+            w = change_log_due(w, t + Duration::from_secs(u64::from(i)));
+            assert!(w.is_some(), "change {i} of the burst");
+        }
+        assert_eq!(change_log_due(w, t + Duration::from_secs(10)), None);
+        assert_eq!(change_log_due(w, t + Duration::from_secs(59)), None);
+        let next = t + CHANGE_LOG_WINDOW;
+        assert_eq!(change_log_due(w, next), Some((next, 1)), "a new window");
     }
 }

@@ -8,5 +8,6 @@ pub mod client;
 pub mod daemon;
 pub mod dig;
 pub mod metrics;
+pub mod nsd;
 pub mod skipped;
 pub mod upstream;
