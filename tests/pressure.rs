@@ -538,9 +538,19 @@ fn nsd_rate_limiting_a_dnsperf_storm_still_answers_both_pods() {
         (storm.servfail + storm.lost) * 100 <= storm.sent,
         "more than 1% of the storm got SERVFAIL or nothing: {storm:?}"
     );
+    // The pool under test; the cluster pool's probe of cluster.local is rightly REFUSED by
+    // an NSD that does not serve it.
     assert_eq!(
-        lines_with(&d, "marked down"),
+        lines_with(&d, "(default pool) marked down"),
         0,
         "a rate-limiting upstream was marked down"
+    );
+    let server = nsd.addr.to_string();
+    assert_eq!(
+        m.value(
+            "localdns_upstream_up",
+            &[("pool", "default"), ("server", &server)]
+        ),
+        1.0
     );
 }
