@@ -398,9 +398,11 @@ impl Pool {
         let mut fallback: Option<(Answer, SocketAddr)> = None;
         let mut last_err: Option<(SocketAddr, ExchangeError)> = None;
         let (mut sent, mut last_sent, mut next_now) = (0, started, true);
-        // An attempt that fails after others were started behind it (they all went to a
-        // connection that was then given up, say) is given back, up to `attempts` times:
-        // overlapping must not spend every attempt on one broken path.
+        // In a TCP pool, an attempt that fails after others were started behind it (they
+        // all went to connections that were then given up together: a dead replica behind
+        // the Service) is given back, up to `attempts` times: overlapping must not spend
+        // every attempt on one broken path. (UDP attempts have sockets of their own: a
+        // slow name there never costs more than `attempts` queries.)
         let (mut allowed, mut given_back) = (attempts, 0);
         loop {
             // Start the next attempt when due: the first at once, then on an error or a
@@ -462,7 +464,7 @@ impl Pool {
                             }
                             judged[i] = true;
                             last_err = Some((server.addr, e));
-                            if n + 1 < sent && given_back < attempts {
+                            if tcp_pool && n + 1 < sent && given_back < attempts {
                                 (allowed, given_back) = (allowed + 1, given_back + 1);
                             }
                         }
