@@ -404,15 +404,17 @@ impl Pool {
         // every attempt on one broken path. (UDP attempts have sockets of their own: a
         // slow name there never costs more than `attempts` queries.)
         let (mut allowed, mut given_back) = (attempts, 0);
+        // When attempt `sent` is due if attempt `sent - 1`, started at `last_sent`, is still
+        // unanswered: after the RTO of that attempt's server, backed off.
+        let retry_due = |sent: usize, last_sent: Instant| {
+            let (i, _) = attempts::plan(sent - 1, order.len(), tcp_pool);
+            let rto = self.servers[order[i]].rtt.lock().rto(self.timeout);
+            last_sent + attempts::next_after(sent, rto, self.timeout)
+        };
         loop {
             // Start the next attempt when due: the first at once, then on an error or a
             // bad RCODE, or when the last one has gone unanswered for its server's RTO.
-            let due = next_now
-                || sent < allowed && {
-                    let (i, _) = attempts::plan(sent - 1, order.len(), tcp_pool);
-                    let rto = self.servers[order[i]].rtt.lock().rto(self.timeout);
-                    Instant::now() >= last_sent + attempts::next_after(sent, rto, self.timeout)
-                };
+            let due = next_now || sent < allowed && Instant::now() >= retry_due(sent, last_sent);
             if due {
                 while sent < allowed {
                     let (i, via) = attempts::plan(sent, order.len(), tcp_pool);
@@ -428,11 +430,7 @@ impl Pool {
             if running.is_empty() {
                 break;
             }
-            let retry_at = (sent < allowed).then(|| {
-                let (i, _) = attempts::plan(sent - 1, order.len(), tcp_pool);
-                let rto = self.servers[order[i]].rtt.lock().rto(self.timeout);
-                (last_sent + attempts::next_after(sent, rto, self.timeout)).min(deadline)
-            });
+            let retry_at = (sent < allowed).then(|| retry_due(sent, last_sent).min(deadline));
             use futures_util::StreamExt;
             tokio::select! {
                 Some((n, i, at, result)) = running.next() => {
