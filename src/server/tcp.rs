@@ -24,7 +24,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Notify, Semaphore};
 
 use super::resolve::{ReplyTo, Resolver, Waiter};
-use super::{handle, Action};
+use super::{handle_from, Action};
 use crate::metrics::{inc, Metrics, Stats};
 
 /// Queries per connection read but not yet answered; beyond it the reader waits.
@@ -417,14 +417,9 @@ async fn connection(
             _ => break,
         }
         let received = std::time::Instant::now();
-        match handle(
-            &resolver,
-            &pkt,
-            &mut buf,
-            true,
-            resolver.cache.now_ms(),
-            &stats,
-        ) {
+        let now = resolver.cache.now_ms();
+        let who = || (Some(client), Some(received));
+        match handle_from(&resolver, &pkt, &mut buf, true, now, &stats, who) {
             Action::Hit | Action::Reply => {
                 stats.durations(received.elapsed().as_nanos() as u64, 1);
                 drop(query);
