@@ -31,6 +31,7 @@ if [ $# -gt 0 ]; then CMD=("$@"); else
 fi
 bench_setup
 bench_start_server "${CMD[@]}"
+echo "# RSS at start: $(rss_kib) KiB"
 perf() { taskset -c 0 dnsperf -s $ADDR -p $PORT -c 16 -q 200 "$@" 2>&1; }
 
 if [ "$MODE" = hit ]; then perf -d "$B/data/hit.txt" -n 2 -q 20 >/dev/null; fi
@@ -48,5 +49,6 @@ for r in $(seq "$ROUNDS"); do
   lost=$(awk '/Queries lost:/{print $3}' <<<"$out")
   qps=$(awk '/Queries per second:/{printf "%.0f", $4}' <<<"$out")
   awk -v m="$MODE" -v r="$r" -v a="$c0" -v b="$c1" -v n="$done_q" -v l="$lost" -v q="$qps" \
-    'BEGIN{printf "%s round %d: %.2f us/q server CPU, %s qps, %s answered, %s lost\n", m, r, (b-a)/1000/n, q, n, l}'
+    -v rss="$(rss_kib)" \
+    'BEGIN{printf "%s round %d: %.2f us/q server CPU, %s qps, %s answered, %s lost, RSS %s KiB\n", m, r, (b-a)/1000/n, q, n, l, rss}'
 done

@@ -10,6 +10,15 @@ use localdns::{config, config_sync, daemon, logging};
 
 const EX_CONFIG: u8 = 64;
 
+/// mimalloc, not glibc malloc: the cache's long-lived entries and a miss's short-lived
+/// buffers are allocated on different threads and freed on others, and glibc's per-thread
+/// arenas fragmented under that (after 10,000 misses 12.7 MiB of arenas held 4.1 MiB in
+/// use, and `malloc_trim` gave back 0.5). mimalloc's per-page free lists keep the resident
+/// size near the live heap and it is faster on the miss path (bench/quick.sh miss). Its
+/// arenas are not committed up front (.cargo/config.toml).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     logging::init();
     let cli = Cli::parse();
