@@ -10,7 +10,7 @@ use crate::config::{self, Config, Source};
 use crate::metrics::Metrics;
 use crate::server::Server;
 use crate::state::{self, Loaded, SetupRecord};
-use crate::{node, systemd};
+use crate::{lifecycle, node, systemd};
 
 /// Node setup waits on iptables (each call bounded by `xtables_wait`, retried) and netlink;
 /// whatever goes wrong, a start fails within this time (60 s with the default 5 s wait,
@@ -61,33 +61,89 @@ pub fn run(loaded: Loaded, source: Source) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        // The link, addresses and rules come first: the listen addresses must exist to be
-        // bound, and READY means the node's DNS works.
-        let limit = setup_limit(&cfg);
-        let setup = match node::done_in_this_invocation(&cfg) {
-            Some(done) => done,
-            None => tokio::time::timeout(limit, node::setup(&cfg))
-                .await
-                .map_err(|_| anyhow::anyhow!("node setup did not finish within {limit:?}"))?
-                .map_err(|e| anyhow::anyhow!("node setup failed: {e}"))?,
-        };
-        let metrics = Arc::new(Metrics::default());
+        let signals = lifecycle::signals::Signals::catch()?;
         let removal = node::Removal::of(&cfg);
-        let repair = tokio::spawn(node::watch(cfg.clone(), setup, Arc::clone(&metrics)));
-        let server =
-            Server::bind(cfg, metrics, &mut kept)?.refused_at_start(refused.map(|e| e.to_string()));
+        let names = crate::server::socket_names(&cfg);
+        let served = serve(cfg, refused, source, &mut kept, signals, &removal).await;
+        match served {
+            Ok(()) => lifecycle::stopped(),
+            Err(ref e) => give_back(e, &removal, &names).await,
+        }
         kept.release_rest();
-        let stop = async {
-            shutdown_signal().await;
-            hand_over(&repair, &removal).await;
-        };
-        state::crashes::running();
-        let served = server.run(Some(source), stop).await;
-        repair.abort();
-        served?;
-        state::crashes::stopped();
-        Ok(())
+        served
     })
+}
+
+/// Set up the node, bind and serve until SIGTERM or SIGINT.
+async fn serve(
+    cfg: Config,
+    refused: Option<config::ConfigError>,
+    source: Source,
+    kept: &mut systemd::Inherited,
+    signals: lifecycle::signals::Signals,
+    removal: &node::Removal,
+) -> anyhow::Result<()> {
+    let lifecycle::signals::Signals {
+        mut term,
+        mut int,
+        hup,
+    } = signals;
+    // The link, addresses and rules come first: the listen addresses must exist to be
+    // bound, and READY means the node's DNS works.
+    let limit = setup_limit(&cfg);
+    let setup = match node::done_in_this_invocation(&cfg) {
+        Some(done) => done,
+        None => tokio::time::timeout(limit, node::setup(&cfg))
+            .await
+            .map_err(|_| anyhow::anyhow!("node setup did not finish within {limit:?}"))?
+            .map_err(|e| anyhow::anyhow!("node setup failed: {e}"))?,
+    };
+    let metrics = Arc::new(Metrics::default());
+    let repair = tokio::spawn(node::watch(cfg.clone(), setup, Arc::clone(&metrics)));
+    let server = match Server::bind(cfg, metrics, kept) {
+        Ok(s) => s.refused_at_start(refused.map(|e| e.to_string())),
+        Err(e) => {
+            repair.abort();
+            return Err(e.into());
+        }
+    };
+    std::mem::take(kept).release_rest();
+    let stop = async {
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+        }
+        hand_over(&repair, removal).await;
+    };
+    let served = server.run(Some((source, hup)), stop).await;
+    repair.abort();
+    Ok(served?)
+}
+
+/// The daemon cannot serve (setup or a bind failed): give the node's DNS addresses back
+/// before exiting, so that nothing waits on sockets nobody reads until a start succeeds.
+/// systemd closes the sockets it keeps for us (then the socket match no longer steers
+/// queries here) and the rules go, so queries to the Service IP go to kube-dns through
+/// kube-proxy; the next start (braked, see [`lifecycle`]) puts them back.
+async fn give_back(why: &anyhow::Error, removal: &node::Removal, names: &[String]) {
+    tracing::error!(
+        "cannot serve: {why:#}; giving the DNS addresses back (the kept sockets are closed{}) \
+         so that pods reach kube-dns through kube-proxy until a start succeeds",
+        if removal.rules {
+            " and the rules removed"
+        } else {
+            ""
+        }
+    );
+    systemd::forget(names.iter().map(String::as_str));
+    if removal.rules {
+        let wait = removal.xtables_wait;
+        match tokio::task::spawn_blocking(move || node::remove_rules(true, wait)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!("cannot remove the rules: {e}"),
+            Err(e) => tracing::error!("cannot remove the rules: {e}"),
+        }
+    }
 }
 
 /// On a final stop, remove the rules while the sockets are still read, so that no query
@@ -121,42 +177,75 @@ async fn hand_over(repair: &tokio::task::JoinHandle<()>, removal: &node::Removal
     }
 }
 
-/// Completes on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
+/// `localdns setup` (`ExecStartPre=`): first the restart brake ([`lifecycle`]), then the
+/// config, then the node setup, bounded like the daemon's. While a braked start waits, the
+/// rules are out of the way, so that queries to the Service IP go to kube-dns through
+/// kube-proxy instead of to sockets systemd keeps and nobody reads.
+pub fn setup(source: &Source) -> Result<(), SetupFailure> {
+    if let Some(start) = lifecycle::begin(config_mtime(source)) {
+        brake(&start);
     }
-}
-
-/// `localdns setup`: the node setup alone, bounded like the daemon's; after repeated
-/// crashes, first the crash-loop brake ([`state::crashes`]).
-pub fn setup(cfg: &Config) -> anyhow::Result<()> {
-    if let Some((wait, crashes)) = state::crashes::before_start() {
-        if wait.is_zero() {
-            tracing::warn!(
-                "starting again after a crash ({crashes} within {:?})",
-                state::crashes::CRASH_WINDOW
-            );
-        } else {
-            tracing::error!(
-                "crash loop: {crashes} crashes within {:?}; waiting {wait:?} before this start",
-                state::crashes::CRASH_WINDOW
-            );
-            std::thread::sleep(wait);
-        }
-    }
+    let loaded = load_for_start(source).map_err(SetupFailure::Config)?;
+    let cfg = &loaded.config;
     once(setup_limit(cfg), || async {
         node::setup(cfg).await.map(drop)
     })
+    .map_err(SetupFailure::Node)
+}
+
+/// Why `setup` failed: the config (exit 64) or the node.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupFailure {
+    #[error("config error: {0}")]
+    Config(config::ConfigError),
+    #[error("{0:#}")]
+    Node(anyhow::Error),
+}
+
+/// Say why this start comes, and wait when it follows failures in a row.
+fn brake(start: &lifecycle::Start) {
+    let Some(after) = start.after else { return };
+    if start.wait.is_zero() {
+        tracing::warn!(
+            "starting again after {after} ({} in a row within {:?}{})",
+            start.failures,
+            lifecycle::WINDOW,
+            if start.config_changed {
+                "; the config changed since, so at once"
+            } else {
+                ""
+            }
+        );
+        return;
+    }
+    let gave_back = SetupRecord::read().is_some_and(|r| r.rules)
+        && node::remove_rules(true, config::default_network().xtables_wait)
+            .map_err(|e| tracing::warn!("cannot remove the rules while waiting: {e}"))
+            .is_ok();
+    tracing::error!(
+        "start braked: {} failures in a row within {:?}, the last {after}; waiting {:?}{}",
+        start.failures,
+        lifecycle::WINDOW,
+        start.wait,
+        if gave_back {
+            " with the rules removed, so that pods reach kube-dns through kube-proxy meanwhile"
+        } else {
+            ""
+        }
+    );
+    std::thread::sleep(start.wait);
+}
+
+/// When the config files (the main file and the drop-ins) last changed.
+fn config_mtime(source: &Source) -> Option<std::time::SystemTime> {
+    let mut files = vec![source.path.clone()];
+    if let Ok(dir) = std::fs::read_dir(config::conf_dir(source)) {
+        files.extend(dir.flatten().map(|e| e.path()));
+    }
+    files
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+        .max()
 }
 
 /// `localdns teardown`: remove what setup installed. Never needs a valid config: a bad

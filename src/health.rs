@@ -134,6 +134,9 @@ pub struct Report {
     /// Clients held back by their miss budget in the last few minutes, most first.
     #[serde(default)]
     pub held_back: Vec<HeldBackReport>,
+    /// This endpoint: "listening", or how late it came after failed binds at the start.
+    #[serde(default)]
+    pub endpoint: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

@@ -23,6 +23,7 @@
 //! - [`status`]: `localdns status`: asks the running daemon and checks its addresses.
 //! - [`systemd`]: sd_notify readiness, status, watchdog and reload; the fd store.
 //! - [`state`]: what is kept between runs: the last good config, what setup created.
+//! - [`lifecycle`]: how far the last process got, and the brake on restarts after failures.
 //! - [`process`]: helper programs (nft, iptables, systemctl) run with a time bound.
 //! - [`logging`]: journald or stderr.
 //! - [`watch`]: inotify events for async code (reload, config-sync).
@@ -36,6 +37,7 @@ pub mod config_sync;
 pub mod daemon;
 pub mod dns;
 pub mod health;
+pub mod lifecycle;
 pub mod logging;
 pub mod metrics;
 pub mod node;

@@ -20,8 +20,12 @@ const EX_CONFIG: u8 = 64;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    logging::init();
     let cli = Cli::parse();
+    if matches!(cli.command, None | Some(Command::Run(_))) {
+        // Before anything else: a SIGHUP or SIGTERM during the start waits for its handler.
+        localdns::lifecycle::signals::hold();
+    }
+    logging::init();
     let command = cli.command.unwrap_or(Command::Run(ConfigArgs::default()));
     let source = command.config_args().source();
     match command {
@@ -47,9 +51,10 @@ fn main() -> ExitCode {
             Err(e) => config_error(e),
         },
         Command::Status(args) => status(&args, &source),
-        Command::Setup(_) => match daemon::load_for_start(&source) {
-            Ok(loaded) => exit(daemon::setup(&loaded.config)),
-            Err(e) => config_error(e),
+        Command::Setup(_) => match daemon::setup(&source) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(daemon::SetupFailure::Config(e)) => config_error(e),
+            Err(e) => exit(Err(e.into())),
         },
         Command::ConfigSync(sync) if sync.probe => match config_sync::probe(&sync.status_file) {
             Ok(message) => {

@@ -240,74 +240,9 @@ impl SetupRecord {
     }
 }
 
-/// Crash-loop brake. The unit restarts at once (`RestartSec=0`: a crash must cost
-/// milliseconds of DNS, not a restart delay), so a binary that dies at every start would
-/// restart many times a second. `run` leaves a marker while it serves and removes it on a
-/// clean stop; a start that finds the marker follows a crash. Past [`FREE_CRASHES`]
-/// crashes within [`CRASH_WINDOW`], each start waits a second more (at most
-/// [`MAX_BRAKE`]). Only the crash-following starts count: restarts an operator or a
-/// package asks for are never slowed.
-pub mod crashes {
-    use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-    use super::{runtime_dir, write_atomic};
-
-    pub const CRASH_WINDOW: Duration = Duration::from_secs(60);
-    pub const FREE_CRASHES: usize = 3;
-    pub const MAX_BRAKE: Duration = Duration::from_secs(10);
-    const RUNNING: &str = "running";
-    const CRASHES: &str = "crashes";
-
-    /// The wait before the start after `crashes` crashes within the window.
-    pub fn brake(crashes: usize) -> Duration {
-        let over = crashes.saturating_sub(FREE_CRASHES) as u64;
-        Duration::from_secs(over).min(MAX_BRAKE)
-    }
-
-    /// Crash times (seconds since the epoch) still inside the window at `now`, plus `now`.
-    pub fn record(text: &str, now: u64) -> Vec<u64> {
-        let mut times: Vec<u64> = text
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .filter(|&t| t + CRASH_WINDOW.as_secs() > now && t <= now)
-            .collect();
-        times.push(now);
-        times
-    }
-
-    /// Called by `setup` before a start: how long to wait, and how many crashes led to it.
-    pub fn before_start() -> Option<(Duration, usize)> {
-        let dir = runtime_dir()?;
-        if std::fs::remove_file(dir.join(RUNNING)).is_err() {
-            return None;
-        }
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?.as_secs();
-        let old = std::fs::read_to_string(dir.join(CRASHES)).unwrap_or_default();
-        let times = record(&old, now);
-        let text: String = times.iter().map(|t| format!("{t}\n")).collect();
-        let _ = write_atomic(&dir.join(CRASHES), text.as_bytes());
-        Some((brake(times.len()), times.len()))
-    }
-
-    /// `run` is serving.
-    pub fn running() {
-        if let Some(dir) = runtime_dir() {
-            let _ = std::fs::write(dir.join(RUNNING), b"");
-        }
-    }
-
-    /// `run` stopped cleanly.
-    pub fn stopped() {
-        if let Some(dir) = runtime_dir() {
-            let _ = std::fs::remove_file(dir.join(RUNNING));
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
         let p = dir.join(name);
@@ -398,21 +333,6 @@ mod tests {
         };
         assert_eq!(SetupRecord::parse(&r.render()), r);
         assert_eq!(SetupRecord::parse("garbage\n"), SetupRecord::default());
-    }
-
-    #[test]
-    fn a_crash_loop_is_braked_and_forgotten_after_the_window() {
-        assert_eq!(crashes::brake(1), Duration::ZERO);
-        assert_eq!(crashes::brake(crashes::FREE_CRASHES), Duration::ZERO);
-        assert_eq!(
-            crashes::brake(crashes::FREE_CRASHES + 2),
-            Duration::from_secs(2)
-        );
-        assert_eq!(crashes::brake(1000), crashes::MAX_BRAKE);
-        let window = crashes::CRASH_WINDOW.as_secs();
-        // Old and future (clock stepped back) entries drop out; now is added.
-        let text = format!("{}\n{}\n{}\nnot a number\n", 1000 - window, 990, 5000);
-        assert_eq!(crashes::record(&text, 1000), vec![990, 1000]);
     }
 
     #[test]

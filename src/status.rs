@@ -197,6 +197,9 @@ pub fn render(s: &Status) -> String {
             Err(e) => writeln!(o, "  listen:     {} DOES NOT ANSWER: {e}", p.address),
         };
     }
+    if !d.endpoint.is_empty() && d.endpoint != "listening" {
+        let _ = writeln!(o, "  endpoint:   {}", d.endpoint);
+    }
     let _ = writeln!(o, "  link:       {}", d.link);
     let _ = writeln!(o, "  rules:      {}", d.rules);
     let _ = writeln!(

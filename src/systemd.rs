@@ -67,6 +67,16 @@ fn adopt(fd: std::os::fd::RawFd) -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
+/// Ask systemd to close the sockets it keeps under `names` (those not kept are ignored).
+pub fn forget<'a>(names: impl IntoIterator<Item = &'a str>) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    for name in names {
+        notify(&[NotifyState::FdStoreRemove, NotifyState::FdName(name)]);
+    }
+}
+
 /// Hand a socket to systemd's fd store under `name`, so it survives a restart.
 pub fn store(name: &str, fd: BorrowedFd<'_>) {
     if let Err(e) = sd_notify::notify_with_fds(

@@ -436,6 +436,7 @@ impl Scrape {
             ("localdns_tcp_output_overflow", "Client TCP connections closed because their queued answers went over the byte bound (a client that does not read).", l(&m.tcp_output_overflow)),
             ("localdns_cache_refused", "Answers bigger than cache.max_answer_bytes: served to the client that asked, not stored.", self.cache_refused),
             ("localdns_send_errors", "Answers that could not be sent.", l(&m.send_errors)),
+            ("localdns_http_bind_failures", "Failed binds of this endpoint's address since the start (another program held it; DNS was served meanwhile).", l(&m.http_bind_failures)),
         ];
         for &(name, help, v) in plain {
             o.counter(name, help, &[(vec![], v)])?;

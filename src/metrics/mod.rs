@@ -146,6 +146,8 @@ pub struct Metrics {
     pub repairs_link: AtomicU64,
     pub repairs_addresses: AtomicU64,
     pub repairs_rules: AtomicU64,
+    /// Failed binds of the HTTP endpoint's address (another program holds it).
+    pub http_bind_failures: AtomicU64,
 }
 
 /// Add one to a shared counter.
@@ -189,6 +191,7 @@ impl Default for Metrics {
             repairs_link: AtomicU64::new(0),
             repairs_addresses: AtomicU64::new(0),
             repairs_rules: AtomicU64::new(0),
+            http_bind_failures: AtomicU64::new(0),
         };
         m.config.generation.store(1, Relaxed);
         m

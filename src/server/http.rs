@@ -9,6 +9,7 @@
 //! briefly ([`crate::health::RULES_CHECK_CACHE`]).
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +18,7 @@ use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use parking_lot::Mutex;
 use tokio::net::TcpListener;
 
 use super::resolve::Resolver;
@@ -37,6 +39,76 @@ pub struct Context {
     pub listen: Vec<String>,
     /// The UDP receive loops' statistics blocks (their heartbeats).
     pub workers: Vec<Arc<Stats>>,
+    pub endpoint: Arc<EndpointState>,
+}
+
+/// The endpoint's listener at start: bound, or not (the address and why), to be retried.
+pub enum Endpoint {
+    Bound(std::net::TcpListener),
+    Retry(SocketAddr, String),
+}
+
+/// Whether the endpoint listens, for STATUS= and `/status`.
+#[derive(Default)]
+pub struct EndpointState {
+    /// Why it does not listen yet (`ADDR: error`), while the bind is retried.
+    pub not_listening: Mutex<Option<String>>,
+    /// How long it went without listening after the start, once it does (seconds).
+    pub late_by: Mutex<Option<u64>>,
+}
+
+/// The first retry of a failed bind comes after this; each next one after twice as long,
+/// at most [`BIND_RETRY_MAX`].
+pub const BIND_RETRY_FIRST: Duration = Duration::from_secs(1);
+pub const BIND_RETRY_MAX: Duration = Duration::from_secs(30);
+/// While the bind keeps failing, the journal hears of it at most this often.
+const BIND_LOG_EVERY: Duration = Duration::from_secs(300);
+
+/// A non-blocking listener on `addr`.
+pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let l = std::net::TcpListener::bind(addr)?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+/// The wait before retry number `n` (0 is the first) of a failed bind.
+pub fn bind_retry_after(n: u32) -> Duration {
+    BIND_RETRY_FIRST
+        .saturating_mul(1u32.checked_shl(n.min(16)).unwrap_or(u32::MAX))
+        .min(BIND_RETRY_MAX)
+}
+
+/// Bind `addr` again and again (backing off, see [`bind_retry_after`]) until it works,
+/// then serve. DNS is served meanwhile; STATUS= and, once it listens, `/status` and
+/// `localdns_http_bind_failures_total` say what happened.
+pub async fn serve_when_bound(addr: SocketAddr, ctx: Arc<Context>) {
+    let started = std::time::Instant::now();
+    let mut last_log = started;
+    let mut n = 0;
+    let listener = loop {
+        tokio::time::sleep(bind_retry_after(n)).await;
+        n += 1;
+        match bind(addr).and_then(TcpListener::from_std) {
+            Ok(l) => break l,
+            Err(e) => {
+                crate::metrics::inc(&ctx.resolver.metrics.http_bind_failures);
+                *ctx.endpoint.not_listening.lock() = Some(format!("{addr}: {e}"));
+                if last_log.elapsed() >= BIND_LOG_EVERY {
+                    last_log = std::time::Instant::now();
+                    tracing::warn!(
+                        "still cannot listen on {addr} for /metrics, /health and /ready after \
+                         {n} attempts in {}s: {e}",
+                        started.elapsed().as_secs()
+                    );
+                }
+            }
+        }
+    };
+    let late = started.elapsed().as_secs();
+    tracing::info!("listening on {addr} for /metrics, /health and /ready, {late}s late");
+    *ctx.endpoint.not_listening.lock() = None;
+    *ctx.endpoint.late_by.lock() = Some(late);
+    serve(listener, ctx).await;
 }
 
 pub async fn serve(listener: TcpListener, ctx: Arc<Context>) {
@@ -308,5 +380,12 @@ async fn report(ctx: &Arc<Context>) -> Report {
                 last_secs_ago: h.last_secs,
             })
             .collect(),
+        endpoint: match *ctx.endpoint.late_by.lock() {
+            None => "listening".into(),
+            Some(late) => format!(
+                "listening since {late}s after the start, after {} failed binds (another program held the address)",
+                m.http_bind_failures.load(Relaxed)
+            ),
+        },
     }
 }

@@ -156,7 +156,7 @@ pub struct Server {
     resolver: Arc<Resolver>,
     udp: Vec<(String, Arc<std::net::UdpSocket>)>,
     tcp: Vec<(String, std::net::TcpListener)>,
-    http: Option<std::net::TcpListener>,
+    http: Option<http::Endpoint>,
     /// The refusal of the config on disk when this one is the last good config instead.
     refused_at_start: Option<String>,
 }
@@ -195,6 +195,20 @@ fn socket_name(proto: &str, addr: SocketAddr, index: Option<usize>) -> String {
         Some(i) => format!("{proto}-{ip}-{}-{i}", addr.port()),
         None => format!("{proto}-{ip}-{}", addr.port()),
     }
+}
+
+/// The names of every listening socket `config` asks for, as kept in systemd's fd store.
+pub fn socket_names(config: &Config) -> Vec<String> {
+    let l = &config.listen;
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = udp::thread_count(l.udp_threads, cpus);
+    let mut names = Vec::new();
+    for &ip in &l.addresses {
+        let addr = SocketAddr::new(ip, l.port);
+        names.extend((0..threads).map(|i| socket_name("udp", addr, Some(i))));
+        names.push(socket_name("tcp", addr, None));
+    }
+    names
 }
 
 /// A socket for serving on `addr`: v6-only for IPv6 (each family is bound on its own),
@@ -240,6 +254,7 @@ impl Server {
         kept: &mut Inherited,
     ) -> Result<Server, BindError> {
         let c = &config.cache;
+        let metrics_for_http = Arc::clone(&metrics);
         let cache = Arc::new(Cache::from_config(c));
         let resolver = Arc::new(Resolver::new(
             cache,
@@ -299,18 +314,20 @@ impl Server {
                 .map(|(n, s)| (n.as_str(), s.as_fd()))
                 .chain(tcp.iter().map(|(n, s)| (n.as_str(), s.as_fd()))),
         );
-        let http = match config.metrics.address {
-            Some(addr) => Some(
-                std::net::TcpListener::bind(addr)
-                    .and_then(|s| s.set_nonblocking(true).map(|_| s))
-                    .map_err(|source| BindError {
-                        proto: "http",
-                        addr,
-                        source,
-                    })?,
-            ),
-            None => None,
-        };
+        // The HTTP endpoint is not DNS: a port held by another program (node-local-dns
+        // uses 9253 too, during every migration from it) must not stop the node's DNS. The
+        // bind is retried while serving (see `http::serve_when_bound`).
+        let http = config.metrics.address.map(|addr| match http::bind(addr) {
+            Ok(l) => http::Endpoint::Bound(l),
+            Err(e) => {
+                tracing::error!(
+                    "cannot listen on {addr} for /metrics, /health and /ready: {e}; serving DNS \
+                     without them and trying again"
+                );
+                inc(&metrics_for_http.http_bind_failures);
+                http::Endpoint::Retry(addr, e.to_string())
+            }
+        });
         Ok(Server {
             config,
             resolver,
@@ -328,11 +345,11 @@ impl Server {
         self
     }
 
-    /// Serve until `shutdown` completes, reloading from `source` (when given) on SIGHUP
-    /// and on config file changes. Tells systemd READY once everything listens.
+    /// Serve until `shutdown` completes, reloading from the source (when given) on its
+    /// SIGHUP stream and on config file changes. Tells systemd READY once everything listens.
     pub async fn run(
         self,
-        source: Option<Source>,
+        reload: Option<(Source, tokio::signal::unix::Signal)>,
         shutdown: impl Future<Output = ()>,
     ) -> std::io::Result<()> {
         let stop = Arc::new(AtomicBool::new(false));
@@ -388,31 +405,44 @@ impl Server {
             .last_good
             .store(self.refused_at_start.is_some(), Ordering::Relaxed);
         *reloads.sources.lock() = self.config.sources.clone();
-        if let Some(listener) = self.http {
-            tasks.spawn(http::serve(
-                tokio::net::TcpListener::from_std(listener)?,
-                Arc::new(http::Context {
-                    resolver: Arc::clone(&self.resolver),
-                    reloads: Arc::clone(&reloads),
-                    listen: addrs.clone(),
-                    workers: workers.clone(),
-                }),
-            ));
+        let endpoint = Arc::new(http::EndpointState::default());
+        if let Some(http) = self.http {
+            let ctx = Arc::new(http::Context {
+                resolver: Arc::clone(&self.resolver),
+                reloads: Arc::clone(&reloads),
+                listen: addrs.clone(),
+                workers: workers.clone(),
+                endpoint: Arc::clone(&endpoint),
+            });
+            match http {
+                http::Endpoint::Bound(listener) => {
+                    tasks.spawn(http::serve(
+                        tokio::net::TcpListener::from_std(listener)?,
+                        ctx,
+                    ));
+                }
+                http::Endpoint::Retry(addr, error) => {
+                    *endpoint.not_listening.lock() = Some(format!("{addr}: {error}"));
+                    tasks.spawn(http::serve_when_bound(addr, ctx));
+                }
+            }
         }
         let status = {
-            let (resolver, reloads, addrs) = (
+            let (resolver, reloads, addrs, endpoint) = (
                 Arc::clone(&self.resolver),
                 Arc::clone(&reloads),
                 addrs.join(", "),
+                Arc::clone(&endpoint),
             );
-            move || status_line(&addrs, &resolver, &reloads)
+            move || status_line(&addrs, &resolver, &reloads, &endpoint)
         };
         if let Some(interval) = systemd::watchdog_interval() {
             tasks.spawn(watchdog(interval, workers, Arc::clone(&self.resolver)));
         }
-        if let Some(source) = source {
+        if let Some((source, hup)) = reload {
             tasks.spawn(reload::watch(
                 source,
+                hup,
                 Arc::clone(&self.resolver),
                 self.config.clone(),
                 Arc::clone(&reloads),
@@ -455,6 +485,7 @@ impl Server {
             "serving"
         );
         systemd::ready(&status());
+        crate::lifecycle::serving();
         shutdown.await;
 
         systemd::stopping();
@@ -477,7 +508,12 @@ impl Server {
 const STATUS_EVERY: Duration = Duration::from_secs(5);
 
 /// The line `systemctl status localdns` shows.
-fn status_line(addrs: &str, resolver: &Resolver, reloads: &reload::ReloadState) -> String {
+fn status_line(
+    addrs: &str,
+    resolver: &Resolver,
+    reloads: &reload::ReloadState,
+    endpoint: &http::EndpointState,
+) -> String {
     let settings = resolver.settings();
     let (mut up, mut total) = (0, 0);
     for pool in settings.upstreams.pools() {
@@ -497,6 +533,9 @@ fn status_line(addrs: &str, resolver: &Resolver, reloads: &reload::ReloadState) 
         line.push_str(&format!(
             "; CONFIG REFUSED (previous config serving): {err}"
         ));
+    }
+    if let Some(err) = endpoint.not_listening.lock().as_deref() {
+        line.push_str(&format!("; NO METRICS/HEALTH ENDPOINT (retrying) {err}"));
     }
     line
 }

@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use nix::sys::inotify::Inotify;
 use parking_lot::Mutex;
-use tokio::signal::unix::{signal, SignalKind};
 
 use super::resolve::Resolver;
 use crate::config::{self, Config, Source};
@@ -38,15 +37,12 @@ pub struct ReloadState {
 /// Watch for reload triggers forever; `status` renders the status line after a reload.
 pub async fn watch(
     source: Source,
+    mut hup: tokio::signal::unix::Signal,
     resolver: Arc<Resolver>,
     mut current: Config,
     state: Arc<ReloadState>,
     status: impl Fn() -> String,
 ) {
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        tracing::warn!("cannot catch SIGHUP: reload only on file changes");
-        return;
-    };
     let conf_dir = config::conf_dir(&source);
     let mut others = Vec::new();
     let from_resolv_conf = current.upstream.servers_from != "config";
