@@ -16,7 +16,7 @@
 //! | `stopped` | `run`, after a clean stop | a stop or restart someone asked for |
 //!
 //! The first failure restarts at once; from the second within [`WINDOW`], each start waits
-//! twice as long as the one before ([`brake`]: 1 s, 2 s, 4 s ... at most [`MAX_BRAKE`]).
+//! twice as long as the one before ([`brake`]: 2 s, 4 s, 8 s ... at most [`MAX_BRAKE`]).
 //! A start after a clean stop, or after the config files changed since the last failure
 //! (someone fixed them), is never braked. [`Record`] is the pure state machine; [`begin`],
 //! [`serving`] and [`stopped`] read and write it.
@@ -30,7 +30,7 @@ use crate::state::{runtime_dir, write_atomic};
 /// crashed restarts at once.
 pub const WINDOW: Duration = Duration::from_secs(300);
 /// The wait before the start that follows two failures in a row; doubled for each more.
-pub const FIRST_BRAKE: Duration = Duration::from_secs(1);
+pub const FIRST_BRAKE: Duration = Duration::from_secs(2);
 pub const MAX_BRAKE: Duration = Duration::from_secs(30);
 const FILE: &str = "lifecycle";
 
@@ -266,10 +266,10 @@ mod tests {
     fn the_brake_doubles_from_the_second_failure_and_is_capped() {
         assert_eq!(brake(0), Duration::ZERO);
         assert_eq!(brake(1), Duration::ZERO);
-        assert_eq!(brake(2), Duration::from_secs(1));
-        assert_eq!(brake(3), Duration::from_secs(2));
-        assert_eq!(brake(5), Duration::from_secs(8));
-        assert_eq!(brake(7), MAX_BRAKE);
+        assert_eq!(brake(2), Duration::from_secs(2));
+        assert_eq!(brake(3), Duration::from_secs(4));
+        assert_eq!(brake(5), Duration::from_secs(16));
+        assert_eq!(brake(6), MAX_BRAKE);
         assert_eq!(brake(10_000), MAX_BRAKE);
     }
 
@@ -294,7 +294,7 @@ mod tests {
         assert_eq!(s.after, Some("a crash while serving"));
         // It fails again before READY.
         let s = r.begin(10 * S + 50, None);
-        assert_eq!((s.wait, s.failures), (Duration::from_secs(1), 2));
+        assert_eq!((s.wait, s.failures), (Duration::from_secs(2), 2));
         assert_eq!(s.after, Some("a start that failed before it was ready"));
     }
 

@@ -1102,3 +1102,143 @@ fn rpm_install_upgrade_erase_lose_no_query() {
     assert!(!c.path("/usr/bin/localdns").exists());
     assert!(!c.systemctl(&["is-enabled", UNIT]).status.success());
 }
+
+// ---------------------------------------------------------------- failing starts
+
+/// The pod's queries to the Service IP over `secs` seconds from the start of `during`,
+/// at 2 per second per protocol (about 20 in the 8 s of issue 17's measurements... and
+/// some more): the report, and how many restarts systemd made meanwhile.
+fn pods_during_failing_starts(
+    node: &Node,
+    secs: u64,
+    during: impl FnOnce(&Node),
+) -> harness::load::Report {
+    let stream = Stream::start(
+        &node.net.pod,
+        service_ip_targets(),
+        2,
+        harness::load_names(),
+    );
+    during(node);
+    // Paces the observation window; the assertions are on what happened in it.
+    std::thread::sleep(Duration::from_secs(secs));
+    stream.finish()
+}
+
+/// At least 19 of every 20 queries answered (issue 17's target).
+fn assert_19_of_20(report: &harness::load::Report, what: &str) {
+    let total = report.total();
+    assert!(total.sent >= 20, "{what}: only {} sent", total.sent);
+    assert!(
+        total.unanswered() * 20 <= total.sent,
+        "{what}: {} of {} pod queries unanswered:\n{report}",
+        total.unanswered(),
+        total.sent
+    );
+}
+
+/// GET `path` on the metrics endpoint from the node namespace: the status code.
+fn http_status(node: &Node, path: &'static str) -> Option<u16> {
+    node.net.node.run_in(move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect_timeout(
+            &"127.0.0.1:9253".parse().unwrap(),
+            Duration::from_secs(1),
+        )
+        .ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out.split_whitespace().nth(1)?.parse().ok()
+    })
+}
+
+#[test]
+fn a_start_with_the_metrics_port_held_serves_dns_and_listens_once_it_is_free() {
+    require_root_and_tools!(
+        "a_start_with_the_metrics_port_held_serves_dns_and_listens_once_it_is_free"
+    );
+    let node = Node::boot(
+        "porthold",
+        Options {
+            kube_proxy: true,
+            ..Options::default()
+        },
+    );
+    // Another program holds the metrics port (node-local-dns uses 9253 too).
+    let squatter = node
+        .net
+        .node
+        .run_in(|| std::net::TcpListener::bind("127.0.0.1:9253").expect("hold 9253"));
+    let report = pods_during_failing_starts(&node, 8, |n| {
+        n.c.ok(&["systemctl", "start", UNIT]);
+    });
+    println!("metrics port held at start:\n{report}");
+    let restarts: u32 = node.c.prop(UNIT, "NRestarts").parse().unwrap();
+    assert_eq!(
+        restarts,
+        0,
+        "the held port restarted localdns:\n{}",
+        node.c.journal_text(UNIT, 40)
+    );
+    assert_19_of_20(&report, "metrics port held");
+    node.assert_pod_answered();
+    let status = node.c.prop(UNIT, "StatusText");
+    assert!(
+        status.contains("NO METRICS/HEALTH ENDPOINT") && status.contains("9253"),
+        "STATUS does not say the endpoint is missing: {status}"
+    );
+    // The port is given up: the endpoint comes within the retry back-off (at most 30 s).
+    drop(squatter);
+    node.c
+        .wait_for("/health answers", Duration::from_secs(40), |_| {
+            http_status(&node, "/health") == Some(200)
+        });
+    wait_journal(
+        &node,
+        "the late bind logged",
+        &["listening on 127.0.0.1:9253", "late"],
+    );
+    assert_eq!(node.c.prop(UNIT, "NRestarts"), "0");
+}
+
+#[test]
+fn a_config_error_without_a_last_good_config_is_braked_and_pods_keep_dns() {
+    require_root_and_tools!(
+        "a_config_error_without_a_last_good_config_is_braked_and_pods_keep_dns"
+    );
+    let node = Node::boot(
+        "cfgloop",
+        Options {
+            kube_proxy: true,
+            ..Options::default()
+        },
+    );
+    assert!(!node.c.path("/var/lib/localdns/last-good.toml").exists());
+    let good = std::fs::read_to_string(node.c.path("/etc/localdns/config.toml")).unwrap();
+    break_config(&node);
+    let report = pods_during_failing_starts(&node, 8, |n| {
+        n.c.ok(&["systemctl", "start", "--no-block", UNIT]);
+    });
+    let restarts: u32 = node.c.prop(UNIT, "NRestarts").parse().unwrap();
+    println!("config error, no last good config: {restarts} restarts in 8 s\n{report}");
+    assert!(
+        (1..=5).contains(&restarts),
+        "{restarts} restarts in 8 s:\n{}",
+        node.c.journal_text(UNIT, 60)
+    );
+    assert_19_of_20(&report, "config error");
+    wait_journal(&node, "the brake logged", &["start braked", "in a row"]);
+    // Fixed: the next start is not braked (the config changed since the last failure).
+    node.c.write("/etc/localdns/config.toml", &good);
+    node.c
+        .wait_for("active after the fix", Duration::from_secs(40), |c| {
+            c.prop(UNIT, "ActiveState") == "active"
+        });
+    node.assert_pod_answered();
+}
