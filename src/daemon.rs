@@ -137,12 +137,18 @@ async fn give_back(why: &anyhow::Error, removal: &node::Removal, names: &[String
     );
     systemd::forget(names.iter().map(String::as_str));
     if removal.rules {
-        let wait = removal.xtables_wait;
-        match tokio::task::spawn_blocking(move || node::remove_rules(true, wait)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!("cannot remove the rules: {e}"),
-            Err(e) => tracing::error!("cannot remove the rules: {e}"),
-        }
+        remove_rules(removal, "after a failed start").await;
+    }
+}
+
+/// Remove the rules off the async threads (iptables waits on the xtables lock); a failure
+/// is logged with `when`.
+async fn remove_rules(removal: &node::Removal, when: &str) {
+    let (expected, wait) = (removal.rules, removal.xtables_wait);
+    match tokio::task::spawn_blocking(move || node::remove_rules(expected, wait)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!("cannot remove the rules {when}: {e}"),
+        Err(e) => tracing::error!("cannot remove the rules {when}: {e}"),
     }
 }
 
@@ -161,12 +167,7 @@ async fn hand_over(repair: &tokio::task::JoinHandle<()>, removal: &node::Removal
                 "final stop ({why}): removing the rules first, so that queries to the \
                  Service IP go to kube-dns through kube-proxy while those already here are answered"
             );
-            let (expected, wait) = (removal.rules, removal.xtables_wait);
-            match tokio::task::spawn_blocking(move || node::remove_rules(expected, wait)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::error!("cannot remove the rules before stopping: {e}"),
-                Err(e) => tracing::error!("cannot remove the rules before stopping: {e}"),
-            }
+            remove_rules(removal, "before stopping").await;
             tokio::time::sleep(HANDOVER_DRAIN).await;
         }
         systemd::Stop::Final(why) => tracing::info!("final stop ({why})"),

@@ -74,7 +74,7 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 /// The wait before retry number `n` (0 is the first) of a failed bind.
 pub fn bind_retry_after(n: u32) -> Duration {
     BIND_RETRY_FIRST
-        .saturating_mul(1u32.checked_shl(n.min(16)).unwrap_or(u32::MAX))
+        .saturating_mul(1 << n.min(16))
         .min(BIND_RETRY_MAX)
 }
 

@@ -200,8 +200,7 @@ fn socket_name(proto: &str, addr: SocketAddr, index: Option<usize>) -> String {
 /// The names of every listening socket `config` asks for, as kept in systemd's fd store.
 pub fn socket_names(config: &Config) -> Vec<String> {
     let l = &config.listen;
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = udp::thread_count(l.udp_threads, cpus);
+    let threads = udp_threads(config);
     let mut names = Vec::new();
     for &ip in &l.addresses {
         let addr = SocketAddr::new(ip, l.port);
@@ -209,6 +208,12 @@ pub fn socket_names(config: &Config) -> Vec<String> {
         names.push(socket_name("tcp", addr, None));
     }
     names
+}
+
+/// UDP sockets (and receive loops) per listen address on this machine.
+fn udp_threads(config: &Config) -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    udp::thread_count(config.listen.udp_threads, cpus)
 }
 
 /// A socket for serving on `addr`: v6-only for IPv6 (each family is bound on its own),
@@ -254,7 +259,6 @@ impl Server {
         kept: &mut Inherited,
     ) -> Result<Server, BindError> {
         let c = &config.cache;
-        let metrics_for_http = Arc::clone(&metrics);
         let cache = Arc::new(Cache::from_config(c));
         let resolver = Arc::new(Resolver::new(
             cache,
@@ -264,8 +268,7 @@ impl Server {
         ));
         resolver.query_log.set(config.log.queries);
         let l = &config.listen;
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let threads = udp::thread_count(l.udp_threads, cpus);
+        let threads = udp_threads(&config);
         let mut udp = Vec::new();
         let mut tcp = Vec::new();
         let mut reused = 0;
@@ -324,7 +327,7 @@ impl Server {
                     "cannot listen on {addr} for /metrics, /health and /ready: {e}; serving DNS \
                      without them and trying again"
                 );
-                inc(&metrics_for_http.http_bind_failures);
+                inc(&resolver.metrics.http_bind_failures);
                 http::Endpoint::Retry(addr, e.to_string())
             }
         });
