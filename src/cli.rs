@@ -53,6 +53,9 @@ pub enum Command {
     /// Keep the host's conf.d in step with a ConfigMap (the localdns-config-sync
     /// DaemonSet): validate, write atomically, remove its files on SIGTERM.
     ConfigSync(ConfigSyncArgs),
+    /// The standby relay of localdns-fallback.service: DNS to the link-local listen
+    /// addresses that no localdns socket takes is relayed to the cluster upstream.
+    Fallback(FallbackArgs),
     /// Ask the running daemon how the node's DNS is (exit 0 healthy and ready, 1 not,
     /// 3 no daemon answers).
     Status(StatusArgs),
@@ -66,6 +69,7 @@ impl Command {
             Command::CheckConfig(check) => &check.config,
             Command::ConfigSync(sync) => &sync.config,
             Command::Status(status) => &status.config,
+            Command::Fallback(fallback) => &fallback.config,
         }
     }
 }
@@ -129,6 +133,19 @@ pub struct ConfigSyncArgs {
     /// exit 1 (the DaemonSet's readiness probe).
     #[arg(long)]
     pub probe: bool,
+}
+
+#[derive(Args, Default, Debug)]
+pub struct FallbackArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Remove the relay's nftables table and link, and exit (the unit's ExecStopPost).
+    #[arg(long)]
+    pub remove: bool,
+    /// Print what removing localdns does to pods in link-local mode, and exit (the
+    /// package's removal scripts; prints nothing in intercept mode).
+    #[arg(long, conflicts_with = "remove")]
+    pub removal_notice: bool,
 }
 
 #[derive(Args, Default, Debug)]

@@ -36,6 +36,7 @@ pub mod config;
 pub mod config_sync;
 pub mod daemon;
 pub mod dns;
+pub mod fallback;
 pub mod health;
 pub mod lifecycle;
 pub mod logging;

@@ -21,7 +21,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if matches!(cli.command, None | Some(Command::Run(_))) {
+    if matches!(
+        cli.command,
+        None | Some(Command::Run(_)) | Some(Command::Fallback(_))
+    ) {
         // Before anything else: a SIGHUP or SIGTERM during the start waits for its handler.
         localdns::lifecycle::signals::hold();
     }
@@ -51,6 +54,14 @@ fn main() -> ExitCode {
             Err(e) => config_error(e),
         },
         Command::Status(args) => status(&args, &source),
+        Command::Fallback(args) if args.remove => exit(localdns::fallback::remove()),
+        Command::Fallback(args) if args.removal_notice => {
+            if let Some(notice) = localdns::fallback::removal_notice(&source) {
+                println!("{notice}");
+            }
+            ExitCode::SUCCESS
+        }
+        Command::Fallback(_) => exit(localdns::fallback::run(&source)),
         Command::Setup(_) => match daemon::setup(&source) {
             Ok(()) => ExitCode::SUCCESS,
             Err(daemon::SetupFailure::Config(e)) => config_error(e),

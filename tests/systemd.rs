@@ -25,6 +25,8 @@ use harness::netns::{LINK_LOCAL, SERVICE_IP};
 use harness::{built_package, Node, Options};
 
 const UNIT: &str = "localdns.service";
+/// The link-local fallback relay, wanted by localdns.service.
+const RELAY: &str = "localdns-fallback.service";
 const LINK: &str = "nodelocaldns";
 /// Queries per second to each of the four targets: 400/s in all.
 const RATE: u32 = 100;
@@ -63,20 +65,22 @@ fn staged(tag: &str) -> Container {
 fn unit_verify_is_clean() {
     require_root_and_tools!("unit_verify_is_clean");
     let c = staged("verify");
-    // verify exits 0 on unknown keys and unknown Type= values: its output is the verdict.
-    let out = std::process::Command::new("systemd-analyze")
-        .arg("verify")
-        .arg(format!("--root={}", c.root().display()))
-        .arg(UNIT)
-        .output()
-        .expect("systemd-analyze");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    println!("systemd-analyze verify {UNIT}: {} {text:?}", out.status);
-    assert!(out.status.success() && text.trim().is_empty(), "{text}");
+    for unit in [UNIT, RELAY] {
+        // verify exits 0 on unknown keys and unknown Type= values: its output is the verdict.
+        let out = std::process::Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(format!("--root={}", c.root().display()))
+            .arg(unit)
+            .output()
+            .expect("systemd-analyze");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        println!("systemd-analyze verify {unit}: {} {text:?}", out.status);
+        assert!(out.status.success() && text.trim().is_empty(), "{text}");
+    }
     let sh = std::process::Command::new("sh")
         .arg("-n")
         .arg(c.path("/usr/libexec/localdns/stop-post"))
@@ -89,24 +93,26 @@ fn unit_verify_is_clean() {
 fn unit_security_exposure_at_most_2() {
     require_root_and_tools!("unit_security_exposure_at_most_2");
     let c = staged("security");
-    let out = std::process::Command::new("systemd-analyze")
-        .args(["security", "--offline=yes", "--no-pager"])
-        .arg(format!("--root={}", c.root().display()))
-        .arg(UNIT)
-        .output()
-        .expect("systemd-analyze");
-    let text = String::from_utf8_lossy(&out.stdout);
-    for line in text.lines().filter(|l| l.starts_with('✗')) {
-        println!("{line}");
+    for unit in [UNIT, RELAY] {
+        let out = std::process::Command::new("systemd-analyze")
+            .args(["security", "--offline=yes", "--no-pager"])
+            .arg(format!("--root={}", c.root().display()))
+            .arg(unit)
+            .output()
+            .expect("systemd-analyze");
+        let text = String::from_utf8_lossy(&out.stdout);
+        for line in text.lines().filter(|l| l.starts_with('✗')) {
+            println!("{line}");
+        }
+        let score: f64 = text
+            .lines()
+            .find_map(|l| l.split(&format!("exposure level for {unit}:")).nth(1))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no exposure score in:\n{text}"));
+        println!("{unit} exposure score: {score}");
+        assert!(score <= 2.0, "{unit}: exposure {score} > 2.0:\n{text}");
     }
-    let score: f64 = text
-        .lines()
-        .find_map(|l| l.split("exposure level for localdns.service:").nth(1))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no exposure score in:\n{text}"));
-    println!("exposure score: {score}");
-    assert!(score <= 2.0, "exposure {score} > 2.0:\n{text}");
 }
 
 // ---------------------------------------------------------------- start, answers, journal
@@ -654,6 +660,13 @@ fn stop_leaves_no_link_and_no_rule() {
         None,
         "link {LINK} left behind"
     );
+    // The relay stays for the link-local address (it started with localdns, which wants
+    // it); stopped too, it leaves nothing either.
+    assert_eq!(node.c.prop(RELAY, "ActiveState"), "active");
+    let tables = node.c.ok(&["nft", "list", "tables"]);
+    assert!(tables.contains("table ip localdns-fallback"), "{tables}");
+    node.c.ok(&["systemctl", "stop", RELAY]);
+    assert_eq!(node.net.node_link_index("localdns-fb"), None);
     assert_eq!(
         node.c.ok(&["nft", "list", "tables"]),
         tables_before,
@@ -685,17 +698,23 @@ fn stop_leaves_no_link_and_no_rule() {
     );
 }
 
-/// The stream of the stop tests: the Service IP only. The link-local address has no
-/// fallback by design (README: in link-local mode kubelet is pointed back at the Service
-/// IP before removal), so what a stop must not lose is the Service IP's queries.
-fn service_ip_targets() -> Vec<Target> {
+/// UDP and TCP to `ip`, port 53.
+fn targets_of(ip: &str) -> Vec<Target> {
     [Proto::Udp, Proto::Tcp]
         .into_iter()
         .map(|proto| Target {
             proto,
-            server: format!("{SERVICE_IP}:53").parse().unwrap(),
+            server: format!("{ip}:53").parse().unwrap(),
         })
         .collect()
+}
+
+/// The stream of the stop and removal tests: the Service IP only. The link-local address
+/// is relayed while localdns is stopped (see `link_local_mode_fails_open`) but has
+/// nobody behind it once the package is removed (kubelet is pointed back at the Service
+/// IP first), so what these must not lose is the Service IP's queries.
+fn service_ip_targets() -> Vec<Target> {
+    targets_of(SERVICE_IP)
 }
 
 #[test]
@@ -721,6 +740,193 @@ fn stop_under_load_hands_the_service_ip_to_kube_proxy_without_losing_a_query() {
         j.contains("final stop (stop job): removing the rules first"),
         "{j}"
     );
+}
+
+// ---------------------------------------------------------------- link-local fallback
+
+/// The kube-dns-upstream Service IP of the link-local tests: kube-proxy stand-ins DNAT
+/// it to the fake kube-dns, for pods and for the node's own processes (the relay).
+const KUBE_DNS_UPSTREAM: &str = "10.96.0.11";
+
+#[derive(Clone, Copy, Debug)]
+enum KubeProxy {
+    Iptables,
+    Nftables,
+}
+
+/// The stand-in of kube-proxy in `mode` for the Service IP and kube-dns-upstream, both to
+/// [`harness::KUBE_DNS_POD`], in PREROUTING (pods) and OUTPUT (the node), in a
+/// `KUBE-SERVICES` chain (iptables) or the `ip kube-proxy` table (nftables), as
+/// kube-proxy names them: localdns's `auto` firewall follows them.
+fn kube_proxy_in(node: &Node, mode: KubeProxy) {
+    let pod = harness::KUBE_DNS_POD.split(':').next().unwrap();
+    let ns = &node.net.node;
+    // A node has a route to the Service CIDR (its default route, here the pod link): the
+    // relay's packets to kube-dns-upstream need one before kube-proxy's DNAT redirects them.
+    ns.ip(&["route", "add", "10.96.0.0/12", "dev", "veth-pod"]);
+    // Options::kube_proxy's plain PREROUTING rule is replaced by the mode's own.
+    assert!(ns
+        .exec("iptables", &["-w", "-t", "nat", "-F", "PREROUTING"])
+        .status
+        .success());
+    match mode {
+        KubeProxy::Iptables => {
+            let ipt = |args: &[&str]| {
+                let mut all = vec!["-w", "-t", "nat"];
+                all.extend_from_slice(args);
+                let out = ns.exec("iptables", &all);
+                assert!(out.status.success(), "iptables {args:?}: {out:?}");
+            };
+            ipt(&["-N", "KUBE-SERVICES"]);
+            ipt(&["-A", "PREROUTING", "-j", "KUBE-SERVICES"]);
+            ipt(&["-A", "OUTPUT", "-j", "KUBE-SERVICES"]);
+            for ip in [SERVICE_IP, KUBE_DNS_UPSTREAM] {
+                harness::dnat_dns(ns, "KUBE-SERVICES", ip, harness::KUBE_DNS_POD);
+            }
+        }
+        KubeProxy::Nftables => {
+            let rules = |chain: &str| {
+                format!(
+                    "add rule ip kube-proxy {chain} ip daddr {{ {SERVICE_IP}, {KUBE_DNS_UPSTREAM} }} meta l4proto {{ tcp, udp }} th dport 53 dnat to {pod}\n"
+                )
+            };
+            let doc = format!(
+                "add table ip kube-proxy\n\
+                 add chain ip kube-proxy nat-prerouting {{ type nat hook prerouting priority dstnat; }}\n\
+                 add chain ip kube-proxy nat-output {{ type nat hook output priority -100; }}\n{}{}",
+                rules("nat-prerouting"),
+                rules("nat-output")
+            );
+            let path = std::env::temp_dir().join(format!("kube-proxy-{}.nft", std::process::id()));
+            std::fs::write(&path, doc).unwrap();
+            let out = ns.exec("nft", &["-f", path.to_str().unwrap()]);
+            let _ = std::fs::remove_file(&path);
+            assert!(out.status.success(), "nft: {out:?}");
+        }
+    }
+}
+
+/// Queries for the load names that reached the fake kube-dns.
+fn kube_dns_load_queries(node: &Node) -> usize {
+    let kube_dns = node.kube_dns.as_ref().expect("kube-dns stand-in");
+    harness::load_names()
+        .iter()
+        .map(|n| kube_dns.count(n, hickory_proto::rr::RecordType::A))
+        .sum()
+}
+
+/// Link-local mode under kube-proxy in `mode`: pods asking 169.254.20.10 are answered
+/// while localdns is stopped (through the relay to kube-dns-upstream) and when it is
+/// back; the relay sees nothing while localdns serves.
+fn link_local_mode_fails_open(tag: &str, mode: KubeProxy, backend: &str) {
+    let node = Node::boot(
+        tag,
+        Options {
+            kube_proxy: true,
+            ..Options::default()
+        },
+    );
+    kube_proxy_in(&node, mode);
+    // The cluster upstream is kube-dns-upstream, through the stand-in; other names go to
+    // the node's upstream (the first fake), so a load name reaching kube-dns came through
+    // the relay.
+    let path = "/etc/localdns/config.toml";
+    let config = std::fs::read_to_string(node.c.path(path)).unwrap();
+    let cluster = format!("[cluster]\nupstream = [\"{}\"]", node.upstream.addr);
+    assert!(config.contains(&cluster), "{config}");
+    node.c.write(
+        path,
+        &config.replace(
+            &cluster,
+            &format!("[cluster]\nupstream = [\"{KUBE_DNS_UPSTREAM}\"]"),
+        ),
+    );
+    node.start_localdns();
+    assert_eq!(
+        node.c.prop(RELAY, "ActiveState"),
+        "active",
+        "the relay did not start with localdns"
+    );
+    let rules = node.net.node_rules();
+    assert!(
+        rules.contains(backend),
+        "localdns's rules are not in {backend}:\n{rules}"
+    );
+    for name in harness::load_names() {
+        assert!(
+            !answer(&node, &name).is_empty(),
+            "{name} not answered by localdns"
+        );
+    }
+
+    let stream = Stream::start(
+        &node.net.pod,
+        targets_of(LINK_LOCAL),
+        10,
+        harness::load_names(),
+    );
+    // These waits pace the load; they synchronise with nothing.
+    std::thread::sleep(Duration::from_millis(700));
+    let served_by_localdns = kube_dns_load_queries(&node);
+    node.c.ok(&["systemctl", "stop", UNIT]);
+    assert_eq!(
+        node.net.node_link_index(LINK),
+        None,
+        "localdns's link is still there"
+    );
+    std::thread::sleep(Duration::from_millis(2000));
+    let while_stopped = kube_dns_load_queries(&node) - served_by_localdns;
+    node.start_localdns();
+    std::thread::sleep(Duration::from_millis(300));
+    let at_restart = kube_dns_load_queries(&node);
+    std::thread::sleep(Duration::from_millis(700));
+    let report = stream.finish();
+    let after_restart = kube_dns_load_queries(&node) - at_restart;
+    println!(
+        "link-local mode, kube-proxy {mode:?}: localdns stopped for 2 s and started again, \
+         10 queries/s per target; {while_stopped} relayed to kube-dns while stopped:\n{report}"
+    );
+    let total = report.total();
+    assert!(total.sent >= 40, "{report}");
+    assert_eq!(
+        total.unanswered(),
+        0,
+        "queries to {LINK_LOCAL} unanswered while localdns was stopped:\n{report}\n{}",
+        node.c.journal_text(RELAY, 40)
+    );
+    assert_eq!(
+        served_by_localdns, 0,
+        "the relay answered while localdns was serving"
+    );
+    assert!(
+        while_stopped >= 20,
+        "only {while_stopped} queries reached kube-dns while localdns was stopped"
+    );
+    assert_eq!(
+        after_restart, 0,
+        "the relay still answered after localdns was back"
+    );
+    let slowest = total.slowest;
+    assert!(
+        slowest < Duration::from_millis(1000),
+        "slowest answer {slowest:?}:\n{report}"
+    );
+}
+
+#[test]
+fn link_local_mode_answers_pods_while_localdns_is_stopped_under_iptables_kube_proxy() {
+    require_root_and_tools!(
+        "link_local_mode_answers_pods_while_localdns_is_stopped_under_iptables_kube_proxy"
+    );
+    link_local_mode_fails_open("ll-ipt", KubeProxy::Iptables, "LOCALDNS-PREROUTING");
+}
+
+#[test]
+fn link_local_mode_answers_pods_while_localdns_is_stopped_under_nftables_kube_proxy() {
+    require_root_and_tools!(
+        "link_local_mode_answers_pods_while_localdns_is_stopped_under_nftables_kube_proxy"
+    );
+    link_local_mode_fails_open("ll-nft", KubeProxy::Nftables, "table inet localdns");
 }
 
 /// A config broken by hand (an unknown key, as an upgrade that dropped a key would see).

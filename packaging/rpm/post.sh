@@ -8,13 +8,14 @@
 # Scriptlets never fail the transaction (|| :). Without a running systemd (image build,
 # chroot) only the enablement links are written; the unit starts at the first boot.
 unit=localdns.service
+relay=localdns-fallback.service
 
 # cargo-generate-rpm 0.21 cannot put an empty directory in the package (its `dir = true`
 # assets fail: "No such file or directory"), so the drop-in directory that the .deb ships
 # is made here; %postun removes it on erase when it is empty.
 install -d -m 0755 /etc/localdns/conf.d || :
 if [ "$1" -eq 1 ]; then
-    systemctl --no-reload preset "$unit" >/dev/null 2>&1 || :
+    systemctl --no-reload preset "$unit" "$relay" >/dev/null 2>&1 || :
 fi
 if [ -d /run/systemd/system ]; then
     systemctl daemon-reload >/dev/null 2>&1 || :

@@ -11,7 +11,7 @@ unit=localdns.service
 if [ -d /run/systemd/system ]; then
     systemctl daemon-reload >/dev/null 2>&1 || :
     if [ "$1" -ge 1 ]; then
-        systemctl try-restart "$unit" >/dev/null 2>&1 || :
+        systemctl try-restart "$unit" localdns-fallback.service >/dev/null 2>&1 || :
     fi
 fi
 if [ "$1" -eq 0 ]; then

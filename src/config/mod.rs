@@ -203,5 +203,7 @@ pub fn default_network() -> Network {
         setup_rules: r.setup_rules,
         rules_check_interval: r.rules_check_interval.0,
         xtables_wait: r.xtables_wait.0,
+        fallback: r.fallback,
+        fallback_address: r.fallback_address,
     }
 }

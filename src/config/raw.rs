@@ -271,6 +271,11 @@ pub struct RawNetwork {
     /// Longest wait for the xtables lock per iptables call (then retried, then an error).
     #[serde(deserialize_with = "positive")]
     pub xtables_wait: Dur,
+    /// Relay DNS to the link-local listen addresses to the cluster while localdns is not
+    /// serving (`localdns fallback`, localdns-fallback.service).
+    pub fallback: bool,
+    /// The relay's own address (IPv4 link-local), on its own link.
+    pub fallback_address: std::net::Ipv4Addr,
 }
 
 impl RawNetwork {
@@ -292,6 +297,8 @@ impl Default for RawNetwork {
             iptables_backend: None,
             rules_check_interval: Dur(Duration::from_secs(5)),
             xtables_wait: Dur(Duration::from_secs(5)),
+            fallback: true,
+            fallback_address: std::net::Ipv4Addr::new(169, 254, 20, 11),
         }
     }
 }

@@ -124,6 +124,12 @@ pub fn render(c: &Config) -> String {
         duration(n.rules_check_interval),
     );
     line(&mut out, "xtables_wait", duration(n.xtables_wait));
+    line(&mut out, "fallback", n.fallback);
+    line(
+        &mut out,
+        "fallback_address",
+        string(&n.fallback_address.to_string()),
+    );
 
     section(&mut out, "metrics");
     let metrics = c.metrics.address.map(|a| a.to_string()).unwrap_or_default();

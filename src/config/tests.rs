@@ -454,6 +454,8 @@ fn defaults_are_the_documented_schema() {
             firewall: Firewall::Auto,
             rules_check_interval: Duration::from_secs(5),
             xtables_wait: Duration::from_secs(5),
+            fallback: true,
+            fallback_address: std::net::Ipv4Addr::new(169, 254, 20, 11),
         },
         metrics: Metrics {
             address: Some(sa("127.0.0.1:9253")),

@@ -205,6 +205,11 @@ pub struct Network {
     pub rules_check_interval: Duration,
     /// Bound on the wait for the xtables lock per iptables call.
     pub xtables_wait: Duration,
+    /// Relay DNS to the link-local listen addresses while localdns is not serving
+    /// ([`crate::fallback`]).
+    pub fallback: bool,
+    /// The relay's address: IPv4 link-local, not a listen address.
+    pub fallback_address: std::net::Ipv4Addr,
 }
 
 /// Which answers the query log writes (`[log] queries`).

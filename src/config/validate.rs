@@ -128,6 +128,20 @@ pub fn validate(
         });
     }
 
+    let relay = raw.network.fallback_address;
+    if raw.network.fallback && !relay.is_link_local() {
+        return Err(prov.invalid(
+            "network.fallback_address",
+            format!("{relay} is not an IPv4 link-local address (169.254.0.0/16)"),
+        ));
+    }
+    if raw.network.fallback && listen.addresses.contains(&IpAddr::V4(relay)) {
+        return Err(prov.invalid(
+            "network.fallback_address",
+            format!("{relay} is also a listen address: the relay needs an address of its own"),
+        ));
+    }
+
     let c = raw.cache;
     if c.min_ttl > c.max_ttl {
         return Err(prov.invalid(
@@ -182,6 +196,8 @@ pub fn validate(
             setup_rules: raw.network.setup_rules,
             rules_check_interval: raw.network.rules_check_interval.0,
             xtables_wait: raw.network.xtables_wait.0,
+            fallback: raw.network.fallback,
+            fallback_address: raw.network.fallback_address,
         },
         metrics: Metrics {
             address: raw.metrics.address.0,

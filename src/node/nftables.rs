@@ -90,7 +90,7 @@ fn chain(name: &'static str, hook: NfHook) -> Chain<'static> {
     }
 }
 
-fn is(left: Expression<'static>, right: Expression<'static>) -> Statement<'static> {
+pub(crate) fn is(left: Expression<'static>, right: Expression<'static>) -> Statement<'static> {
     Statement::Match(Match {
         left,
         right,
@@ -98,7 +98,7 @@ fn is(left: Expression<'static>, right: Expression<'static>) -> Statement<'stati
     })
 }
 
-fn payload(protocol: &'static str, field: &'static str) -> Expression<'static> {
+pub(crate) fn payload(protocol: &'static str, field: &'static str) -> Expression<'static> {
     Expression::Named(NamedExpression::Payload(Payload::PayloadField(
         PayloadField {
             protocol: protocol.into(),
@@ -108,7 +108,7 @@ fn payload(protocol: &'static str, field: &'static str) -> Expression<'static> {
 }
 
 /// `ip daddr IP` / `ip6 saddr IP`.
-fn address(ip: &IpAddr, field: &'static str) -> Statement<'static> {
+pub(crate) fn address(ip: &IpAddr, field: &'static str) -> Statement<'static> {
     let protocol = if ip.is_ipv4() { "ip" } else { "ip6" };
     is(
         payload(protocol, field),
@@ -117,7 +117,7 @@ fn address(ip: &IpAddr, field: &'static str) -> Statement<'static> {
 }
 
 /// `meta l4proto { tcp, udp }`.
-fn tcp_or_udp() -> Statement<'static> {
+pub(crate) fn tcp_or_udp() -> Statement<'static> {
     is(
         Expression::Named(NamedExpression::Meta(Meta {
             key: MetaKey::L4proto,
@@ -130,7 +130,7 @@ fn tcp_or_udp() -> Statement<'static> {
 }
 
 /// `th dport PORT` / `th sport PORT`.
-fn port(field: &'static str, port: u16) -> Statement<'static> {
+pub(crate) fn port(field: &'static str, port: u16) -> Statement<'static> {
     is(payload("th", field), Expression::Number(port.into()))
 }
 

@@ -156,6 +156,11 @@ impl Container {
             0o644,
         );
         self.write_mode(
+            "/usr/lib/systemd/system/localdns-fallback.service",
+            &file("systemd/localdns-fallback.service"),
+            0o644,
+        );
+        self.write_mode(
             "/usr/libexec/localdns/stop-post",
             &file("systemd/stop-post"),
             0o755,

@@ -181,6 +181,12 @@ fn fill(up: &Upstream) {
 /// nat PREROUTING DNAT of the Service IP's port 53 to [`KUBE_DNS_POD`], as kube-proxy's
 /// iptables mode has it (reduced to the one rule that matters here).
 fn kube_proxy_standin(node: &netns::Netns) {
+    dnat_dns(node, "PREROUTING", SERVICE_IP, KUBE_DNS_POD);
+}
+
+/// `iptables -t nat -A CHAIN -d IP -p udp|tcp --dport 53 -j DNAT --to-destination TO` in
+/// `node`, for UDP and TCP.
+pub fn dnat_dns(node: &netns::Netns, chain: &str, ip: &str, to: &str) {
     for proto in ["udp", "tcp"] {
         let out = node.exec(
             "iptables",
@@ -189,9 +195,9 @@ fn kube_proxy_standin(node: &netns::Netns) {
                 "-t",
                 "nat",
                 "-A",
-                "PREROUTING",
+                chain,
                 "-d",
-                SERVICE_IP,
+                ip,
                 "-p",
                 proto,
                 "--dport",
@@ -199,7 +205,7 @@ fn kube_proxy_standin(node: &netns::Netns) {
                 "-j",
                 "DNAT",
                 "--to-destination",
-                KUBE_DNS_POD,
+                to,
             ],
         );
         assert!(out.status.success(), "kube-proxy stand-in: {out:?}");
