@@ -10,7 +10,7 @@ if [ "$1" -eq 0 ]; then
     if [ -d /run/systemd/system ]; then
         systemctl --no-reload disable --now "$unit" >/dev/null 2>&1 || :
         # The relay goes last: until here it answered the link-local address.
-        /usr/bin/localdns fallback --removal-notice --config /etc/localdns/config.toml || :
+        localdns fallback --removal-notice --config /etc/localdns/config.toml || :
         systemctl --no-reload disable --now localdns-fallback.service >/dev/null 2>&1 || :
     else
         systemctl --no-reload disable "$unit" localdns-fallback.service >/dev/null 2>&1 || :
