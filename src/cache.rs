@@ -244,6 +244,20 @@ impl Cache {
         dropped
     }
 
+    /// Call `f` with the key bytes, answer and age (whole seconds) of every fresh positive
+    /// or negative entry, one shard read lock at a time (for a snapshot).
+    pub fn for_each_fresh(&self, mut f: impl FnMut(&[u8], &Answer, u32)) {
+        let now = self.now_ms();
+        for shard in self.shards.iter() {
+            let shard = shard.read();
+            for (_, e) in shard.slots.iter().flatten() {
+                if e.is_fresh(now) && e.answer.is_cacheable_kind() {
+                    f(&e.key, &e.answer, e.age_secs(now));
+                }
+            }
+        }
+    }
+
     /// Milliseconds on the cache's clock.
     pub fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64

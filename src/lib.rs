@@ -44,6 +44,7 @@ pub mod metrics;
 pub mod node;
 pub mod process;
 pub mod server;
+pub mod snapshot;
 pub mod state;
 pub mod status;
 pub mod systemd;

@@ -488,6 +488,82 @@ fn restart_under_load_loses_no_query() {
     );
 }
 
+/// Queries each of `names` made the fake kube-dns (the node's only upstream) see.
+fn upstream_counts(node: &Node, names: &[String]) -> Vec<usize> {
+    names
+        .iter()
+        .map(|n| node.upstream.count(n, hickory_proto::rr::RecordType::A))
+        .collect()
+}
+
+/// `localdns_cache_snapshot_entries` of the running daemon (0 when it does not answer).
+fn snapshot_entries(node: &Node) -> f64 {
+    node.net.node.run_in(|| {
+        common::metrics::http_get("127.0.0.1:9253".parse().unwrap(), "/metrics")
+            .map(|(_, body)| {
+                common::metrics::parse(&body).value("localdns_cache_snapshot_entries", &[])
+            })
+            .unwrap_or(0.0)
+    })
+}
+
+#[test]
+fn the_cache_survives_a_restart_and_a_kill_9() {
+    require_root_and_tools!("the_cache_survives_a_restart_and_a_kill_9");
+    let node = Node::boot("warm", Options::default());
+    node.start_localdns();
+    let names = harness::load_names();
+    let (before_restart, before_kill) = names.split_at(names.len() / 2);
+    for name in before_restart {
+        assert!(!answer(&node, name).is_empty(), "{name}");
+    }
+    let asked = upstream_counts(&node, &names);
+    let pid = node.main_pid();
+    node.c.ok(&["systemctl", "restart", UNIT]);
+    let pid = node.wait_new_main_pid(pid, Duration::from_secs(15));
+    for name in before_restart {
+        assert!(!answer(&node, name).is_empty(), "{name} after the restart");
+    }
+    assert_eq!(
+        upstream_counts(&node, &names),
+        asked,
+        "names cached before the restart were asked upstream again:\n{}",
+        node.c.journal_text(UNIT, 30)
+    );
+    let j = node.c.journal_text(UNIT, 40);
+    assert!(
+        j.contains("cache: 10 answers taken over from the previous process"),
+        "{j}"
+    );
+
+    for name in before_kill {
+        assert!(!answer(&node, name).is_empty(), "{name}");
+    }
+    let asked = upstream_counts(&node, &names);
+    // A kill -9 keeps what the last periodic snapshot held: wait until one has them all.
+    node.c.wait_for(
+        "a cache snapshot with every name",
+        Duration::from_secs(30),
+        |_| snapshot_entries(&node) >= names.len() as f64,
+    );
+    node.c.ok(&["kill", "-KILL", &pid.to_string()]);
+    node.wait_new_main_pid(pid, Duration::from_secs(15));
+    for name in &names {
+        assert!(!answer(&node, name).is_empty(), "{name} after kill -9");
+    }
+    assert_eq!(
+        upstream_counts(&node, &names),
+        asked,
+        "names cached before kill -9 were asked upstream again:\n{}",
+        node.c.journal_text(UNIT, 30)
+    );
+    let j = node.c.journal_text(UNIT, 40);
+    assert!(
+        j.contains("cache: 20 answers taken over from the previous process"),
+        "{j}"
+    );
+}
+
 #[test]
 fn kill_9_under_load_loses_no_query() {
     require_root_and_tools!("kill_9_under_load_loses_no_query");

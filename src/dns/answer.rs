@@ -67,6 +67,17 @@ impl Answer {
         (self.wire.len(), self.ttl_offsets.len())
     }
 
+    /// The stored message (ID zero, TTLs as stored) and the offsets of its TTL fields: what
+    /// a cache snapshot keeps ([`crate::snapshot`]).
+    pub fn parts(&self) -> (&[u8], &[u16]) {
+        (&self.wire, &self.ttl_offsets)
+    }
+
+    /// Positive or negative: an answer about the name, which outlives the exchange.
+    pub fn is_cacheable_kind(&self) -> bool {
+        matches!(self.kind, Kind::Positive | Kind::Negative)
+    }
+
     /// The upstream's RCODE (header bits).
     pub fn rcode(&self) -> u8 {
         self.wire.get(3).map_or(0, |b| b & 0x0f)
@@ -401,6 +412,19 @@ pub(crate) mod tests {
             push_opt(&mut m, 0, false);
         }
         m
+    }
+
+    /// A response with one A record of `ttl` for `name`, ID 0, and its key.
+    pub(crate) fn a_response(name: &str, ttl: u32) -> (Key, Vec<u8>) {
+        let q = query(0, name, 1, None);
+        let key = Query::parse(&q).unwrap().key();
+        let r = response(
+            &q,
+            0,
+            &[(Section::Answer, 1, ttl, vec![192, 0, 2, 1])],
+            false,
+        );
+        (key, r)
     }
 
     fn soa(ttl_min: u32) -> Vec<u8> {

@@ -510,7 +510,10 @@ impl Scrape {
             &latency,
         )?;
         let c = &m.config;
-        let gauges: [(&str, &str, f64); 9] = [
+        let gauges: [(&str, &str, f64); 12] = [
+            ("localdns_cache_snapshot_entries", "Answers in the last cache snapshot (kept in systemd's fd store for the next process).", l(&m.snapshot_entries) as f64),
+            ("localdns_cache_snapshot_timestamp_seconds", "When the last cache snapshot was written (0: none yet).", l(&m.snapshot_time) as f64),
+            ("localdns_cache_restored_entries", "Answers taken over from the previous process's snapshot at the start.", l(&m.snapshot_restored) as f64),
             ("localdns_cache_entries", "Entries in the cache, fresh and stale.", (self.cache_entries[0] + self.cache_entries[1]) as f64),
             ("localdns_cache_bytes", "Bytes the cache's entries take (keys, answers, bookkeeping), against cache.max_bytes.", self.cache_bytes as f64),
             ("localdns_upstream_in_flight", "Keys being resolved upstream now.", self.in_flight as f64),

@@ -148,6 +148,11 @@ pub struct Metrics {
     pub repairs_rules: AtomicU64,
     /// Failed binds of the HTTP endpoint's address (another program holds it).
     pub http_bind_failures: AtomicU64,
+    /// Answers in the last cache snapshot written, and when (seconds since the epoch).
+    pub snapshot_entries: AtomicU64,
+    pub snapshot_time: AtomicU64,
+    /// Answers taken over from the previous process's snapshot at the start.
+    pub snapshot_restored: AtomicU64,
 }
 
 /// Add one to a shared counter.
@@ -192,6 +197,9 @@ impl Default for Metrics {
             repairs_addresses: AtomicU64::new(0),
             repairs_rules: AtomicU64::new(0),
             http_bind_failures: AtomicU64::new(0),
+            snapshot_entries: AtomicU64::new(0),
+            snapshot_time: AtomicU64::new(0),
+            snapshot_restored: AtomicU64::new(0),
         };
         m.config.generation.store(1, Relaxed);
         m

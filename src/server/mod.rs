@@ -157,6 +157,8 @@ pub struct Server {
     udp: Vec<(String, Arc<std::net::UdpSocket>)>,
     tcp: Vec<(String, std::net::TcpListener)>,
     http: Option<http::Endpoint>,
+    /// The cache snapshot kept across restarts (under systemd only).
+    snapshot: Option<Arc<crate::snapshot::Keeper>>,
     /// The refusal of the config on disk when this one is the last good config instead.
     refused_at_start: Option<String>,
 }
@@ -267,6 +269,17 @@ impl Server {
             tokio::runtime::Handle::current(),
         ));
         resolver.query_log.set(config.log.queries);
+        // Warm before the first query is read: those queued in the kept sockets during the
+        // restart are the names pods were asking.
+        let snapshot = crate::snapshot::Keeper::open(kept).map(|(keeper, bytes)| {
+            if let Some(bytes) = bytes {
+                let policy = resolver.settings().policy;
+                let n = crate::snapshot::Keeper::restore(&bytes, &resolver.cache, &policy);
+                let restored = &resolver.metrics.snapshot_restored;
+                restored.store(n as u64, Ordering::Relaxed);
+            }
+            Arc::new(keeper)
+        });
         let l = &config.listen;
         let threads = udp_threads(&config);
         let mut udp = Vec::new();
@@ -337,6 +350,7 @@ impl Server {
             udp,
             tcp,
             http,
+            snapshot,
             refused_at_start: None,
         })
     }
@@ -442,6 +456,18 @@ impl Server {
         if let Some(interval) = systemd::watchdog_interval() {
             tasks.spawn(watchdog(interval, workers, Arc::clone(&self.resolver)));
         }
+        if let Some(keeper) = &self.snapshot {
+            let (keeper, resolver) = (Arc::clone(keeper), Arc::clone(&self.resolver));
+            tasks.spawn(async move {
+                let mut tick = tokio::time::interval(crate::snapshot::EVERY);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    save_snapshot(&keeper, &resolver).await;
+                }
+            });
+        }
         if let Some((source, hup)) = reload {
             tasks.spawn(reload::watch(
                 source,
@@ -502,8 +528,28 @@ impl Server {
         });
         let _ = joined.await;
         let _ = tokio::time::timeout(Duration::from_secs(3), self.resolver.drained()).await;
+        // After the last answer: the next process starts with everything this one knew.
+        if let Some(keeper) = &self.snapshot {
+            save_snapshot(keeper, &self.resolver).await;
+        }
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// Write the cache snapshot off the async threads; a failure is logged.
+async fn save_snapshot(keeper: &Arc<crate::snapshot::Keeper>, resolver: &Arc<Resolver>) {
+    let (keeper, cache) = (Arc::clone(keeper), Arc::clone(&resolver.cache));
+    match tokio::task::spawn_blocking(move || keeper.save(&cache)).await {
+        Ok(Ok(n)) => {
+            let m = &resolver.metrics;
+            m.snapshot_entries.store(u64::from(n), Ordering::Relaxed);
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+            m.snapshot_time
+                .store(now.map_or(0, |d| d.as_secs()), Ordering::Relaxed);
+        }
+        Ok(Err(e)) => tracing::warn!("cannot write the cache snapshot: {e}"),
+        Err(e) => tracing::warn!("cannot write the cache snapshot: {e}"),
     }
 }
 
