@@ -60,6 +60,18 @@ pub struct Plan {
     pub check_interval: Duration,
 }
 
+/// The listen addresses nobody but localdns answers: the IPv4 link-local ones.
+fn link_local(cfg: &Config) -> Vec<Ipv4Addr> {
+    cfg.listen
+        .addresses
+        .iter()
+        .filter_map(|ip| match ip {
+            IpAddr::V4(v4) if v4.is_link_local() => Some(*v4),
+            _ => None,
+        })
+        .collect()
+}
+
 /// What the relay does for `cfg`: pure.
 pub fn plan(cfg: &Config) -> Decision {
     let n = &cfg.network;
@@ -72,15 +84,7 @@ pub fn plan(cfg: &Config) -> Decision {
                 .into(),
         );
     }
-    let relayed: Vec<Ipv4Addr> = cfg
-        .listen
-        .addresses
-        .iter()
-        .filter_map(|ip| match ip {
-            IpAddr::V4(v4) if v4.is_link_local() => Some(*v4),
-            _ => None,
-        })
-        .collect();
+    let relayed = link_local(cfg);
     if relayed.is_empty() {
         return Decision::Idle(
             "no link-local listen address: the Service IP falls back to kube-proxy by itself"
@@ -177,19 +181,13 @@ async fn config(source: &Source, signals: &mut lifecycle::signals::Signals) -> O
 /// printed by the removal scripts once localdns has stopped and before the relay does.
 pub fn removal_notice(source: &Source) -> Option<String> {
     let cfg = crate::state::load_for_start(source).ok()?.config;
-    let relayed = cfg
-        .listen
-        .addresses
-        .iter()
-        .filter(|ip| matches!(ip, IpAddr::V4(v4) if v4.is_link_local()))
-        .map(ToString::to_string)
-        .collect::<Vec<_>>();
+    let relayed = link_local(&cfg);
     (!relayed.is_empty()).then(|| {
         format!(
             "localdns: removed in link-local mode: pods whose DNS server is {} (kubelet \
              clusterDNS) have NO DNS from now on. Point kubelet's clusterDNS at the kube-dns \
              Service IP and re-create those pods, or install localdns again.",
-            relayed.join(", ")
+            join(&relayed)
         )
     })
 }
