@@ -77,10 +77,8 @@ fn main() {
         r[7] = 1;
         r[11] = 0;
         r.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 14, 16, 0, 4, 10, 96, 0, 1]);
-        cache.insert(
-            &key,
-            Answer::from_upstream(&r, 1, &key, &policy).expect("answer"),
-        );
+        let answer = Answer::from_upstream(&r, 1, &key, &policy).expect("answer");
+        assert!(cache.insert(&key, answer).is_ok(), "stored");
     }
     let packets: Vec<Vec<u8>> = names
         .iter()

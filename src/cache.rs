@@ -324,10 +324,12 @@ impl Cache {
     /// Store an answer for `key`, replacing any previous one; evicts until the shard's
     /// entry and byte budgets hold. Not stored (`None`): answers with a zero TTL, and
     /// answers over `max_answer_bytes` or the shard's byte budget (counted in
-    /// [`Cache::refused`]). Returns the stored entry.
-    pub fn insert(&self, key: &Key, answer: Answer) -> Option<Arc<Entry>> {
+    /// [`Cache::refused`]). Returns the stored entry, or gives the answer back when it was
+    /// not stored, so the caller serves it without having kept a copy (a copy per miss
+    /// was two allocations and a memcpy, and freed bytes between the cache's entries).
+    pub fn insert(&self, key: &Key, answer: Answer) -> Result<Arc<Entry>, Answer> {
         if answer.ttl == 0 {
-            return None;
+            return Err(answer);
         }
         let r = Ordering::Relaxed;
         let (limit, limit_bytes, stale_ms) = (
@@ -341,7 +343,7 @@ impl Cache {
         };
         let Some(cost) = cost.filter(|&c| c <= limit_bytes) else {
             self.evicted.too_big.fetch_add(1, r);
-            return None;
+            return Err(answer);
         };
         let now = self.now_ms();
         let entry = Arc::new(Entry {
@@ -376,7 +378,7 @@ impl Cache {
         shard.slots[idx as usize] = Some((hash, Arc::clone(&entry)));
         let Shard { table, slots, .. } = &mut *shard;
         table.insert_unique(hash, idx, |&i| slot_hash(slots, i));
-        Some(entry)
+        Ok(entry)
     }
 
     /// A prefetch of `key` failed or could not start: allow the next one only after
@@ -556,7 +558,7 @@ mod tests {
         c.set_bytes(budget, 30_000);
         for i in 0..2000 {
             let (k, a) = txt(&format!("n{i}.example"), 2_000 + (i % 5) * 5_000);
-            assert!(c.insert(&k, a).is_some(), "fits a shard's share: stored");
+            assert!(c.insert(&k, a).is_ok(), "fits a shard's share: stored");
             assert!(c.bytes() <= budget, "{} over {budget} at {i}", c.bytes());
         }
         assert_eq!(c.bytes(), recount(&c));
@@ -571,7 +573,7 @@ mod tests {
         let c = Cache::new(20_000, 0, NO_PREFETCH);
         for i in 0..1000 {
             let (k, a) = answer(&format!("a{i}.example"), 60);
-            c.insert(&k, a);
+            let _ = c.insert(&k, a);
         }
         let before = c.bytes();
         assert_eq!(before, recount(&c));
@@ -580,13 +582,13 @@ mod tests {
         c.set_bytes(before / 2, 16 * 1024);
         for i in 0..1000 {
             let (k, a) = answer(&format!("b{i}.example"), 60);
-            c.insert(&k, a);
+            let _ = c.insert(&k, a);
         }
         assert!(c.bytes() <= before / 2);
         // Replacing an entry charges it once; dropping entries gives their bytes back.
         let (k, a) = answer("b1.example", 60);
-        c.insert(&k, a.clone());
-        c.insert(&k, a);
+        let _ = c.insert(&k, a.clone());
+        let _ = c.insert(&k, a);
         assert_eq!(c.bytes(), recount(&c));
         c.retain(|_| false);
         assert_eq!((c.bytes(), c.len()), (0, 0));
@@ -597,17 +599,17 @@ mod tests {
         let c = Cache::new(100, 0, NO_PREFETCH);
         c.set_bytes(64 << 20, 16 * 1024);
         let (k, a) = txt("big.example", 20_000);
-        assert!(c.insert(&k, a).is_none(), "over max_answer_bytes");
+        assert!(c.insert(&k, a).is_err(), "over max_answer_bytes");
         assert_eq!((c.len(), c.bytes(), c.refused()), (0, 0, 1));
         // Just under the cap is stored.
         let (k, a) = txt("fits.example", 16 * 1024 - 100);
-        assert!(c.insert(&k, a).is_some());
+        assert!(c.insert(&k, a).is_ok());
         assert_eq!(c.refused(), 1);
         // A shard's share smaller than the answer refuses it too (never evicts a whole
         // shard for nothing).
         c.set_bytes(64 * 1024, 65_535);
         let (k, a) = txt("shard.example", 2000);
-        assert!(c.insert(&k, a).is_none());
+        assert!(c.insert(&k, a).is_err());
         assert_eq!(c.refused(), 2);
     }
 
@@ -631,7 +633,7 @@ mod tests {
         let c = Cache::new(100, 0, NO_PREFETCH);
         let (k, a) = answer("a.example", 60);
         assert_eq!(c.with_fresh(&k, c.now_ms(), |_, _| ()), Hit::Miss);
-        c.insert(&k, a);
+        let _ = c.insert(&k, a);
         assert_eq!(
             c.with_fresh(&k, c.now_ms(), |e, age| (e.answer.ttl, age)),
             Hit::Fresh {
@@ -648,11 +650,11 @@ mod tests {
     fn zero_ttl_not_stored_and_replace_keeps_one() {
         let c = Cache::new(100, 0, NO_PREFETCH);
         let (k, a) = answer("a.example", 0);
-        assert!(c.insert(&k, a).is_none());
+        assert!(c.insert(&k, a).is_err());
         assert!(c.is_empty());
         let (k, a) = answer("a.example", 5);
-        c.insert(&k, a.clone());
-        c.insert(&k, a);
+        let _ = c.insert(&k, a.clone());
+        let _ = c.insert(&k, a);
         assert_eq!(c.len(), 1);
     }
 
@@ -660,10 +662,10 @@ mod tests {
     fn capacity_is_bounded_and_referenced_entries_survive() {
         let c = Cache::new(SHARDS * 4, 0, NO_PREFETCH);
         let (hot, a) = answer("hot.example", 60);
-        c.insert(&hot, a);
+        let _ = c.insert(&hot, a);
         for i in 0..5000 {
             let (k, a) = answer(&format!("n{i}.example"), 60);
-            c.insert(&k, a);
+            let _ = c.insert(&k, a);
             // keep touching the hot name, as clients would
             assert!(matches!(
                 c.with_fresh(&hot, c.now_ms(), |_, _| ()),
@@ -685,7 +687,7 @@ mod tests {
             },
         );
         let (k, a) = answer("p.example", 60);
-        c.insert(&k, a);
+        let _ = c.insert(&k, a);
         c.epoch -= std::time::Duration::from_secs(2);
         let marks: Vec<bool> = (0..4)
             .map(|_| match c.with_fresh(&k, c.now_ms(), |_, _| ()) {
@@ -735,7 +737,7 @@ mod tests {
         // An entry stored "in the past": fake by building the cache and moving the epoch.
         let mut c = Cache::new(100, 10, NO_PREFETCH);
         let (k, a) = answer("s.example", 1);
-        c.insert(&k, a);
+        let _ = c.insert(&k, a);
         c.epoch -= std::time::Duration::from_millis(1500);
         assert_eq!(c.with_fresh(&k, c.now_ms(), |_, _| ()), Hit::Miss);
         assert!(c.get(&k).is_some_and(|e| !e.is_fresh(c.now_ms())));

@@ -62,6 +62,7 @@ pub fn run(loaded: Loaded, source: Source) -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async {
         let signals = lifecycle::signals::Signals::catch()?;
+        let collector = crate::allocator::spawn_collector();
         let removal = node::Removal::of(&cfg);
         let names = crate::server::socket_names(&cfg);
         let served = serve(cfg, refused, source, &mut kept, signals, &removal).await;
@@ -70,6 +71,7 @@ pub fn run(loaded: Loaded, source: Source) -> anyhow::Result<()> {
             Err(ref e) => give_back(e, &removal, &names).await,
         }
         kept.release_rest();
+        collector.abort();
         served
     })
 }

@@ -3,6 +3,7 @@
 //! it on crash, restart, upgrade or removal.
 //!
 //! # Layout
+//! - [`allocator`]: mimalloc's housekeeping: free pages go back to the kernel when unused.
 //! - [`cli`]: the command line as data (clap); the man page is rendered from it.
 //! - [`daemon`]: the life cycle of `localdns run`: kept sockets, node setup, serve, stop.
 //! - [`config`]: raw TOML → merged (`config.toml` + `conf.d/*.toml`) → validated [`config::Config`].
@@ -30,6 +31,7 @@
 // One audited exception: adopting the descriptors systemd passes (`systemd::adopt`).
 #![deny(unsafe_code)]
 
+pub mod allocator;
 pub mod cache;
 pub mod cli;
 pub mod config;

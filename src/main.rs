@@ -20,6 +20,7 @@ const EX_CONFIG: u8 = 64;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    localdns::allocator::configure();
     let cli = Cli::parse();
     if matches!(
         cli.command,

@@ -272,10 +272,13 @@ impl Keeper {
         }
         match decode(bytes, now_unix_ms(), policy) {
             Ok(r) => {
-                let n = r.answers.len();
-                for (key, answer) in r.answers {
-                    cache.insert(&key, answer);
-                }
+                // What the cache took (a smaller budget than the last process's may refuse
+                // some), not what the snapshot held.
+                let n = r
+                    .answers
+                    .into_iter()
+                    .filter_map(|(key, answer)| cache.insert(&key, answer).ok())
+                    .count();
                 tracing::info!(
                     restored = n,
                     skipped = r.skipped,
@@ -316,7 +319,7 @@ mod tests {
         for (name, ttl) in names {
             let (key, wire) = response(name, *ttl);
             let answer = Answer::from_upstream(&wire, 0, &key, &POLICY).unwrap();
-            cache.insert(&key, answer);
+            cache.insert(&key, answer).unwrap();
         }
         cache
     }

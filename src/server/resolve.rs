@@ -527,9 +527,9 @@ impl Resolver {
         if answer.ttl == 0 || answer.kind == Kind::Uncacheable {
             return Outcome::Uncached(answer, from);
         }
-        match self.cache.insert(key, answer.clone()) {
-            Some(entry) => Outcome::Cached(entry, from),
-            None => Outcome::Uncached(answer, from),
+        match self.cache.insert(key, answer) {
+            Ok(entry) => Outcome::Cached(entry, from),
+            Err(answer) => Outcome::Uncached(answer, from),
         }
     }
 
