@@ -157,6 +157,9 @@ pub struct ConfigReport {
     /// The refusal of the config on disk, while the previous or last good one serves.
     pub refused: Option<String>,
     pub last_good: bool,
+    /// Start-only settings the files change, applied at the next restart.
+    #[serde(default)]
+    pub restart_required: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

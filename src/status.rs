@@ -187,6 +187,13 @@ pub fn render(s: &Status) -> String {
             }
         );
     }
+    if !c.restart_required.is_empty() {
+        let _ = writeln!(
+            o,
+            "  RESTART REQUIRED: {} (the files change settings applied only at a start)",
+            c.restart_required.join("; ")
+        );
+    }
     for p in &s.probes {
         let _ = match &p.result {
             Ok((rcode, ms)) => writeln!(

@@ -1404,6 +1404,98 @@ fn reload_applies_a_good_drop_in_and_refuses_a_bad_one() {
 }
 
 #[test]
+fn a_start_only_change_is_checked_at_reload_and_reported_as_restart_required() {
+    let up = example_upstream();
+    let d = daemon_for(&up);
+    let conf_d = d.config_path.parent().expect("dir").join("conf.d");
+    std::fs::create_dir_all(&conf_d).expect("mkdir");
+    let status = || {
+        let (code, body) = metrics::http_get(d.metrics, "/status").expect("/status");
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str::<serde_json::Value>(&body).expect("json")
+    };
+    let required = |v: &serde_json::Value| v["config"]["restart_required"].clone();
+    assert_eq!(required(&status()), serde_json::json!([]));
+    assert_eq!(
+        scrape(d.metrics).value("localdns_config_restart_required", &[]),
+        0.0
+    );
+
+    // A metrics port another program holds would fail the next start: refused now, with
+    // the reason, and the running config keeps serving.
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let held = holder.local_addr().expect("addr");
+    std::fs::write(
+        conf_d.join("50-metrics.toml"),
+        format!("[metrics]\naddress = \"{held}\"\n"),
+    )
+    .expect("write");
+    d.wait_notify("RELOADING=1", Duration::from_secs(5));
+    let refused = d.wait_notify("READY=1", Duration::from_secs(5));
+    assert!(refused.contains("CONFIG REFUSED"), "{refused}");
+    assert!(refused.contains("another program holds it"), "{refused}");
+    let s = status();
+    assert!(
+        s["config"]["refused"]
+            .as_str()
+            .unwrap_or("")
+            .contains(&held.to_string()),
+        "{s}"
+    );
+    assert_eq!(
+        required(&s),
+        serde_json::json!([]),
+        "a refused change is not pending"
+    );
+    ok(d.dns, "www.example.com", A);
+
+    // A free port can work: accepted, and reported until a restart applies it.
+    drop(holder);
+    let free = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = free.local_addr().expect("addr");
+    drop(free);
+    std::fs::write(
+        conf_d.join("50-metrics.toml"),
+        format!("[metrics]\naddress = \"{port}\"\n"),
+    )
+    .expect("write");
+    d.wait_notify("RELOADING=1", Duration::from_secs(5));
+    let pending = d.wait_notify("READY=1", Duration::from_secs(5));
+    assert!(
+        pending.contains("RESTART REQUIRED for metrics.address"),
+        "{pending}"
+    );
+    assert!(!pending.contains("REFUSED"), "{pending}");
+    let s = status();
+    let list = required(&s);
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{s}");
+    assert!(
+        list[0].as_str().unwrap_or("").contains(&port.to_string()),
+        "{s}"
+    );
+    assert_eq!(
+        scrape(d.metrics).value("localdns_config_restart_required", &[]),
+        1.0
+    );
+    assert!(
+        d.stderr().contains("restart required: metrics.address"),
+        "{}",
+        d.stderr()
+    );
+
+    // The file back as it was: nothing pending any more.
+    std::fs::remove_file(conf_d.join("50-metrics.toml")).expect("rm");
+    d.wait_notify("RELOADING=1", Duration::from_secs(5));
+    let ready = d.wait_notify("READY=1", Duration::from_secs(5));
+    assert!(!ready.contains("RESTART REQUIRED"), "{ready}");
+    assert_eq!(required(&status()), serde_json::json!([]));
+    assert_eq!(
+        scrape(d.metrics).value("localdns_config_restart_required", &[]),
+        0.0
+    );
+}
+
+#[test]
 fn reload_drops_only_answers_whose_routing_changed() {
     let up = example_upstream();
     let corp = Upstream::start();

@@ -18,6 +18,7 @@ mod merge;
 mod raw;
 mod render;
 mod resolv;
+mod restart;
 mod types;
 mod validate;
 mod value;
@@ -30,6 +31,7 @@ use std::path::{Path, PathBuf};
 
 pub use error::{ConfigError, Location};
 pub use render::render;
+pub use restart::{start_only_changes, START_ONLY};
 pub use types::*;
 
 use document::Document;

@@ -215,6 +215,16 @@ impl Syncer {
 
     /// The daemon's loader over what the host would hold after the plan.
     fn validate(&self, host: &[(PathBuf, String)], wanted: &[Wanted]) -> Result<(), String> {
+        let start_only = plan::start_only_sections(wanted);
+        if !start_only.is_empty() {
+            return Err(format!(
+                "the ConfigMap sets settings that apply only when localdns starts ({}): a \
+                 rollout would change them on every node at its next restart; set them in the \
+                 node's own config (/etc/localdns/config.toml or conf.d/80-*.toml from the \
+                 node's provisioning)",
+                start_only.join(", ")
+            ));
+        }
         let docs = plan::documents_after(host, &self.conf_dir, wanted);
         if docs.is_empty() {
             // The daemon then runs on its embedded default: nothing of ours to check.

@@ -217,6 +217,28 @@ pub fn documents_after(
     main
 }
 
+/// The start-only sections ([`crate::config::START_ONLY`]) that wanted files set, as
+/// `origin: [section]`. config-sync refuses them: a fleet-wide push would reach every
+/// node's running daemon only as "restart required", then apply at each node's next
+/// restart, where a value that cannot work on the node fails everywhere at once; and the
+/// pod (no host network) cannot check the node's interfaces and ports. They belong to the
+/// node's own config, which provisioning writes and a restart applies node by node.
+pub fn start_only_sections(wanted: &[Wanted]) -> Vec<String> {
+    let mut found = Vec::new();
+    for w in wanted {
+        // A body that does not parse is the loader's to report, with its line.
+        let Ok(table) = w.body.parse::<toml::Table>() else {
+            continue;
+        };
+        for section in crate::config::START_ONLY {
+            if table.contains_key(section) {
+                found.push(format!("{}: [{section}]", w.origin.display()));
+            }
+        }
+    }
+    found
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -358,5 +380,27 @@ mod tests {
         let texts: Vec<&str> = docs.iter().map(|(_, t)| t.as_str()).collect();
         assert_eq!(texts, ["main", "node", "up", "a", "last"]);
         assert_eq!(docs[3].0, PathBuf::from("/cm/71-config-sync-a.toml"));
+    }
+
+    #[test]
+    fn start_only_sections_in_the_configmap_are_found_by_origin() {
+        let w = |origin: &str, body: &str| Wanted {
+            name: format!("{CONFIGMAP_PREFIX}{origin}"),
+            body: body.into(),
+            origin: PathBuf::from(origin),
+        };
+        let wanted = [
+            w("cache.toml", "[cache]\ncapacity = 5000\n"),
+            w(
+                "node.toml",
+                "[listen]\nport = 5353\n[metrics]\naddress = \"\"\n",
+            ),
+            w("bad.toml", "[network\n"),
+        ];
+        assert_eq!(
+            start_only_sections(&wanted),
+            ["node.toml: [listen]", "node.toml: [metrics]"]
+        );
+        assert!(start_only_sections(&wanted[..1]).is_empty());
     }
 }

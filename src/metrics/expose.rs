@@ -510,7 +510,7 @@ impl Scrape {
             &latency,
         )?;
         let c = &m.config;
-        let gauges: [(&str, &str, f64); 12] = [
+        let gauges: [(&str, &str, f64); 13] = [
             ("localdns_cache_snapshot_entries", "Answers in the last cache snapshot (kept in systemd's fd store for the next process).", l(&m.snapshot_entries) as f64),
             ("localdns_cache_snapshot_timestamp_seconds", "When the last cache snapshot was written (0: none yet).", l(&m.snapshot_time) as f64),
             ("localdns_cache_restored_entries", "Answers taken over from the previous process's snapshot at the start.", l(&m.snapshot_restored) as f64),
@@ -521,6 +521,7 @@ impl Scrape {
             ("localdns_config_last_reload_successful", "1 when the last reload attempt (SIGHUP or a file change) was accepted.", f64::from(u8::from(c.last_reload_ok.load(Relaxed) || l(&c.last_reload_time) == 0))),
             ("localdns_config_last_reload_timestamp_seconds", "When the last reload attempt happened (0: none since the start).", l(&c.last_reload_time) as f64),
             ("localdns_config_last_good", "1 while serving on the last good config because the one on disk was refused at start.", f64::from(u8::from(c.last_good.load(Relaxed)))),
+            ("localdns_config_restart_required", "1 when the config files change [listen], [network] or [metrics] settings that apply only at the next start (see /status).", f64::from(u8::from(c.restart_required.load(Relaxed)))),
             ("localdns_ready", "1 when /ready answers 200: listeners, link, rules and a cluster upstream in place.", f64::from(u8::from(self.ready))),
             ("localdns_healthy", "1 when /health answers 200: every serving loop goes round.", f64::from(u8::from(self.healthy))),
         ];

@@ -103,6 +103,8 @@ pub struct ConfigState {
     pub last_reload_ok: AtomicBool,
     /// Serving on the last good config because the one on disk was refused.
     pub last_good: AtomicBool,
+    /// The files change start-only settings this process has not applied.
+    pub restart_required: AtomicBool,
 }
 
 #[derive(Debug)]

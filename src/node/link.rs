@@ -123,6 +123,15 @@ fn foreign(name: &str, kind: &str) -> LinkError {
     }
 }
 
+/// Could [`ensure`] use the link `name`? Yes when it is absent (it would be created) or
+/// ours by kind; the reason when it is another device.
+pub(crate) async fn usable(ops: &impl LinkOps, name: &str) -> Result<(), LinkError> {
+    match ops.get(name).await? {
+        Some(state) if !KINDS.contains(&state.kind.as_str()) => Err(foreign(name, &state.kind)),
+        _ => Ok(()),
+    }
+}
+
 /// Removes the link `name` (and with it its addresses). `Ok(false)` when it was absent.
 pub(crate) async fn remove(ops: &impl LinkOps, name: &str) -> Result<bool, LinkError> {
     let Some(state) = ops.get(name).await? else {

@@ -216,6 +216,13 @@ fn created_tables(before: Option<&[String]>) -> Vec<String> {
     made
 }
 
+/// Could the link `name` hold the listen addresses (absent, or ours)? For a
+/// `network.interface` change that a reload brings ([`crate::server::start_only`]).
+pub async fn check_link(name: &str) -> Result<(), String> {
+    let ops = link::Netlink::connect().map_err(|e| e.to_string())?;
+    link::usable(&ops, name).await.map_err(|e| e.to_string())
+}
+
 /// What [`teardown`] removes.
 #[derive(Debug, Clone)]
 pub struct Removal {

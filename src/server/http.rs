@@ -314,6 +314,7 @@ async fn report(ctx: &Arc<Context>) -> Report {
             last_reload_ok: c.last_reload_ok.load(Relaxed),
             refused,
             last_good: c.last_good.load(Relaxed),
+            restart_required: ctx.reloads.restart_required.lock().clone(),
         },
         listen: ctx.listen.clone(),
         link,

@@ -11,6 +11,7 @@ pub mod noisy;
 pub mod querylog;
 pub mod reload;
 pub mod resolve;
+pub mod start_only;
 pub mod tcp;
 pub mod udp;
 
@@ -583,6 +584,11 @@ fn status_line(
             "; CONFIG REFUSED (previous config serving): {err}"
         ));
     }
+    let pending = reloads.restart_required.lock();
+    if !pending.is_empty() {
+        line.push_str(&format!("; RESTART REQUIRED for {}", pending.join("; ")));
+    }
+    drop(pending);
     if let Some(err) = endpoint.not_listening.lock().as_deref() {
         line.push_str(&format!("; NO METRICS/HEALTH ENDPOINT (retrying) {err}"));
     }

@@ -32,6 +32,9 @@ pub struct ReloadState {
     pub error: Mutex<Option<String>>,
     /// The files the running config was read from.
     pub sources: Mutex<Vec<PathBuf>>,
+    /// Start-only settings the files change but this process cannot apply
+    /// ([`crate::config::start_only_changes`]); empty when the files match what runs.
+    pub restart_required: Mutex<Vec<String>>,
 }
 
 /// Watch for reload triggers forever; `status` renders the status line after a reload.
@@ -43,6 +46,8 @@ pub async fn watch(
     state: Arc<ReloadState>,
     status: impl Fn() -> String,
 ) {
+    // What this process started with: start-only settings are compared with it.
+    let started = current.clone();
     let conf_dir = config::conf_dir(&source);
     let mut others = Vec::new();
     let from_resolv_conf = current.upstream.servers_from != "config";
@@ -66,7 +71,20 @@ pub async fn watch(
             _ = watcher.changed() => "config files changed",
             _ = poll.tick(), if waiting_for_resolvers => POLLED,
         };
-        let loaded = config::load(&source);
+        let mut loaded = config::load(&source).map_err(|e| e.to_string());
+        // Start-only changes are checked against the node now, not at the next restart.
+        let mut pending = Vec::new();
+        if let Ok(new) = &loaded {
+            pending = config::start_only_changes(&started, new);
+            if !pending.is_empty() {
+                if let Err(why) = super::start_only::check(&started, new).await {
+                    loaded = Err(format!(
+                        "{} cannot work on this node: {why}",
+                        pending.join("; ")
+                    ));
+                }
+            }
+        }
         // A poll that finds nothing new stays silent: no RELOADING/READY every few seconds.
         if reason == POLLED && loaded.as_ref().map_or(true, |new| same(new, &current)) {
             continue;
@@ -79,6 +97,23 @@ pub async fn watch(
         match loaded {
             Ok(new) => {
                 *state.error.lock() = None;
+                if pending != *state.restart_required.lock() {
+                    if pending.is_empty() {
+                        tracing::info!(
+                            reason,
+                            "the config files match the running process again: no restart required"
+                        );
+                    } else {
+                        tracing::warn!(
+                            reason,
+                            "config reloaded ({reason}): {}",
+                            super::start_only::describe(&pending)
+                        );
+                    }
+                }
+                c.restart_required
+                    .store(!pending.is_empty(), Ordering::Relaxed);
+                *state.restart_required.lock() = pending;
                 *state.sources.lock() = new.sources.clone();
                 c.last_good.store(false, Ordering::Relaxed);
                 crate::state::remember_in_state_dir(&new);
@@ -91,9 +126,6 @@ pub async fn watch(
                         tracing::debug!(reason, "config reloaded, nothing changed");
                     }
                 } else {
-                    if new.listen != current.listen || new.network != current.network {
-                        tracing::warn!(reason, "config reloaded ({reason}) with listen or network changes: they take effect at the next restart (`systemctl restart localdns` keeps the sockets)");
-                    }
                     resolver.apply(&new);
                     c.generation.fetch_add(1, Ordering::Relaxed);
                     let files = new
