@@ -109,10 +109,10 @@ fn the_image_copies_the_binary_packaging_build_makes_and_the_probe_runs_it() {
         std::fs::read_to_string(Path::new(ROOT).join("deploy/Containerfile")).expect("read");
     let build = std::fs::read_to_string(Path::new(ROOT).join("packaging/build")).expect("read");
     assert!(
-        build.contains("bin=target/$TARGET/release/localdns"),
+        build.contains("bin() { echo \"target/$(triple \"$1\")/release/localdns\"; }"),
         "packaging/build moved its binary"
     );
-    assert!(build.contains("TARGET=x86_64-unknown-linux-gnu\n"));
+    assert!(build.contains("amd64) echo x86_64-unknown-linux-gnu ;;\n"));
     assert!(
         containerfile.contains(
             "COPY --chmod=0755 target/x86_64-unknown-linux-gnu/release/localdns /usr/bin/localdns"

@@ -1,20 +1,27 @@
 //! Checks of the packages that `packaging/build` leaves in target/packages/ for the crate's
-//! version: what they contain, what they declare, and what the linters say. Nothing is
-//! installed here; the install, upgrade and removal life cycle runs under a real systemd in
-//! the container tests.
+//! version, for each architecture (amd64 and arm64): what they contain, what they declare,
+//! what the linters say, and that the packaged binary runs and answers queries (the arm64
+//! one under `qemu-aarch64-static` with Debian's arm64 libc). Nothing is installed here;
+//! the install, upgrade and removal life cycle runs under a real systemd in the container
+//! tests (amd64).
 //!
 //! Without the packages (or a tool to read them) a test prints `SKIPPED ...` and passes, so
 //! that a plain `cargo test` works before any package was built; under `CI=true`, where
 //! `.ci/run` builds them first, that is a failure instead.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
 use clap::CommandFactory;
-
-#[path = "common/skipped.rs"]
-mod skipped;
+use common::daemon::{Config, Daemon};
+use common::dig::dig;
+use common::skipped;
+use common::upstream::{Transport, Upstream};
+use hickory_proto::rr::RecordType;
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// The glibc the binary may need at most: RHEL 8's.
@@ -67,32 +74,81 @@ const CONFFILE: &str = "/etc/localdns/config.toml";
 /// (`dir = true` assets fail), so the .rpm's %post makes it instead of shipping it.
 const CONF_D: &str = "/etc/localdns/conf.d";
 
+/// An architecture `packaging/build` makes packages for.
+struct Arch {
+    /// Debian's name, in the .deb's name and Architecture field.
+    deb: &'static str,
+    /// rpm's name, in the .rpm's name and ARCH tag.
+    rpm: &'static str,
+    /// What `readelf -h` says the binary's machine is.
+    machine: &'static str,
+    /// What runs the binary here (an x86_64 machine): nothing, or an emulator with the
+    /// architecture's libc (Debian's qemu-user-static and libc6-arm64-cross).
+    runner: &'static [&'static str],
+}
+
+const ARCHES: &[Arch] = &[
+    Arch {
+        deb: "amd64",
+        rpm: "x86_64",
+        machine: "Advanced Micro Devices X86-64",
+        runner: &[],
+    },
+    Arch {
+        deb: "arm64",
+        rpm: "aarch64",
+        machine: "AArch64",
+        runner: &["qemu-aarch64-static", "-L", "/usr/aarch64-linux-gnu"],
+    },
+];
+
+impl Arch {
+    /// A command that runs `bin` (a binary of this architecture).
+    fn command(&self, bin: &Path) -> Command {
+        match self.runner {
+            [] => Command::new(bin),
+            [runner, args @ ..] => {
+                let mut c = Command::new(runner);
+                c.args(args).arg(bin);
+                c
+            }
+        }
+    }
+}
+
 fn repo(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
 }
 
-/// The two packages of this version, or `None` (after saying why) when they or one of the
-/// `tools` that read them are missing.
+/// The two packages of this version for one architecture.
 struct Packages {
+    arch: &'static Arch,
     deb: PathBuf,
     rpm: PathBuf,
 }
 
-fn packages(test: &str, tools: &[&str]) -> Option<Packages> {
+/// The packages of this version, one pair per architecture, or `None` (after saying why)
+/// when any of them or one of the `tools` that read them are missing.
+fn packages(test: &str, tools: &[&str]) -> Option<Vec<Packages>> {
     if !have(test, tools) {
         return None;
     }
     let dir = repo("target/packages");
-    let p = Packages {
-        deb: dir.join(format!("localdns_{VERSION}-1_amd64.deb")),
-        rpm: dir.join(format!("localdns-{VERSION}-1.x86_64.rpm")),
-    };
-    let missing: Vec<_> = [&p.deb, &p.rpm]
-        .into_iter()
+    let all: Vec<Packages> = ARCHES
+        .iter()
+        .map(|arch| Packages {
+            arch,
+            deb: dir.join(format!("localdns_{VERSION}-1_{}.deb", arch.deb)),
+            rpm: dir.join(format!("localdns-{VERSION}-1.{}.rpm", arch.rpm)),
+        })
+        .collect();
+    let missing: Vec<_> = all
+        .iter()
+        .flat_map(|p| [&p.deb, &p.rpm])
         .filter(|f| !f.exists())
         .collect();
     if missing.is_empty() {
-        return Some(p);
+        return Some(all);
     }
     skip(test, &format!("{missing:?} missing: run packaging/build"));
     None
@@ -202,32 +258,78 @@ fn sha256(file: &Path) -> String {
     out.split_whitespace().next().unwrap_or_default().to_owned()
 }
 
+/// The arm64 binary runs here under qemu-aarch64-static with Debian's arm64 libc
+/// (libc6-arm64-cross), whose dynamic loader is this.
+const ARM64_LOADER: &str = "/usr/aarch64-linux-gnu/lib/ld-linux-aarch64.so.1";
+
+/// The packages, when every binary in them can run here (for arm64: the emulator and the
+/// arm64 libc) and the `tools` are installed.
+fn runnable_packages(test: &str, tools: &[&str]) -> Option<Vec<Packages>> {
+    let mut tools = tools.to_vec();
+    tools.extend(ARCHES.iter().filter_map(|a| a.runner.first()));
+    let pkgs = packages(test, &tools)?;
+    if !Path::new(ARM64_LOADER).exists() {
+        skip(
+            test,
+            &format!("no {ARM64_LOADER}: apt-get install libc6-arm64-cross"),
+        );
+        return None;
+    }
+    Some(pkgs)
+}
+
+/// The glibc symbol versions `bin` needs (`readelf -V`, which reads every architecture's
+/// ELF), e.g. [2, 28], oldest first.
+fn glibc_versions(bin: &Path) -> Vec<Vec<u32>> {
+    let out = stdout("readelf", &["-V", "--wide", path(bin)]);
+    let mut versions: Vec<Vec<u32>> = out
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '.'))
+        .filter_map(|w| w.strip_prefix("GLIBC_"))
+        .filter_map(|v| v.split('.').map(|n| n.parse().ok()).collect())
+        .collect();
+    versions.sort();
+    versions.dedup();
+    versions
+}
+
+fn dotted(version: &[u32]) -> String {
+    let parts: Vec<String> = version.iter().map(u32::to_string).collect();
+    parts.join(".")
+}
+
 #[test]
 fn lintian_reports_no_error_and_no_unexplained_warning() {
-    let Some(p) = packages(
+    let Some(pkgs) = packages(
         "lintian_reports_no_error_and_no_unexplained_warning",
         &["lintian"],
     ) else {
         return;
     };
-    let out = run("lintian", &["--allow-root", path(&p.deb)]);
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "lintian {}:\n{report}", out.status);
-    // Every warning kept is overridden in packaging/deb/lintian-overrides, with its reason.
-    let bad: Vec<_> = report
-        .lines()
-        .filter(|l| l.starts_with("E:") || l.starts_with("W:"))
-        .collect();
-    assert!(bad.is_empty(), "lintian:\n{report}");
+    for p in &pkgs {
+        let out = run("lintian", &["--allow-root", path(&p.deb)]);
+        let report = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success(),
+            "lintian {} ({}):\n{report}",
+            out.status,
+            p.arch.deb
+        );
+        // Every warning kept is overridden in packaging/deb/lintian-overrides, with its reason.
+        let bad: Vec<_> = report
+            .lines()
+            .filter(|l| l.starts_with("E:") || l.starts_with("W:"))
+            .collect();
+        assert!(bad.is_empty(), "lintian ({}):\n{report}", p.arch.deb);
+    }
 }
 
 #[test]
 fn rpmlint_reports_no_error_and_no_unexplained_warning() {
-    let Some(p) = packages(
+    let Some(pkgs) = packages(
         "rpmlint_reports_no_error_and_no_unexplained_warning",
         &["rpmlint"],
     ) else {
@@ -236,202 +338,317 @@ fn rpmlint_reports_no_error_and_no_unexplained_warning() {
     // rpmlint ignores a -c file that does not exist.
     let config = repo("packaging/rpm/rpmlint.toml");
     assert!(config.exists(), "{config:?}");
-    let out = run("rpmlint", &["-c", path(&config), path(&p.rpm)]);
-    let report = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "rpmlint {}:\n{report}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        report.contains(" 0 errors, 0 warnings"),
-        "rpmlint:\n{report}"
-    );
+    for p in &pkgs {
+        let out = run("rpmlint", &["-c", path(&config), path(&p.rpm)]);
+        let report = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "rpmlint {} ({}):\n{report}{}",
+            out.status,
+            p.arch.rpm,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            report.contains(" 0 errors, 0 warnings"),
+            "rpmlint ({}):\n{report}",
+            p.arch.rpm
+        );
+    }
 }
 
 #[test]
 fn the_binary_runs_on_glibc_2_28_and_names_its_version() {
-    let Some(p) = packages(
+    let Some(pkgs) = runnable_packages(
         "the_binary_runs_on_glibc_2_28_and_names_its_version",
-        &["dpkg-deb", "objdump"],
+        &["dpkg-deb", "readelf"],
     ) else {
         return;
     };
-    let tree = unpack_deb(&p.deb);
-    let bin = tree.path().join("usr/bin/localdns");
-    let symbols = stdout("objdump", &["-T", path(&bin)]);
-    let mut versions: Vec<Vec<u32>> = symbols
-        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '.'))
-        .filter_map(|w| w.strip_prefix("GLIBC_"))
-        .map(|v| v.split('.').map(|n| n.parse().unwrap_or(0)).collect())
-        .collect();
-    versions.sort();
-    let newest = versions.last().expect("no GLIBC symbol versions");
     let max: Vec<u32> = MAX_GLIBC.split('.').map(|n| n.parse().unwrap()).collect();
-    assert!(*newest <= max, "the binary needs GLIBC {newest:?}");
+    for p in &pkgs {
+        let arch = p.arch.deb;
+        let tree = unpack_deb(&p.deb);
+        let bin = tree.path().join("usr/bin/localdns");
+        // The binary is of the package's architecture.
+        let header = stdout("readelf", &["-h", path(&bin)]);
+        let machine = header
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Machine:"))
+            .map(str::trim);
+        assert_eq!(machine, Some(p.arch.machine), "{arch}: {header}");
 
-    // The packaged binary runs here (glibc 2.36) and says what it is.
-    let version = stdout(path(&bin), &["--version"]);
-    assert!(
-        version.starts_with(&format!("localdns {VERSION} (git ")) && version.ends_with(")\n"),
-        "{version}"
-    );
+        let versions = glibc_versions(&bin);
+        let newest = versions.last().expect("no GLIBC symbol versions");
+        assert!(*newest <= max, "{arch}: the binary needs GLIBC {newest:?}");
+        eprintln!("{arch}: needs GLIBC_{} at most", dotted(newest));
+
+        // The packaged binary runs here (glibc 2.36; arm64 under the emulator) and says
+        // what it is.
+        let out = p
+            .arch
+            .command(&bin)
+            .arg("--version")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("{arch}: run {bin:?}: {e}"));
+        let version = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success()
+                && version.starts_with(&format!("localdns {VERSION} (git "))
+                && version.ends_with(")\n"),
+            "{arch}: {}: {version}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// The packaged binary of each architecture serves DNS here: the arm64 one under the
+/// emulator, on loopback, with a test upstream behind it. A name forwarded over UDP, a
+/// cluster name forwarded over TCP, the first again from the cache, then a clean exit on
+/// SIGTERM.
+#[test]
+fn the_packaged_binary_answers_queries() {
+    let Some(pkgs) = runnable_packages("the_packaged_binary_answers_queries", &["dpkg-deb", "dig"])
+    else {
+        return;
+    };
+    const WWW: &str = "www.example.com";
+    const SVC: &str = "kubernetes.default.svc.cluster.local";
+    for p in &pkgs {
+        let arch = p.arch.deb;
+        let tree = unpack_deb(&p.deb);
+        let bin = tree.path().join("usr/bin/localdns");
+        let up = Upstream::start();
+        up.a(WWW, 300, "192.0.2.1").a(SVC, 30, "10.96.0.1");
+        // Config::to sends cluster names over TCP, the rest over UDP.
+        let d = Daemon::start_command(&Config::to(up.addr), || p.arch.command(&bin));
+        let answer = |name: &str| {
+            let d = dig(d.dns, &[name, "A"]);
+            assert_eq!(d.status().as_deref(), Some("NOERROR"), "{arch}: {d:?}");
+            let rdata: Vec<String> = d.answers().into_iter().map(|rr| rr.rdata).collect();
+            rdata
+        };
+        assert_eq!(answer(WWW), ["192.0.2.1"], "{arch}");
+        assert_eq!(
+            up.count_over(WWW, RecordType::A, Transport::Udp),
+            1,
+            "{arch}"
+        );
+        assert_eq!(answer(SVC), ["10.96.0.1"], "{arch}");
+        assert_eq!(
+            up.count_over(SVC, RecordType::A, Transport::Tcp),
+            1,
+            "{arch}"
+        );
+        assert_eq!(answer(WWW), ["192.0.2.1"], "{arch}");
+        assert_eq!(
+            up.count(WWW, RecordType::A),
+            1,
+            "{arch}: not from the cache"
+        );
+        let status = d.terminate(Duration::from_secs(10));
+        assert!(status.success(), "{arch}: exit after SIGTERM: {status}");
+        eprintln!("{arch}: answered {WWW} (UDP upstream, then cache) and {SVC} (TCP upstream)");
+    }
 }
 
 #[test]
 fn both_packages_ship_the_same_files() {
-    let Some(p) = packages(
+    let Some(pkgs) = packages(
         "both_packages_ship_the_same_files",
         &["dpkg-deb", "rpm", "sha256sum"],
     ) else {
         return;
     };
-    let deb = deb_entries(&p.deb);
-    let rpm = rpm_files(&p.rpm);
-    let deb_files: BTreeMap<_, _> = deb
-        .iter()
-        .filter(|(name, mode)| !mode.starts_with('d') && *name != DEB_ONLY)
-        .map(|(name, mode)| (name.clone(), mode.clone()))
-        .collect();
-    let rpm_modes: BTreeMap<_, _> = rpm
-        .iter()
-        .map(|(name, (mode, _))| (name.clone(), mode.clone()))
-        .collect();
-    assert_eq!(deb_files, rpm_modes, "the packages' files differ");
-    for (file, mode) in FILES {
-        assert_eq!(
-            deb_files.get(*file).map(String::as_str),
-            Some(*mode),
-            "{file}"
-        );
-    }
-    assert!(deb.contains_key(DEB_ONLY), "{deb:?}");
-    assert_eq!(deb.get(CONF_D).map(String::as_str), Some("drwxr-xr-x"));
+    let mut digests = Vec::new();
+    for p in &pkgs {
+        let arch = p.arch.deb;
+        let deb = deb_entries(&p.deb);
+        let rpm = rpm_files(&p.rpm);
+        let deb_files: BTreeMap<_, _> = deb
+            .iter()
+            .filter(|(name, mode)| !mode.starts_with('d') && *name != DEB_ONLY)
+            .map(|(name, mode)| (name.clone(), mode.clone()))
+            .collect();
+        let rpm_modes: BTreeMap<_, _> = rpm
+            .iter()
+            .map(|(name, (mode, _))| (name.clone(), mode.clone()))
+            .collect();
+        assert_eq!(deb_files, rpm_modes, "{arch}: the packages' files differ");
+        for (file, mode) in FILES {
+            assert_eq!(
+                deb_files.get(*file).map(String::as_str),
+                Some(*mode),
+                "{arch}: {file}"
+            );
+        }
+        assert!(deb.contains_key(DEB_ONLY), "{arch}: {deb:?}");
+        assert_eq!(deb.get(CONF_D).map(String::as_str), Some("drwxr-xr-x"));
 
-    // Byte for byte: the .rpm's digests are those of the .deb's files.
-    let tree = unpack_deb(&p.deb);
-    for (file, (_, digest)) in &rpm {
-        let local = tree.path().join(file.trim_start_matches('/'));
-        assert_eq!(&sha256(&local), digest, "{file} differs");
+        // Byte for byte: the .rpm's digests are those of the .deb's files.
+        let tree = unpack_deb(&p.deb);
+        for (file, (_, digest)) in &rpm {
+            let local = tree.path().join(file.trim_start_matches('/'));
+            assert_eq!(&sha256(&local), digest, "{arch}: {file} differs");
+        }
+        for (source, file) in SHIPPED_AS_IS {
+            let local = tree.path().join(file.trim_start_matches('/'));
+            assert_eq!(
+                sha256(&repo(source)),
+                sha256(&local),
+                "{arch}: {file} is not {source}"
+            );
+        }
+        // The directory the .rpm cannot ship is made by its %post.
+        let post = stdout("rpm", &["-qp", "--qf", "%{POSTIN}", path(&p.rpm)]);
+        assert!(
+            post.contains(&format!("install -d -m 0755 {CONF_D}")),
+            "{arch}: {post}"
+        );
+        let digests_of: BTreeMap<String, String> =
+            rpm.into_iter().map(|(name, (_, d))| (name, d)).collect();
+        digests.push((arch, digests_of));
     }
-    for (source, file) in SHIPPED_AS_IS {
-        let local = tree.path().join(file.trim_start_matches('/'));
+    // Across architectures only the binary differs (the man page is rendered once).
+    let (first, reference) = &digests[0];
+    for (arch, files) in &digests[1..] {
+        for (file, digest) in files {
+            let same = reference.get(file) == Some(digest);
+            assert_eq!(
+                same,
+                file != "/usr/bin/localdns",
+                "{file}: {arch} against {first}"
+            );
+        }
         assert_eq!(
-            sha256(&repo(source)),
-            sha256(&local),
-            "{file} is not {source}"
+            files.keys().collect::<Vec<_>>(),
+            reference.keys().collect::<Vec<_>>(),
+            "{arch} against {first}"
         );
     }
-    // The directory the .rpm cannot ship is made by its %post.
-    let post = stdout("rpm", &["-qp", "--qf", "%{POSTIN}", path(&p.rpm)]);
-    assert!(
-        post.contains(&format!("install -d -m 0755 {CONF_D}")),
-        "{post}"
-    );
 }
 
 #[test]
 fn the_config_is_the_only_conffile() {
-    let Some(p) = packages("the_config_is_the_only_conffile", &["dpkg-deb", "rpm"]) else {
+    let Some(pkgs) = packages("the_config_is_the_only_conffile", &["dpkg-deb", "rpm"]) else {
         return;
     };
-    assert_eq!(
-        stdout("dpkg-deb", &["-I", path(&p.deb), "conffiles"]),
-        format!("{CONFFILE}\n")
-    );
-    assert_eq!(
-        stdout("rpm", &["-qpc", path(&p.rpm)]),
-        format!("{CONFFILE}\n")
-    );
-    // %config(noreplace): an edited copy is kept on upgrade (rpm's FILEFLAGS "cn").
-    let flags = stdout(
-        "rpm",
-        &[
-            "-qp",
-            "--qf",
-            "[%{FILENAMES} %{FILEFLAGS:fflags}\\n]",
-            path(&p.rpm),
-        ],
-    );
-    assert!(flags.contains(&format!("{CONFFILE} cn\n")), "{flags}");
+    for p in &pkgs {
+        assert_eq!(
+            stdout("dpkg-deb", &["-I", path(&p.deb), "conffiles"]),
+            format!("{CONFFILE}\n"),
+            "{}",
+            p.arch.deb
+        );
+        assert_eq!(
+            stdout("rpm", &["-qpc", path(&p.rpm)]),
+            format!("{CONFFILE}\n"),
+            "{}",
+            p.arch.rpm
+        );
+        // %config(noreplace): an edited copy is kept on upgrade (rpm's FILEFLAGS "cn").
+        let flags = stdout(
+            "rpm",
+            &[
+                "-qp",
+                "--qf",
+                "[%{FILENAMES} %{FILEFLAGS:fflags}\\n]",
+                path(&p.rpm),
+            ],
+        );
+        assert!(flags.contains(&format!("{CONFFILE} cn\n")), "{flags}");
+    }
 }
 
 #[test]
 fn dependencies_are_declared() {
-    let Some(p) = packages("dependencies_are_declared", &["dpkg-deb", "rpm"]) else {
+    let Some(pkgs) = packages("dependencies_are_declared", &["dpkg-deb", "rpm", "readelf"]) else {
         return;
     };
-    let depends = stdout("dpkg-deb", &["-f", path(&p.deb), "Depends"]);
-    let depends: Vec<&str> = depends.trim().split(", ").collect();
-    for needed in [
-        "nftables",
-        "iptables",
-        "procps",
-        "init-system-helpers (>= 1.57)",
-        &format!("libc6 (>= {MAX_GLIBC})"),
-    ] {
-        assert!(depends.contains(&needed), "{needed} not in {depends:?}");
+    for p in &pkgs {
+        let arch = p.arch.deb;
+        let field = |name: &str| stdout("dpkg-deb", &["-f", path(&p.deb), name]);
+        let rpm_tag = |format: &str| stdout("rpm", &["-qp", "--qf", format, path(&p.rpm)]);
+        assert_eq!(field("Architecture").trim(), p.arch.deb);
+        assert_eq!(rpm_tag("%{ARCH}"), p.arch.rpm);
+
+        let depends = field("Depends");
+        let depends: Vec<&str> = depends.trim().split(", ").collect();
+        for needed in [
+            "nftables",
+            "iptables",
+            "procps",
+            "init-system-helpers (>= 1.57)",
+            &format!("libc6 (>= {MAX_GLIBC})"),
+        ] {
+            assert!(
+                depends.contains(&needed),
+                "{arch}: {needed} not in {depends:?}"
+            );
+        }
+        // The .rpm requires the newest glibc symbol version the binary needs (rpm reads
+        // them from the ELF itself: 2.28 on amd64, a lower one may do on arm64).
+        let tree = unpack_deb(&p.deb);
+        let newest = glibc_versions(&tree.path().join("usr/bin/localdns"))
+            .pop()
+            .expect("no GLIBC symbol versions");
+        let requires = stdout("rpm", &["-qpR", path(&p.rpm)]);
+        let requires: Vec<&str> = requires.lines().map(str::trim).collect();
+        for needed in [
+            "/usr/sbin/nft",
+            "/usr/sbin/iptables",
+            "/usr/bin/kill",
+            "systemd",
+            "/bin/sh",
+            &format!("libc.so.6(GLIBC_{})(64bit)", dotted(&newest)),
+        ] {
+            assert!(
+                requires.contains(&needed),
+                "{arch}: {needed} not in {requires:?}"
+            );
+        }
+        assert_eq!(field("Version").trim(), format!("{VERSION}-1"));
+        assert_eq!(rpm_tag("%{VERSION}-%{RELEASE}"), format!("{VERSION}-1"));
     }
-    let requires = stdout("rpm", &["-qpR", path(&p.rpm)]);
-    let requires: Vec<&str> = requires.lines().map(str::trim).collect();
-    for needed in [
-        "/usr/sbin/nft",
-        "/usr/sbin/iptables",
-        "/usr/bin/kill",
-        "systemd",
-        "/bin/sh",
-        &format!("libc.so.6(GLIBC_{MAX_GLIBC})(64bit)"),
-    ] {
-        assert!(requires.contains(&needed), "{needed} not in {requires:?}");
-    }
-    assert_eq!(
-        stdout("dpkg-deb", &["-f", path(&p.deb), "Version"]).trim(),
-        format!("{VERSION}-1")
-    );
-    assert_eq!(
-        stdout(
-            "rpm",
-            &["-qp", "--qf", "%{VERSION}-%{RELEASE}", path(&p.rpm)]
-        ),
-        format!("{VERSION}-1")
-    );
 }
 
 /// The maintainer scripts: the packages carry exactly the files of packaging/, and those
 /// are valid POSIX sh that shellcheck accepts.
 #[test]
 fn maintainer_scripts_are_the_checked_ones() {
-    let Some(p) = packages(
+    let Some(pkgs) = packages(
         "maintainer_scripts_are_the_checked_ones",
         &["dpkg-deb", "rpm", "shellcheck"],
     ) else {
         return;
     };
     let deb_scripts = ["postinst", "prerm", "postrm"];
-    for script in deb_scripts {
-        let shipped = stdout("dpkg-deb", &["-I", path(&p.deb), script]);
-        let source = std::fs::read_to_string(repo(&format!("packaging/deb/{script}"))).unwrap();
-        assert_eq!(shipped, source, "the .deb's {script}");
-    }
     let rpm_scripts = [
         ("POSTIN", "post.sh"),
         ("PREUN", "preun.sh"),
         ("POSTUN", "postun.sh"),
     ];
-    for (tag, script) in rpm_scripts {
-        let shipped = stdout(
-            "rpm",
-            &["-qp", "--qf", &format!("%{{{tag}}}"), path(&p.rpm)],
-        );
-        let source = std::fs::read_to_string(repo(&format!("packaging/rpm/{script}"))).unwrap();
-        assert_eq!(shipped, source, "the .rpm's {tag}");
-        // rpm runs a scriptlet without a program with /bin/sh.
-        let prog = stdout(
-            "rpm",
-            &["-qp", "--qf", &format!("%{{{tag}PROG}}"), path(&p.rpm)],
-        );
-        assert!(prog == "(none)" || prog == "/bin/sh", "{tag}PROG {prog}");
+    for p in &pkgs {
+        for script in deb_scripts {
+            let shipped = stdout("dpkg-deb", &["-I", path(&p.deb), script]);
+            let source = std::fs::read_to_string(repo(&format!("packaging/deb/{script}"))).unwrap();
+            assert_eq!(shipped, source, "the {} .deb's {script}", p.arch.deb);
+        }
+        for (tag, script) in rpm_scripts {
+            let shipped = stdout(
+                "rpm",
+                &["-qp", "--qf", &format!("%{{{tag}}}"), path(&p.rpm)],
+            );
+            let source = std::fs::read_to_string(repo(&format!("packaging/rpm/{script}"))).unwrap();
+            assert_eq!(shipped, source, "the {} .rpm's {tag}", p.arch.rpm);
+            // rpm runs a scriptlet without a program with /bin/sh.
+            let prog = stdout(
+                "rpm",
+                &["-qp", "--qf", &format!("%{{{tag}PROG}}"), path(&p.rpm)],
+            );
+            assert!(prog == "(none)" || prog == "/bin/sh", "{tag}PROG {prog}");
+        }
     }
     let files: Vec<PathBuf> = deb_scripts
         .iter()
@@ -451,16 +668,17 @@ fn maintainer_scripts_are_the_checked_ones() {
 }
 
 /// The man page in the packages is rendered from the clap definition: it documents every
-/// subcommand the binary has (examples/manpage.rs's own test checks the options too).
+/// subcommand the binary has (examples/manpage.rs's own test checks the options too). The
+/// same page is in every architecture's packages (`both_packages_ship_the_same_files`).
 #[test]
 fn the_man_page_documents_every_subcommand() {
-    let Some(p) = packages(
+    let Some(pkgs) = packages(
         "the_man_page_documents_every_subcommand",
         &["dpkg-deb", "gzip"],
     ) else {
         return;
     };
-    let tree = unpack_deb(&p.deb);
+    let tree = unpack_deb(&pkgs[0].deb);
     let page = stdout(
         "gzip",
         &[

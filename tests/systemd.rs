@@ -1129,11 +1129,19 @@ fn boot_starts_kubelet_after_localdns_is_ready() {
 // ---------------------------------------------------------------- the packages' life cycle
 
 /// The next release of the package of kind `ext`: the same binary packaged as version
-/// 99.0.0 by `packaging/build --no-build --version 99.0.0 --out DIR`.
+/// 99.0.0 by `packaging/build --arch amd64 --no-build --version 99.0.0 --out DIR` (the
+/// container is amd64: the arm64 packages would only cost time).
 fn newer_package(ext: &str, dir: &std::path::Path) -> std::path::PathBuf {
     let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let out = std::process::Command::new(repo.join("packaging/build"))
-        .args(["--no-build", "--version", "99.0.0", "--out"])
+        .args([
+            "--arch",
+            "amd64",
+            "--no-build",
+            "--version",
+            "99.0.0",
+            "--out",
+        ])
         .arg(dir)
         .output()
         .expect("packaging/build");

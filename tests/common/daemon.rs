@@ -185,11 +185,18 @@ fn read_log(dir: &Path, name: &str) -> String {
 impl Daemon {
     /// Start localdns with this config; panics with its stderr if it is not ready in 10 s.
     pub fn start(cfg: &Config) -> Daemon {
+        Daemon::start_command(cfg, || Command::new(bin()))
+    }
+
+    /// Like `start`, with the process made by `command`: another localdns binary, or a
+    /// runner whose arguments end with one (`qemu-aarch64-static -L ROOT BIN`, which runs
+    /// it in its own process: the PID is still the daemon's). `run --config ...` follows.
+    pub fn start_command(cfg: &Config, command: impl Fn() -> Command) -> Daemon {
         // The ports are picked by binding and releasing them; another test can grab one in
         // between, so a start that fails with "in use" is retried on fresh ports.
         let mut last = String::new();
         for _ in 0..3 {
-            match Daemon::try_start(cfg) {
+            match Daemon::try_start(cfg, command()) {
                 Ok(d) => return d,
                 Err(log) if log.to_ascii_lowercase().contains("in use") => last = log,
                 Err(log) => panic!("localdns did not become ready:\n{log}"),
@@ -198,7 +205,7 @@ impl Daemon {
         panic!("localdns could not bind after 3 tries:\n{last}");
     }
 
-    fn try_start(cfg: &Config) -> Result<Daemon, String> {
+    fn try_start(cfg: &Config, mut command: Command) -> Result<Daemon, String> {
         let dir = tempfile::Builder::new()
             .prefix("localdns-it-")
             .tempdir()
@@ -220,7 +227,7 @@ impl Daemon {
 
         let stdout = std::fs::File::create(dir.path().join("stdout.log")).expect("log");
         let stderr = std::fs::File::create(dir.path().join("stderr.log")).expect("log");
-        let child = Command::new(bin())
+        let child = command
             .arg("run")
             .arg("--config")
             .arg(&config_path)
@@ -232,7 +239,7 @@ impl Daemon {
             .stdout(stdout)
             .stderr(stderr)
             .spawn()
-            .unwrap_or_else(|e| panic!("spawn {}: {e}", bin()));
+            .unwrap_or_else(|e| panic!("spawn {:?}: {e}", command.get_program()));
         let mut d = Daemon {
             child,
             dns,
