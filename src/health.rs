@@ -14,8 +14,30 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-/// A check of the firewall rules against what was installed: `Ok(true)` when intact.
-pub type RulesProbe = Arc<dyn Fn() -> Result<bool, String> + Send + Sync>;
+/// What a check of the firewall rules against what was installed found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RulesState {
+    Intact,
+    /// Changed or removed (or not known to be in place yet).
+    Changed,
+    /// In place, but a foreign rule ahead of localdns's jump decides DNS to its addresses
+    /// first; says which and where.
+    Bypassed(String),
+}
+
+/// A check of the firewall rules; `Err` when they cannot be read.
+pub type RulesProbe = Arc<dyn Fn() -> Result<RulesState, String> + Send + Sync>;
+
+/// The drift repair backing off from another agent that keeps putting a rule ahead of
+/// localdns's jump (see `node::order`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OrderConflict {
+    /// Moves back to the top within `window`.
+    pub moves: usize,
+    pub window: Duration,
+    /// When the next move may be made.
+    pub next: Instant,
+}
 
 /// How long a rules check answers `/ready` before the next one runs (each one reads the
 /// firewall with iptables-save: a client polling `/ready` must not spawn one per request).
@@ -30,6 +52,8 @@ pub struct NodeHealth {
     pub link: Mutex<Option<Result<(), String>>>,
     /// Set when localdns manages the rules.
     pub rules_probe: Mutex<Option<RulesProbe>>,
+    /// Set while the drift repair backs off from a fight over rule order.
+    pub order_conflict: Mutex<Option<OrderConflict>>,
     rules_checked: Mutex<Option<(Instant, Result<(), String>)>>,
     /// (seconds since the epoch, what was repaired), newest last.
     repairs: Mutex<VecDeque<(u64, String)>>,
@@ -68,15 +92,33 @@ impl NodeHealth {
             }
         }
         let r = match probe() {
-            Ok(true) => Ok(()),
-            Ok(false) => {
+            Ok(RulesState::Intact) => Ok(()),
+            Ok(RulesState::Changed) => {
                 Err("localdns's firewall rules are not in place (changed or removed)".into())
             }
+            Ok(RulesState::Bypassed(why)) => Err(match *self.order_conflict.lock() {
+                Some(c) => format!("{why}; {}", conflict(&c, Instant::now())),
+                None => why,
+            }),
             Err(e) => Err(format!("cannot read the firewall rules: {e}")),
         };
         *checked = Some((Instant::now(), r.clone()));
         Some(r)
     }
+}
+
+/// What `/ready` says about a fight over rule order.
+fn conflict(c: &OrderConflict, now: Instant) -> String {
+    let next = match c.next.checked_duration_since(now) {
+        Some(d) if !d.is_zero() => format!("the next move in {} s", d.as_secs().max(1)),
+        _ => "the next move at the next check".into(),
+    };
+    format!(
+        "another agent keeps putting it there: localdns moved its jump back {} times within \
+         {} s and now backs off ({next})",
+        c.moves,
+        c.window.as_secs()
+    )
 }
 
 /// What readiness is decided from.
@@ -232,11 +274,42 @@ mod tests {
         let c = Arc::clone(&calls);
         *n.rules_probe.lock() = Some(Arc::new(move || {
             c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            Ok(false)
+            Ok(RulesState::Changed)
         }));
         assert!(n.rules_now().unwrap().is_err());
         assert!(n.rules_now().unwrap().is_err());
         assert_eq!(calls.load(std::sync::atomic::Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_bypass_is_not_ready_and_says_why_and_about_the_back_off() {
+        let n = NodeHealth::default();
+        *n.rules_probe.lock() = Some(Arc::new(|| {
+            Ok(RulesState::Bypassed(
+                "`-A PREROUTING -j ACCEPT` ahead".into(),
+            ))
+        }));
+        assert_eq!(
+            n.rules_now(),
+            Some(Err("`-A PREROUTING -j ACCEPT` ahead".into()))
+        );
+        *n.order_conflict.lock() = Some(OrderConflict {
+            moves: 5,
+            window: Duration::from_secs(10),
+            next: Instant::now() + Duration::from_secs(4),
+        });
+        *n.rules_checked.lock() = None;
+        let why = n.rules_now().unwrap().unwrap_err();
+        assert!(
+            why.starts_with("`-A PREROUTING -j ACCEPT` ahead; another agent keeps putting it there: localdns moved its jump back 5 times within 10 s and now backs off (the next move in "),
+            "{why}"
+        );
+        let late = OrderConflict {
+            next: Instant::now(),
+            ..n.order_conflict.lock().unwrap()
+        };
+        assert!(conflict(&late, Instant::now() + Duration::from_secs(1))
+            .ends_with("(the next move at the next check)"));
     }
 
     #[test]

@@ -537,14 +537,8 @@ fn drift_is_repaired() {
     let log = d.log_text();
     assert!(log.contains("repaired"), "{log}");
     // The repairs are counted.
-    let metrics = http_get(node, "/metrics");
     let count = |what: &str| -> u64 {
-        let key = format!("localdns_node_repairs_total{{what=\"{what}\"}} ");
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(&key))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {key} in:\n{metrics}"))
+        repairs_counted(node, what).unwrap_or_else(|| panic!("no {what} repairs counter"))
     };
     eprintln!(
         "repairs counted: interface {}, address {}, rules {}",
@@ -671,7 +665,7 @@ fn ready_and_status_follow_the_rules() {
     .unwrap();
     let d = Daemon::start(&t.node, &cfg, dir.path());
     let node = &t.node;
-    let code = |reply: &str| reply.split_whitespace().nth(1).unwrap_or("").to_string();
+    let code = |reply: &str| status_code(reply).to_string();
     let get = |path: &'static str| http_get(node, path);
     let bin = env!("CARGO_BIN_EXE_localdns");
     let cfg_s = cfg.to_str().unwrap().to_string();
@@ -801,4 +795,270 @@ fn cluster_queries_spread_over_three_kube_dns_replicas() {
             got.len()
         );
     }
+}
+
+/// The first rule of `chain` in `table`, as `PROGRAM-save` shows it (`iptables-nft`).
+fn first_rule(ns: &Netns, program: &str, table: &str, chain: &str) -> String {
+    let save = ns
+        .try_run(&[&format!("{program}-save"), "-t", table])
+        .unwrap_or_default();
+    let prefix = format!("-A {chain} ");
+    save.lines()
+        .find(|l| l.starts_with(&prefix))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// `localdns_node_repairs_total{what="WHAT"}` of a localdns in `ns`; `None` when it has
+/// no such counter.
+fn repairs_counted(ns: &Netns, what: &str) -> Option<u64> {
+    let metrics = http_get(ns, "/metrics");
+    let key = format!("localdns_node_repairs_total{{what=\"{what}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&key))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// The HTTP status code of a reply from [`http_get`].
+fn status_code(reply: &str) -> &str {
+    reply.split_whitespace().nth(1).unwrap_or("")
+}
+
+/// A foreign rule inserted ahead of localdns's jump, as in issue 19.
+#[derive(Clone, Copy, Debug)]
+enum Foreign {
+    /// `-t raw -I PREROUTING 1 -p udp|tcp --dport 53 -j ACCEPT`: DNS skips the NOTRACK and
+    /// goes through conntrack and kube-proxy's DNAT to kube-dns.
+    RawAccept,
+    /// `-I INPUT 1 -p udp|tcp --dport 53 -j DROP` (a host firewall): DNS to localdns is
+    /// dropped before localdns's ACCEPT.
+    FilterDrop,
+}
+
+impl Foreign {
+    fn table_chain(self) -> (&'static str, &'static str, &'static str) {
+        match self {
+            Foreign::RawAccept => ("raw", "PREROUTING", "ACCEPT"),
+            Foreign::FilterDrop => ("filter", "INPUT", "DROP"),
+        }
+    }
+}
+
+/// Issue 19 item 1: with kube-proxy's stand-in in iptables-`backend`, another agent puts
+/// `foreign` ahead of localdns's jump after localdns is up. Within the check interval
+/// (1 s here) localdns's jump is first again, pods' queries to the Service IP are
+/// answered by localdns (none by kube-dns through the DNAT), nothing of port 53 is in
+/// conntrack, the move is counted as `what="order"` and logged with the foreign rule.
+fn foreign_rule_ahead(backend: &'static str, foreign: Foreign) {
+    let t = Topology::new(backend);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), backend);
+    let d = Daemon::start(&t.node, &cfg, dir.path());
+    let node = &t.node;
+    let ipt = format!("iptables-{backend}");
+    let (table, chain, target) = foreign.table_chain();
+    let ours = format!(
+        "-A {chain} -m comment --comment localdns -j LOCALDNS-{}",
+        chain
+    );
+    assert_eq!(first_rule(node, &ipt, table, chain), ours);
+    let pod_queries = || {
+        t.pod.enter(|| {
+            let mut all = udp_batch(sa("10.96.0.10:53"), 20);
+            let tcp = tcp_batch(sa("10.96.0.10:53"), 10, 5);
+            all.localdns += tcp.localdns;
+            all.kube_dns += tcp.kube_dns;
+            all.failed += tcp.failed;
+            all
+        })
+    };
+    let before = pod_queries();
+    assert_eq!(before.localdns, 30, "before the foreign rule: {before:?}");
+    node.sh("conntrack -F 2>/dev/null || true");
+
+    let started = Instant::now();
+    node.sh(&format!(
+        "{ipt} -t {table} -I {chain} 1 -p udp --dport 53 -j {target}
+         {ipt} -t {table} -I {chain} 1 -p tcp --dport 53 -j {target}"
+    ));
+    let inserted = started.elapsed();
+    let took = wait_for(Duration::from_secs(3), || {
+        first_rule(node, &ipt, table, chain) == ours
+    });
+    node.sh("conntrack -F 2>/dev/null || true");
+    let after = pod_queries();
+    let tracked = t.dns_conntrack();
+    let moved = repairs_counted(node, "order");
+    eprintln!(
+        "{ipt} {foreign:?}: jump first again {took:?} after the insertion ({inserted:?} to insert); \
+         then {} of 30 pod queries by localdns, {} by kube-dns directly, {} failed; \
+         {} conntrack entries for port 53; order repairs counted {moved:?}",
+        after.localdns,
+        after.kube_dns,
+        after.failed,
+        tracked.len()
+    );
+    assert_eq!(
+        (after.localdns, after.kube_dns, after.failed),
+        (30, 0, 0),
+        "{ipt} {foreign:?}: {after:?}\n{}\n{}",
+        save_normalised(node, &format!("{ipt}-save")),
+        d.log_text()
+    );
+    assert!(tracked.is_empty(), "{}", tracked.join("\n"));
+    let took = took.expect("the jump is first again");
+    assert!(
+        took < Duration::from_secs(2),
+        "{took:?}: not within the 1 s check interval"
+    );
+    let moved = moved.expect("order repairs are counted");
+    assert!((1..=2).contains(&moved), "{moved} order repairs");
+    // Logged with the foreign rule's text, once per rule.
+    let log = d.log_text();
+    let udp = format!("`-A {chain} -p udp -m udp --dport 53 -j {target}`");
+    assert_eq!(
+        log.lines()
+            .filter(|l| l.contains("sat ahead") && l.contains(&udp))
+            .count(),
+        1,
+        "{log}"
+    );
+    assert_eq!(status_code(&http_get(node, "/ready")), "200");
+}
+
+#[test]
+fn a_foreign_raw_accept_ahead_is_put_behind_with_iptables_nft() {
+    require_netns!();
+    foreign_rule_ahead("nft", Foreign::RawAccept);
+}
+
+#[test]
+fn a_foreign_raw_accept_ahead_is_put_behind_with_iptables_legacy() {
+    require_netns!();
+    foreign_rule_ahead("legacy", Foreign::RawAccept);
+}
+
+#[test]
+fn a_foreign_filter_drop_ahead_is_put_behind_with_iptables_nft() {
+    require_netns!();
+    foreign_rule_ahead("nft", Foreign::FilterDrop);
+}
+
+#[test]
+fn a_foreign_filter_drop_ahead_is_put_behind_with_iptables_legacy() {
+    require_netns!();
+    foreign_rule_ahead("legacy", Foreign::FilterDrop);
+}
+
+/// Issue 19 item 1: another agent keeps putting its raw ACCEPT first (delete and insert
+/// at position 1, every 200 ms, as an agent in "insert" mode does). localdns backs off
+/// rather than fight: its moves stay bounded, `/ready` says 503 naming the foreign rule
+/// and the back-off, `localdns status` says so too; once the agent stops, localdns's
+/// jump is first again at the next allowed move and the node is ready.
+#[test]
+fn an_agent_that_keeps_undoing_the_order_is_backed_off_from() {
+    require_netns!();
+    let t = Topology::new("nft");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "nft");
+    let d = Daemon::start(&t.node, &cfg, dir.path());
+    let node = &t.node;
+    let ours = "-A PREROUTING -m comment --comment localdns -j LOCALDNS-PREROUTING";
+    let rule = "-A PREROUTING -p udp -m udp --dport 53 -j ACCEPT";
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let rounds = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let agent = {
+        let (stop, rounds, name) = (stop.clone(), rounds.clone(), node.name.clone());
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let out = std::process::Command::new("ip")
+                    .args(["netns", "exec", &name, "sh", "-c"])
+                    .arg(
+                        "iptables-nft -t raw -D PREROUTING -p udp --dport 53 -j ACCEPT 2>/dev/null
+                         iptables-nft -t raw -I PREROUTING 1 -p udp --dport 53 -j ACCEPT",
+                    )
+                    .output()
+                    .unwrap();
+                assert!(out.status.success(), "{out:?}");
+                rounds.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        })
+    };
+    let started = Instant::now();
+    let bin = env!("CARGO_BIN_EXE_localdns");
+    let cfg_s = cfg.to_str().unwrap().to_string();
+    let mut ready = String::new();
+    let reported = wait_for(Duration::from_secs(8), || {
+        ready = http_get(node, "/ready");
+        status_code(&ready) == "503" && ready.contains("backs off")
+    });
+    let status = node.try_run(&[bin, "status", "--config", &cfg_s]);
+    // The fight goes on for 8 s in all.
+    std::thread::sleep(Duration::from_secs(8).saturating_sub(started.elapsed()));
+    let moved = repairs_counted(node, "order");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    agent.join().unwrap();
+    let fought = started.elapsed();
+    let rounds = rounds.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!(
+        "agent re-inserted its rule {rounds} times in {fought:?}; localdns moved its jump back \
+         {moved:?} times; /ready 503 with the back-off {reported:?} after the agent started:\n{ready}"
+    );
+    assert!(reported.is_some(), "/ready: {ready}\n{}", d.log_text());
+    assert!(
+        ready.contains(&format!(
+            "`{rule}` ahead of localdns's jump in iptables-nft raw PREROUTING"
+        )),
+        "{ready}"
+    );
+    // 4 moves free, then 1 s, 2 s, 4 s of back-off: 7 or 8 moves in 8 s (without the
+    // brake, one per round of the agent: about 40).
+    let moved = moved.expect("order repairs are counted");
+    assert!(
+        (5..=9).contains(&moved),
+        "{moved} moves in {fought:?}\n{}",
+        d.log_text()
+    );
+    assert!(rounds >= 25, "the agent ran only {rounds} rounds");
+    let status = status.expect_err("status exits non-zero while DNS is bypassed");
+    assert!(
+        status.contains("NOT OK: rules:") && status.contains(rule) && status.contains("backs off"),
+        "{status}"
+    );
+    let log = d.log_text();
+    assert_eq!(
+        log.lines()
+            .filter(|l| l.contains("ERROR") && l.contains("backing off instead of fighting"))
+            .count(),
+        1,
+        "said loudly once:\n{log}"
+    );
+
+    // The agent stopped with its rule first; the next allowed move puts localdns's back.
+    let stopped = Instant::now();
+    let back = wait_for(Duration::from_secs(40), || {
+        first_rule(node, "iptables-nft", "raw", "PREROUTING") == ours
+            && status_code(&http_get(node, "/ready")) == "200"
+    })
+    .unwrap_or_else(|| panic!("not ready 40 s after the agent stopped:\n{}", d.log_text()));
+    let moved_after = repairs_counted(node, "order").unwrap_or_default();
+    node.sh("conntrack -F 2>/dev/null || true");
+    let pods = t.pod.enter(|| udp_batch(sa("10.96.0.10:53"), 20));
+    let tracked = t.dns_conntrack();
+    eprintln!(
+        "ready again {back:?} after the agent stopped ({:?} in all), order repairs {moved_after}; \
+         then {pods:?}, {} conntrack entries for port 53",
+        stopped.duration_since(started) + back,
+        tracked.len()
+    );
+    assert_eq!((pods.localdns, pods.kube_dns), (20, 0), "{pods:?}");
+    assert!(tracked.is_empty(), "{}", tracked.join("\n"));
+    assert!(
+        (1..=2).contains(&(moved_after - moved)),
+        "{} moves after the agent stopped",
+        moved_after - moved
+    );
 }

@@ -468,11 +468,12 @@ impl Scrape {
         )?;
         o.counter(
             "localdns_node_repairs",
-            "Node setup found changed and put back: the interface, an address, the firewall rules.",
+            "Node setup found changed and put back: the interface, an address, the firewall rules, the order (localdns's jump moved back ahead of a foreign rule).",
             &[
                 (labels(&[("what", "interface")]), l(&m.repairs_link)),
                 (labels(&[("what", "address")]), l(&m.repairs_addresses)),
                 (labels(&[("what", "rules")]), l(&m.repairs_rules)),
+                (labels(&[("what", "order")]), l(&m.repairs_order)),
             ],
         )?;
         let mut up = Vec::new();

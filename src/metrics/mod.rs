@@ -148,6 +148,8 @@ pub struct Metrics {
     pub repairs_link: AtomicU64,
     pub repairs_addresses: AtomicU64,
     pub repairs_rules: AtomicU64,
+    /// localdns's jumps moved back ahead of a foreign rule (see `node::order`).
+    pub repairs_order: AtomicU64,
     /// Failed binds of the HTTP endpoint's address (another program holds it).
     pub http_bind_failures: AtomicU64,
     /// Answers in the last cache snapshot written, and when (seconds since the epoch).
@@ -198,6 +200,7 @@ impl Default for Metrics {
             repairs_link: AtomicU64::new(0),
             repairs_addresses: AtomicU64::new(0),
             repairs_rules: AtomicU64::new(0),
+            repairs_order: AtomicU64::new(0),
             http_bind_failures: AtomicU64::new(0),
             snapshot_entries: AtomicU64::new(0),
             snapshot_time: AtomicU64::new(0),

@@ -51,6 +51,17 @@ pub enum Snapshot {
     Nftables { table: Listing, accept: Vec<Accept> },
 }
 
+/// What one drift check did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Repaired {
+    /// What was put back: `rules`, `order`, the nftables parts; empty when all was in place.
+    pub what: Vec<&'static str>,
+    /// Jumps moved back to the top, with the foreign rules that were ahead.
+    pub moved: Vec<firewall::Ahead>,
+    /// Jumps with a foreign rule ahead, left there because moving is held back.
+    pub held: Vec<firewall::Ahead>,
+}
+
 /// What `auto` decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Choice {
@@ -201,36 +212,74 @@ impl Backend {
         }
     }
 
-    /// Whether the rules are as `snapshot` says (for nftables, the table; the ACCEPT rules
-    /// are left to the periodic check). Blocking.
-    pub fn intact(&self, snapshot: &Snapshot) -> Result<bool, RulesError> {
+    /// Whether the rules are as `snapshot` says, and (iptables) which of localdns's jumps
+    /// have a foreign rule ahead that counts. For nftables, the table only: the ACCEPT
+    /// rules are left to the periodic check, and nothing in another base chain can end
+    /// ours (see [`nftables`]). Blocking.
+    pub fn check(
+        &self,
+        snapshot: &Snapshot,
+        addresses: &[IpAddr],
+        port: u16,
+    ) -> Result<firewall::Check, RulesError> {
+        let intact = |intact| firewall::Check {
+            intact,
+            ahead: Vec::new(),
+        };
         match (self, snapshot) {
-            (Backend::Iptables(t), Snapshot::Iptables(s)) => firewall::intact(t.as_ref(), s),
-            (Backend::Nftables { .. }, Snapshot::Nftables { table, .. }) => {
-                Ok(nftables::current()?.as_ref() == Some(table))
+            (Backend::Iptables(t), Snapshot::Iptables(s)) => {
+                firewall::check(t.as_ref(), s, addresses, port)
             }
-            _ => Ok(false),
+            (Backend::Nftables { .. }, Snapshot::Nftables { table, .. }) => {
+                Ok(intact(nftables::current()?.as_ref() == Some(table)))
+            }
+            _ => Ok(intact(false)),
         }
     }
 
     /// Compares the backend with `snapshot` (`None`: unknown) and puts back what changed.
     /// `full`: also re-read which iptables filter tables drop by default (the periodic
-    /// check; an nftables event checks the table alone). Returns the new snapshot and
-    /// what was repaired (empty when all was in place). Blocking.
+    /// check; an nftables event checks the table alone). `may_move`: a jump with a
+    /// foreign rule ahead is moved back to the top (else it is only reported, see
+    /// [`super::order::Brake`]). Returns the new snapshot and what was done. Blocking.
     pub fn repair(
         &self,
         snapshot: Option<&Snapshot>,
         addresses: &[IpAddr],
         port: u16,
         full: bool,
-    ) -> Result<(Snapshot, Vec<&'static str>), RulesError> {
+        may_move: bool,
+    ) -> Result<(Snapshot, Repaired), RulesError> {
+        let what = |what: Vec<&'static str>| Repaired {
+            what,
+            ..Repaired::default()
+        };
         match (self, snapshot) {
             (Backend::Iptables(t), Some(Snapshot::Iptables(s))) => {
-                if firewall::intact(t.as_ref(), s)? {
-                    return Ok((Snapshot::Iptables(s.clone()), Vec::new()));
+                let c = firewall::check(t.as_ref(), s, addresses, port)?;
+                if !c.intact {
+                    // A fresh install puts every jump first as well.
+                    let s = firewall::install(t.as_ref(), addresses, port)?;
+                    return Ok((Snapshot::Iptables(s), what(vec!["rules"])));
                 }
-                let s = firewall::install(t.as_ref(), addresses, port)?;
-                Ok((Snapshot::Iptables(s), vec!["rules"]))
+                let kept = Snapshot::Iptables(s.clone());
+                if c.ahead.is_empty() {
+                    return Ok((kept, Repaired::default()));
+                }
+                if !may_move {
+                    let held = Repaired {
+                        held: c.ahead,
+                        ..Repaired::default()
+                    };
+                    return Ok((kept, held));
+                }
+                firewall::move_first(t.as_ref(), &c.ahead)?;
+                let moved = Repaired {
+                    what: vec!["order"],
+                    moved: c.ahead,
+                    held: Vec::new(),
+                };
+                Ok((kept, moved))
             }
             (Backend::Nftables { wait }, Some(Snapshot::Nftables { table, accept })) => {
                 let mut repaired = Vec::new();
@@ -249,9 +298,11 @@ impl Backend {
                 } else {
                     accept.clone()
                 };
-                Ok((Snapshot::Nftables { table, accept }, repaired))
+                Ok((Snapshot::Nftables { table, accept }, what(repaired)))
             }
-            _ => self.install(addresses, port).map(|s| (s, vec!["rules"])),
+            _ => self
+                .install(addresses, port)
+                .map(|s| (s, what(vec!["rules"]))),
         }
     }
 
@@ -349,18 +400,21 @@ fn accept_rules(
             }
             continue;
         }
-        // Unchanged and still in place: nothing to write.
-        if let Some(old) = old.filter(|o| o.families == families) {
-            if firewall::intact(&t, &old.snapshot).unwrap_or(false) {
-                out.push(old.clone());
-                continue;
-            }
-        }
         let wanted: Vec<IpAddr> = addresses
             .iter()
             .filter(|ip| families.contains(&Family::of(ip)))
             .copied()
             .collect();
+        // Unchanged, still in place and first where it matters: nothing to write. (A
+        // foreign DROP ahead of the ACCEPT jump is put behind by the install below.)
+        if let Some(old) = old.filter(|o| o.families == families) {
+            if firewall::check(&t, &old.snapshot, &wanted, port)
+                .is_ok_and(|c| c.intact && c.ahead.is_empty())
+            {
+                out.push(old.clone());
+                continue;
+            }
+        }
         match firewall::install_in(&t, &wanted, port, &["filter"]) {
             Ok(snapshot) => {
                 for (family, chains) in &drops {

@@ -7,17 +7,134 @@
 
 use std::net::IpAddr;
 
-use super::iptables::{RulesError, Tables};
+use super::iptables::{Kind, RulesError, Tables};
+use super::order;
 use super::rules::{self, Family, Ours, TABLES};
 
 /// What localdns's chains looked like right after install, per family and table.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Snapshot(Vec<(Family, &'static str, Ours)>);
 
+/// One table's save output (empty when there is no such table) and localdns's part of it.
+fn read_text(t: &dyn Tables, family: Family, table: &str) -> Result<(String, Ours), RulesError> {
+    let text = t.save(family, table)?.unwrap_or_default();
+    let ours = rules::parse(&text, table);
+    Ok((text, ours))
+}
+
 fn read(t: &dyn Tables, family: Family, table: &str) -> Result<Ours, RulesError> {
-    Ok(t.save(family, table)?
-        .map(|text| rules::parse(&text, table))
-        .unwrap_or_default())
+    Ok(read_text(t, family, table)?.1)
+}
+
+/// Foreign rules ahead of one of localdns's jumps that may change what happens to DNS
+/// to its addresses (see [`order`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ahead {
+    pub kind: Kind,
+    pub family: Family,
+    pub table: &'static str,
+    pub builtin: &'static str,
+    /// Our jump, as the save output shows it.
+    pub jump: String,
+    /// The rules ahead of it that count, in chain order.
+    pub rules: Vec<String>,
+}
+
+impl Ahead {
+    /// Where: `iptables-nft raw PREROUTING`.
+    pub fn place(&self) -> String {
+        format!(
+            "{}-{} {} {}",
+            self.family.command(),
+            self.kind.name(),
+            self.table,
+            self.builtin
+        )
+    }
+
+    /// The first rule ahead, with how many more there are.
+    pub fn rule(&self) -> String {
+        let first = self.rules.first().map_or("", String::as_str);
+        match self.rules.len() {
+            0 | 1 => first.to_owned(),
+            n => format!("{first} (and {} more)", n - 1),
+        }
+    }
+}
+
+/// What the drift check found: whether localdns's chains, rules and jumps are as in the
+/// snapshot, and which jumps have a foreign rule ahead that counts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    pub intact: bool,
+    pub ahead: Vec<Ahead>,
+}
+
+/// The tables `snapshot` covers.
+fn tables_of(snapshot: &Snapshot) -> Vec<&'static str> {
+    TABLES
+        .into_iter()
+        .filter(|t| snapshot.0.iter().any(|(_, s, _)| s == t))
+        .collect()
+}
+
+/// Compares the backend with `snapshot` and finds the jumps that are not first where it
+/// matters, reading each table once.
+pub fn check(
+    t: &dyn Tables,
+    snapshot: &Snapshot,
+    addresses: &[IpAddr],
+    port: u16,
+) -> Result<Check, RulesError> {
+    let mut now = Vec::new();
+    let mut ahead = Vec::new();
+    for family in Family::ALL {
+        for table in tables_of(snapshot) {
+            let (text, ours) = read_text(t, family, table)?;
+            for h in rules::HOOKS.iter().filter(|h| h.table == table) {
+                let flows = order::flows(h, family, addresses, port);
+                let found = order::ahead(&text, h, &flows);
+                let jump = ours.jumps.iter().find(|l| rules::is_jump(l, h));
+                if let (false, Some(jump)) = (found.is_empty(), jump) {
+                    ahead.push(Ahead {
+                        kind: t.kind(),
+                        family,
+                        table,
+                        builtin: h.builtin,
+                        jump: jump.clone(),
+                        rules: found,
+                    });
+                }
+            }
+            now.push((family, table, ours));
+        }
+    }
+    Ok(Check {
+        intact: Snapshot(now) == *snapshot,
+        ahead,
+    })
+}
+
+/// Moves the jumps of `ahead` back to the top of their chains: one restore per family,
+/// each table in one commit (the jump is never missing).
+pub fn move_first(t: &dyn Tables, ahead: &[Ahead]) -> Result<(), RulesError> {
+    for family in Family::ALL {
+        let mut input = String::new();
+        for table in TABLES {
+            let jumps: Vec<&str> = ahead
+                .iter()
+                .filter(|a| a.family == family && a.table == table)
+                .map(|a| a.jump.as_str())
+                .collect();
+            if !jumps.is_empty() {
+                input.push_str(&rules::move_first_input(table, &jumps));
+            }
+        }
+        if !input.is_empty() {
+            t.restore(family, &input)?;
+        }
+    }
+    Ok(())
 }
 
 fn read_all(t: &dyn Tables) -> Result<Snapshot, RulesError> {
@@ -106,10 +223,20 @@ fn write(
         let wanted = addresses.iter().any(|ip| Family::of(ip) == family);
         let mut input = String::new();
         for &table in tables {
-            let now = read(t, family, table)?;
+            let (text, now) = read_text(t, family, table)?;
             if wanted {
                 let rules = |h: &rules::Hook| rules::chain_rules(h, family, addresses, port);
-                input.push_str(&rules::install_input(table, &now, &rules));
+                let buried: Vec<&str> = rules::HOOKS
+                    .iter()
+                    .filter(|h| h.table == table)
+                    .filter(|h| {
+                        now.jumps.iter().any(|j| {
+                            rules::is_jump(j, h) && !order::is_first(&text, table, h.builtin, j)
+                        })
+                    })
+                    .map(|h| h.builtin)
+                    .collect();
+                input.push_str(&rules::install_input(table, &now, &rules, &buried));
             } else if let Some(remove) = rules::remove_input(table, &now) {
                 input.push_str(&remove);
             }
@@ -123,11 +250,7 @@ fn write(
 
 /// Whether the backend still holds exactly `snapshot`.
 pub fn intact(t: &dyn Tables, snapshot: &Snapshot) -> Result<bool, RulesError> {
-    let tables: Vec<&'static str> = TABLES
-        .into_iter()
-        .filter(|t| snapshot.0.iter().any(|(_, s, _)| s == t))
-        .collect();
-    Ok(read_in(t, &tables)? == *snapshot)
+    Ok(read_in(t, &tables_of(snapshot))? == *snapshot)
 }
 
 /// Removes every `LOCALDNS-*` chain and every jump to one. `Ok(true)` when there was
@@ -242,14 +365,63 @@ mod tests {
     }
 
     #[test]
+    fn a_foreign_accept_ahead_is_found_and_moved_behind_in_one_commit() {
+        let fake = Fake::default();
+        let key = (Family::V4, "raw".to_owned());
+        let jump = "-A PREROUTING -m comment --comment localdns -j LOCALDNS-PREROUTING";
+        let ours = format!(":LOCALDNS-PREROUTING - [0:0]\n{jump}\n-A LOCALDNS-PREROUTING -d 10.96.0.10/32 -j NOTRACK\n");
+        let text = format!("*raw\n{ours}COMMIT\n");
+        fake.saved.lock().unwrap().insert(key.clone(), text);
+        let snap = read_all(&fake).unwrap();
+        let addrs: Vec<IpAddr> = vec!["10.96.0.10".parse().unwrap()];
+        let c = check(&fake, &snap, &addrs, 53).unwrap();
+        assert!(c.intact && c.ahead.is_empty(), "{c:?}");
+        let accept = "-A PREROUTING -p udp -m udp --dport 53 -j ACCEPT";
+        let text = format!("*raw\n{accept}\n{ours}COMMIT\n");
+        fake.saved.lock().unwrap().insert(key, text);
+        // The text of our rules is the same: only the order says something is wrong.
+        assert!(intact(&fake, &snap).unwrap());
+        let c = check(&fake, &snap, &addrs, 53).unwrap();
+        assert!(c.intact);
+        assert_eq!(c.ahead.len(), 1);
+        assert_eq!(c.ahead[0].rule(), accept);
+        assert_eq!(c.ahead[0].place(), "iptables-nft raw PREROUTING");
+        move_first(&fake, &c.ahead).unwrap();
+        assert_eq!(
+            fake.restored.lock().unwrap().as_slice(),
+            [(
+                Family::V4,
+                "*raw\n\
+                 -D PREROUTING -m comment --comment localdns -j LOCALDNS-PREROUTING\n\
+                 -I PREROUTING 1 -m comment --comment localdns -j LOCALDNS-PREROUTING\n\
+                 COMMIT\n"
+                    .to_owned()
+            )]
+        );
+        // An install moves it to the top as well.
+        fake.restored.lock().unwrap().clear();
+        write(&fake, &addrs, 53, &["raw"]).unwrap();
+        let restored = fake.restored.lock().unwrap();
+        assert!(
+            restored[0]
+                .1
+                .contains(&format!("-D {}\n-I PREROUTING 1 ", &jump[3..])),
+            "{restored:?}"
+        );
+    }
+
+    #[test]
     fn complete_means_every_chain_jump_and_rule() {
         let addrs: Vec<IpAddr> = vec!["10.96.0.10".parse().unwrap()];
         // What install writes, as a save output would show it.
         let mut saved = String::new();
         for table in TABLES {
-            let input = rules::install_input(table, &Ours::default(), &|h| {
-                rules::chain_rules(h, Family::V4, &addrs, 53)
-            });
+            let input = rules::install_input(
+                table,
+                &Ours::default(),
+                &|h| rules::chain_rules(h, Family::V4, &addrs, 53),
+                &[],
+            );
             saved.push_str(
                 &input
                     .replace("-I OUTPUT 1 ", "-A OUTPUT ")

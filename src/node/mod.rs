@@ -5,7 +5,9 @@
 //!   addresses on it and installs the rules; running it again changes nothing.
 //! - [`watch`] runs beside the server and repairs drift: link and address changes are
 //!   seen through netlink events and repaired at once; the rules are checked every
-//!   `network.rules_check_interval`. Each repair is logged and counted.
+//!   `network.rules_check_interval`. Each repair is logged and counted. In iptables the
+//!   check also keeps localdns's jumps ahead of foreign rules that would decide DNS to its
+//!   addresses first ([`order`]), and backs off from an agent that keeps undoing that.
 //! - [`teardown`] (also `localdns teardown`, ExecStopPost) removes exactly that: the
 //!   `inet localdns` nftables table, the jumps to `LOCALDNS-*` chains and those chains
 //!   (from both iptables backends), and the link.
@@ -28,6 +30,7 @@ pub mod link;
 pub mod nfevents;
 pub mod nft;
 pub mod nftables;
+pub mod order;
 pub mod repair;
 pub mod rules;
 

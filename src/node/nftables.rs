@@ -61,6 +61,16 @@ pub const TABLE: &str = "localdns";
 /// `family name`, as `nft list tables` and the README show it.
 pub const TABLE_ID: &str = "inet localdns";
 /// iptables' raw priority: before conntrack (-200).
+///
+/// Why rule order cannot bypass this table the way it bypasses the iptables backends
+/// (see [`super::order`]): every base chain on a hook is run, in priority order, and an
+/// `accept` ends only the chain it is in. A foreign `accept` at priority -300 or before
+/// (iptables-nft's own raw table sits at -300 too, in an order between the two chains
+/// that nobody fixes) does not stop this chain's `notrack`, and conntrack at -200 comes
+/// after all of them; kube-proxy's nftables mode DNATs at dstnat (-100), too late to
+/// matter for an untracked packet. Only a `drop` (final in any chain) or a chain that
+/// rewrites the packet before ours can change what happens to DNS to our addresses,
+/// and moving would not help against either. So there is no order check here.
 const RAW: i32 = -300;
 
 /// localdns's table as nft lists it (handles dropped): what the drift check compares.

@@ -13,20 +13,35 @@
 //! `rules_check_interval` the same check runs anyway: the safety net for iptables-legacy
 //! (which sends no notifications), a failed event socket, and the nftables backend's
 //! ACCEPT rules in the iptables filter table.
+//!
+//! The order (iptables only, see [`order`]): each check also finds foreign rules ahead of
+//! localdns's jumps that would decide DNS to its addresses first, and moves the jumps back
+//! to the top; each distinct foreign rule is logged once (again after [`LOG_AGAIN`]), and
+//! an agent that keeps undoing it is backed off from ([`order::Brake`]) and reported in
+//! `/ready`, rather than fought.
 
+use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use futures_util::{FutureExt, StreamExt};
 use rtnetlink::packet_core::NetlinkPayload;
 use rtnetlink::MulticastGroup;
 
-use super::backend::{Backend, Snapshot};
+use super::backend::{Backend, Repaired, Snapshot};
+use super::firewall::{Ahead, Check};
 use super::link::{self, Netlink};
-use super::nfevents;
-use super::{join, Setup};
+use super::order::Brake;
+use super::{join, nfevents, Setup};
 use crate::config::Config;
+use crate::health::{OrderConflict, RulesState};
 use crate::metrics::{inc, Metrics};
+
+/// How long a foreign rule ahead of localdns's jump stays known (logged once).
+pub const LOG_AGAIN: Duration = Duration::from_secs(600);
+/// Distinct foreign rules remembered for that.
+const LOGGED_MAX: usize = 64;
 
 /// Keeps the setup in place until the task is dropped or aborted.
 pub async fn watch(cfg: Config, setup: Setup, metrics: Arc<Metrics>) {
@@ -93,8 +108,9 @@ pub async fn watch(cfg: Config, setup: Setup, metrics: Arc<Metrics>) {
         *metrics.node.link.lock() = Some(Ok(()));
     }
     if let Some((backend, snapshot)) = &rules {
-        rules_probe(&metrics, backend, snapshot.as_ref());
+        rules_probe(&metrics, backend, snapshot.as_ref(), &cfg);
     }
+    let mut order = Order::new(n.rules_check_interval);
     let mut tick = tokio::time::interval(n.rules_check_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
@@ -119,7 +135,7 @@ pub async fn watch(cfg: Config, setup: Setup, metrics: Arc<Metrics>) {
                     continue;
                 }
                 if let Some((backend, snapshot)) = rules.take() {
-                    rules = Some(repair_rules(backend, snapshot, false, &cfg, &metrics).await);
+                    rules = Some(repair_rules(backend, snapshot, false, &cfg, &metrics, &mut order).await);
                 }
             }
             msg = event => {
@@ -144,7 +160,7 @@ pub async fn watch(cfg: Config, setup: Setup, metrics: Arc<Metrics>) {
                     repair_link(nl, &cfg, &metrics).await;
                 }
                 if let Some((backend, snapshot)) = rules.take() {
-                    rules = Some(repair_rules(backend, snapshot, true, &cfg, &metrics).await);
+                    rules = Some(repair_rules(backend, snapshot, true, &cfg, &metrics, &mut order).await);
                 }
             }
         }
@@ -212,13 +228,133 @@ async fn repair_link(nl: &Netlink, cfg: &Config, metrics: &Metrics) {
 }
 
 /// What `/ready` and `localdns status` ask about the rules: are they as `snapshot` says
-/// (`None`: not known to be in place yet).
-fn rules_probe(metrics: &Metrics, backend: &Backend, snapshot: Option<&Snapshot>) {
+/// (`None`: not known to be in place yet), and first where it matters.
+fn rules_probe(metrics: &Metrics, backend: &Backend, snapshot: Option<&Snapshot>, cfg: &Config) {
     let (b, s) = (backend.clone(), snapshot.cloned());
+    let (addresses, port) = (cfg.listen.addresses.clone(), cfg.listen.port);
     *metrics.node.rules_probe.lock() = Some(Arc::new(move || match &s {
-        Some(s) => b.intact(s).map_err(|e| e.to_string()),
-        None => Ok(false),
+        Some(s) => b
+            .check(s, &addresses, port)
+            .map(|c| state(&c))
+            .map_err(|e| e.to_string()),
+        None => Ok(RulesState::Changed),
     }));
+}
+
+fn state(c: &Check) -> RulesState {
+    if !c.intact {
+        RulesState::Changed
+    } else if c.ahead.is_empty() {
+        RulesState::Intact
+    } else {
+        RulesState::Bypassed(format!(
+            "DNS to localdns's addresses is decided by another agent's rule first: {}",
+            places(&c.ahead)
+        ))
+    }
+}
+
+/// "`RULE` ahead of localdns's jump in iptables-nft raw PREROUTING; ..."
+fn places(ahead: &[Ahead]) -> String {
+    let list: Vec<String> = ahead
+        .iter()
+        .map(|a| format!("`{}` ahead of localdns's jump in {}", a.rule(), a.place()))
+        .collect();
+    list.join("; ")
+}
+
+/// The order repair's memory: the brake, and the foreign rules already logged.
+struct Order {
+    brake: Brake,
+    logged: HashMap<String, Instant>,
+}
+
+impl Order {
+    fn new(interval: Duration) -> Order {
+        Order {
+            brake: Brake::new(interval),
+            logged: HashMap::new(),
+        }
+    }
+
+    /// Whether a jump may be moved now.
+    fn may_move(&self) -> bool {
+        self.brake.wait(Instant::now()).is_none()
+    }
+
+    /// Counts and logs a move (each foreign rule once), and engages the brake when the
+    /// moves are too many.
+    fn moved(&mut self, moved: &[Ahead], took: Duration, metrics: &Metrics) {
+        let now = Instant::now();
+        inc(&metrics.repairs_order);
+        if self.logged.len() >= LOGGED_MAX {
+            self.logged
+                .retain(|_, at| now.duration_since(*at) < LOG_AGAIN);
+            if self.logged.len() >= LOGGED_MAX {
+                self.logged.clear();
+            }
+        }
+        for a in moved {
+            for rule in &a.rules {
+                let key = format!("{} {rule}", a.place());
+                let known = self
+                    .logged
+                    .get(&key)
+                    .is_some_and(|at| now.duration_since(*at) < LOG_AGAIN);
+                if known {
+                    tracing::debug!(
+                        "moved localdns's jump back ahead of `{rule}` in {}",
+                        a.place()
+                    );
+                    continue;
+                }
+                tracing::warn!(
+                    "another agent's rule sat ahead of localdns's jump, where it decides DNS to \
+                     localdns's addresses first (they bypass localdns; conntrack and kube-proxy \
+                     take them): `{rule}` in {}; moved localdns's jump back to the top",
+                    a.place()
+                );
+                self.logged.insert(key, now);
+            }
+        }
+        metrics.node.repaired(format!(
+            "moved localdns's jump back to the top, ahead of {}, in {} ms",
+            places(moved),
+            took.as_millis()
+        ));
+        if let Some(back) = self.brake.moved(now) {
+            let say = format!(
+                "another agent keeps putting a rule ahead of localdns's jump ({}): moved back \
+                 {} times within {:?}; backing off instead of fighting it, the next move in \
+                 {:?}; DNS to localdns's addresses bypasses it meanwhile, /ready says so",
+                places(moved),
+                back.moves,
+                back.window,
+                back.delay
+            );
+            if back.first {
+                tracing::error!("{say}");
+            } else {
+                tracing::info!("{say}");
+            }
+            *metrics.node.order_conflict.lock() = Some(OrderConflict {
+                moves: back.moves,
+                window: back.window,
+                next: now + back.delay,
+            });
+        }
+    }
+
+    /// The order was found right: a conflict that has been quiet for a window is over.
+    fn settled(&mut self, metrics: &Metrics) {
+        if self.brake.settled(Instant::now()) {
+            tracing::info!(
+                "localdns's jumps have stayed first for {:?}: the conflict over rule order is over",
+                self.brake.window()
+            );
+            *metrics.node.order_conflict.lock() = None;
+        }
+    }
 }
 
 /// Checks the rules against `snapshot` and puts back what changed (`full`: see
@@ -229,25 +365,39 @@ async fn repair_rules(
     full: bool,
     cfg: &Config,
     metrics: &Metrics,
+    order: &mut Order,
 ) -> (Backend, Option<Snapshot>) {
     let (addresses, port) = (cfg.listen.addresses.clone(), cfg.listen.port);
     let (b, kept) = (backend.clone(), snapshot.clone());
     let started = std::time::Instant::now();
-    let checked =
-        tokio::task::spawn_blocking(move || b.repair(snapshot.as_ref(), &addresses, port, full))
-            .await;
+    let may_move = order.may_move();
+    let checked = tokio::task::spawn_blocking(move || {
+        b.repair(snapshot.as_ref(), &addresses, port, full, may_move)
+    })
+    .await;
     match checked {
-        Ok(Ok((snapshot, repaired))) => {
-            if !repaired.is_empty() {
+        Ok(Ok((snapshot, done))) => {
+            let Repaired { what, moved, held } = done;
+            let rest: Vec<&str> = what.into_iter().filter(|w| *w != "order").collect();
+            if !rest.is_empty() {
                 inc(&metrics.repairs_rules);
                 let what = format!(
                     "localdns's firewall rules had changed ({}), installed them again in {} ms",
-                    repaired.join(", "),
+                    rest.join(", "),
                     started.elapsed().as_millis()
                 );
                 tracing::warn!(firewall = backend.name(), "repaired: {what}");
                 metrics.node.repaired(what);
-                rules_probe(metrics, &backend, Some(&snapshot));
+                rules_probe(metrics, &backend, Some(&snapshot), cfg);
+            } else if !moved.is_empty() {
+                order.moved(&moved, started.elapsed(), metrics);
+            } else if held.is_empty() {
+                order.settled(metrics);
+            } else {
+                tracing::debug!(
+                    "backing off: not moving localdns's jump ahead of {}",
+                    places(&held)
+                );
             }
             (backend, Some(snapshot))
         }

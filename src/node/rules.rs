@@ -158,6 +158,11 @@ impl Ours {
     }
 }
 
+/// Whether `line` (an `-A ...` line) is the jump from `hook.builtin` to `hook.chain`.
+pub fn is_jump(line: &str, hook: &Hook) -> bool {
+    chain_of(line) == Some(hook.builtin) && target_of(line) == Some(hook.chain)
+}
+
 /// The chain an `-A CHAIN ...` line appends to.
 fn chain_of(line: &str) -> Option<&str> {
     line.strip_prefix("-A ")?.split(' ').next()
@@ -169,19 +174,24 @@ fn target_of(line: &str) -> Option<&str> {
     rest.split(' ').next()
 }
 
-/// Picks localdns's chains, rules and jumps out of the save output of `table`.
-pub fn parse(save: &str, table: &str) -> Ours {
-    let mut ours = Ours::default();
+/// The lines of `table`'s section of a save output (`:CHAIN` declarations, `-A` rules,
+/// `COMMIT`), trailing blanks trimmed.
+pub fn table_lines<'a>(save: &'a str, table: &'a str) -> impl Iterator<Item = &'a str> {
     let mut in_table = false;
-    for line in save.lines() {
+    save.lines().filter_map(move |line| {
         let line = line.trim_end();
         if let Some(name) = line.strip_prefix('*') {
             in_table = name == table;
-            continue;
+            return None;
         }
-        if !in_table {
-            continue;
-        }
+        in_table.then_some(line)
+    })
+}
+
+/// Picks localdns's chains, rules and jumps out of the save output of `table`.
+pub fn parse(save: &str, table: &str) -> Ours {
+    let mut ours = Ours::default();
+    for line in table_lines(save, table) {
         if let Some(decl) = line.strip_prefix(':') {
             let name = decl.split(' ').next().unwrap_or_default();
             if is_our_chain(name) {
@@ -199,8 +209,14 @@ pub fn parse(save: &str, table: &str) -> Ours {
 }
 
 /// `iptables-restore --noflush` input that makes `table` hold exactly localdns's chains
-/// with `rules(hook)` and one jump to each, given what the table holds now.
-pub fn install_input(table: &str, now: &Ours, rules: &dyn Fn(&Hook) -> Vec<String>) -> String {
+/// with `rules(hook)` and one jump to each, first in its built-in chain, given what the
+/// table holds now (`buried`: the built-in chains where our jump is not the first rule).
+pub fn install_input(
+    table: &str,
+    now: &Ours,
+    rules: &dyn Fn(&Hook) -> Vec<String>,
+    buried: &[&str],
+) -> String {
     let hooks: Vec<&Hook> = HOOKS.iter().filter(|h| h.table == table).collect();
     let mut out = format!("*{table}\n");
     for h in &hooks {
@@ -213,12 +229,15 @@ pub fn install_input(table: &str, now: &Ours, rules: &dyn Fn(&Hook) -> Vec<Strin
         }
     }
     for h in &hooks {
-        let mut found = now
-            .jumps
-            .iter()
-            .filter(|l| chain_of(l) == Some(h.builtin) && target_of(l) == Some(h.chain));
-        if found.next().is_none() {
-            out.push_str(&format!("-I {} 1 {}\n", h.builtin, jump(h)));
+        let mut found = now.jumps.iter().filter(|l| is_jump(l, h));
+        match found.next() {
+            None => out.push_str(&format!("-I {} 1 {}\n", h.builtin, jump(h))),
+            // Moved to the top in the same commit: never a moment without it.
+            Some(kept) if buried.contains(&h.builtin) => {
+                out.push_str(&delete_line(kept));
+                out.push_str(&format!("-I {} 1 {}\n", h.builtin, jump(h)));
+            }
+            Some(_) => {}
         }
         // A duplicate jump (an older install, a hand-made one) is removed.
         for extra in found {
@@ -233,6 +252,21 @@ pub fn install_input(table: &str, now: &Ours, rules: &dyn Fn(&Hook) -> Vec<Strin
                 out.push_str(&delete_line(j));
             }
             out.push_str(&format!("-F {chain}\n-X {chain}\n"));
+        }
+    }
+    out.push_str("COMMIT\n");
+    out
+}
+
+/// `iptables-restore --noflush` input that moves each of `jumps` (`-A BUILTIN ...` lines
+/// of `table`) to the top of its chain, in one commit.
+pub fn move_first_input(table: &str, jumps: &[&str]) -> String {
+    let mut out = format!("*{table}\n");
+    for j in jumps {
+        out.push_str(&delete_line(j));
+        if let Some(rest) = j.strip_prefix("-A ") {
+            let (chain, args) = rest.split_once(' ').unwrap_or((rest, ""));
+            out.push_str(&format!("-I {chain} 1 {args}\n"));
         }
     }
     out.push_str("COMMIT\n");
@@ -263,15 +297,10 @@ pub fn remove_input(table: &str, now: &Ours) -> Option<String> {
 /// policy is DROP: where DNS to localdns needs localdns's ACCEPT rules.
 pub fn drops_by_default(save: &str) -> Vec<&'static str> {
     let mut out = Vec::new();
-    let mut in_filter = false;
-    for line in save.lines() {
-        if let Some(name) = line.strip_prefix('*') {
-            in_filter = name.trim() == "filter";
-        } else if in_filter {
-            for chain in ["INPUT", "OUTPUT"] {
-                if line.starts_with(&format!(":{chain} DROP ")) {
-                    out.push(chain);
-                }
+    for line in table_lines(save, "filter") {
+        for chain in ["INPUT", "OUTPUT"] {
+            if line.starts_with(&format!(":{chain} DROP ")) {
+                out.push(chain);
             }
         }
     }
@@ -373,7 +402,12 @@ COMMIT
     #[test]
     fn install_rewrites_chains_and_adds_missing_jumps_only() {
         let now = parse(SAVED, "raw");
-        let input = install_input("raw", &now, &|h| vec![format!("-j NOTRACK-{}", h.builtin)]);
+        let input = install_input(
+            "raw",
+            &now,
+            &|h| vec![format!("-j NOTRACK-{}", h.builtin)],
+            &[],
+        );
         assert_eq!(
             input,
             "*raw\n\
@@ -384,7 +418,7 @@ COMMIT
              -I OUTPUT 1 -m comment --comment localdns -j LOCALDNS-OUTPUT\n\
              COMMIT\n"
         );
-        let fresh = install_input("filter", &Ours::default(), &|_| vec![]);
+        let fresh = install_input("filter", &Ours::default(), &|_| vec![], &[]);
         assert!(fresh.contains("-I INPUT 1 -m comment --comment localdns -j LOCALDNS-INPUT\n"));
         assert!(fresh.contains("-I OUTPUT 1 -m comment --comment localdns -j LOCALDNS-OUTPUT\n"));
     }
@@ -400,8 +434,13 @@ COMMIT
                 "-A FORWARD -j LOCALDNS-OLD".into(),
             ],
         };
-        let input = install_input("filter", &now, &|_| vec![]);
+        let input = install_input("filter", &now, &|_| vec![], &[]);
         assert!(!input.contains("-I INPUT"));
+        // A jump with a rule ahead is moved to the top in the same commit.
+        let moved = install_input("filter", &now, &|_| vec![], &["INPUT"]);
+        assert!(moved.contains(
+            "-D INPUT -j LOCALDNS-INPUT\n-I INPUT 1 -m comment --comment localdns -j LOCALDNS-INPUT\n"
+        ));
         assert!(input.contains("-D INPUT -m comment --comment localdns -j LOCALDNS-INPUT\n"));
         assert!(input.contains("-D FORWARD -j LOCALDNS-OLD\n-F LOCALDNS-OLD\n-X LOCALDNS-OLD\n"));
     }
@@ -417,6 +456,20 @@ COMMIT
         // Another table's policy does not count.
         assert!(drops_by_default(&save.replace("*filter", "*mangle")).is_empty());
         assert!(drops_by_default("").is_empty());
+    }
+
+    #[test]
+    fn a_move_deletes_and_inserts_at_the_top_in_one_commit() {
+        assert_eq!(
+            move_first_input(
+                "raw",
+                &["-A PREROUTING -m comment --comment localdns -j LOCALDNS-PREROUTING"]
+            ),
+            "*raw\n\
+             -D PREROUTING -m comment --comment localdns -j LOCALDNS-PREROUTING\n\
+             -I PREROUTING 1 -m comment --comment localdns -j LOCALDNS-PREROUTING\n\
+             COMMIT\n"
+        );
     }
 
     #[test]
