@@ -1282,6 +1282,49 @@ fn health_then_sigterm_exits_zero() {
     assert!(status.success(), "exit after SIGTERM: {status}");
 }
 
+#[test]
+fn a_stop_answers_what_tcp_clients_sent_then_closes_with_a_fin() {
+    use std::io::{Read, Write};
+    let up = example_upstream();
+    up.set_name_delay("www.example.com", Duration::from_millis(500));
+    let d = daemon_for(&up);
+    // A hit and a miss pipelined on one connection; the stop comes while the miss waits
+    // for the upstream. Both are answered (connection tasks are not in the task set a
+    // stop aborts, and the stop waits for misses in flight), then the connection ends
+    // cleanly when the process does.
+    ok(d.dns, "example.com", A);
+    let mut s = client::tcp_connect(d.dns).expect("connect");
+    let mut frames = client::tcp_frame(&query("example.com", A));
+    frames.extend(client::tcp_frame(&query("www.example.com", A)));
+    s.write_all(&frames).expect("send");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while up.count("www.example.com", A) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the miss never reached the upstream"
+        );
+        sleep(Duration::from_millis(5));
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(d.pid() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    let mut answers = Vec::new();
+    for _ in 0..2 {
+        let m = client::tcp_read(&mut s).expect("an answer after the stop began, not a reset");
+        assert_eq!(m.response_code(), ResponseCode::NoError, "{m:?}");
+        answers.push(m.queries()[0].name().to_string());
+    }
+    answers.sort();
+    assert_eq!(answers, ["example.com.", "www.example.com."]);
+    // Then the connection ends with a FIN: a read returns 0 bytes, not ECONNRESET.
+    let mut rest = [0u8; 1];
+    assert_eq!(s.read(&mut rest).expect("EOF, not a reset"), 0);
+    let status = d.terminate(Duration::from_secs(10));
+    assert!(status.success(), "exit after SIGTERM: {status}");
+}
+
 // ---------------------------------------------------------------- overload and reload
 
 #[test]
