@@ -1458,6 +1458,17 @@ fn a_start_only_change_is_checked_at_reload_and_reported_as_restart_required() {
         serde_json::from_str::<serde_json::Value>(&body).expect("json")
     };
     let required = |v: &serde_json::Value| v["config"]["restart_required"].clone();
+    // Put `metrics.address` in a drop-in (None: remove it); the READY status after it.
+    let reload_with = |metrics: Option<SocketAddr>| {
+        let file = conf_d.join("50-metrics.toml");
+        match metrics {
+            Some(a) => std::fs::write(&file, format!("[metrics]\naddress = \"{a}\"\n")),
+            None => std::fs::remove_file(&file),
+        }
+        .expect("write");
+        d.wait_notify("RELOADING=1", Duration::from_secs(5));
+        d.wait_notify("READY=1", Duration::from_secs(5))
+    };
     assert_eq!(required(&status()), serde_json::json!([]));
     assert_eq!(
         scrape(d.metrics).value("localdns_config_restart_required", &[]),
@@ -1468,13 +1479,7 @@ fn a_start_only_change_is_checked_at_reload_and_reported_as_restart_required() {
     // the reason, and the running config keeps serving.
     let holder = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let held = holder.local_addr().expect("addr");
-    std::fs::write(
-        conf_d.join("50-metrics.toml"),
-        format!("[metrics]\naddress = \"{held}\"\n"),
-    )
-    .expect("write");
-    d.wait_notify("RELOADING=1", Duration::from_secs(5));
-    let refused = d.wait_notify("READY=1", Duration::from_secs(5));
+    let refused = reload_with(Some(held));
     assert!(refused.contains("CONFIG REFUSED"), "{refused}");
     assert!(refused.contains("another program holds it"), "{refused}");
     let s = status();
@@ -1497,13 +1502,7 @@ fn a_start_only_change_is_checked_at_reload_and_reported_as_restart_required() {
     let free = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = free.local_addr().expect("addr");
     drop(free);
-    std::fs::write(
-        conf_d.join("50-metrics.toml"),
-        format!("[metrics]\naddress = \"{port}\"\n"),
-    )
-    .expect("write");
-    d.wait_notify("RELOADING=1", Duration::from_secs(5));
-    let pending = d.wait_notify("READY=1", Duration::from_secs(5));
+    let pending = reload_with(Some(port));
     assert!(
         pending.contains("RESTART REQUIRED for metrics.address"),
         "{pending}"
@@ -1527,9 +1526,7 @@ fn a_start_only_change_is_checked_at_reload_and_reported_as_restart_required() {
     );
 
     // The file back as it was: nothing pending any more.
-    std::fs::remove_file(conf_d.join("50-metrics.toml")).expect("rm");
-    d.wait_notify("RELOADING=1", Duration::from_secs(5));
-    let ready = d.wait_notify("READY=1", Duration::from_secs(5));
+    let ready = reload_with(None);
     assert!(!ready.contains("RESTART REQUIRED"), "{ready}");
     assert_eq!(required(&status()), serde_json::json!([]));
     assert_eq!(
