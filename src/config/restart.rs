@@ -43,10 +43,10 @@ fn settings(c: &Config) -> Vec<(String, String)> {
                 .copied()
                 .find(|s| *s == name)
                 .unwrap_or("");
-        } else if let (false, Some((key, value))) = (section.is_empty(), line.split_once(" = ")) {
-            if !line.starts_with('#') {
-                out.push((format!("{section}.{}", key.trim()), value.trim().to_owned()));
-            }
+        } else if section.is_empty() || line.starts_with('#') {
+            continue;
+        } else if let Some((key, value)) = line.split_once(" = ") {
+            out.push((format!("{section}.{}", key.trim()), value.trim().to_owned()));
         }
     }
     out

@@ -72,7 +72,12 @@ pub async fn watch(
             _ = poll.tick(), if waiting_for_resolvers => POLLED,
         };
         let mut loaded = config::load(&source).map_err(|e| e.to_string());
-        // Start-only changes are checked against the node now, not at the next restart.
+        // A poll that finds nothing new stays silent: no RELOADING/READY every few seconds.
+        if reason == POLLED && loaded.as_ref().map_or(true, |new| same(new, &current)) {
+            continue;
+        }
+        // Start-only changes are checked against the node now, not at the next restart
+        // (after the poll's skip: a silent poll binds no test sockets).
         let mut pending = Vec::new();
         if let Ok(new) = &loaded {
             pending = config::start_only_changes(&started, new);
@@ -84,10 +89,6 @@ pub async fn watch(
                     ));
                 }
             }
-        }
-        // A poll that finds nothing new stays silent: no RELOADING/READY every few seconds.
-        if reason == POLLED && loaded.as_ref().map_or(true, |new| same(new, &current)) {
-            continue;
         }
         systemd::reloading();
         let c = &resolver.metrics.config;
