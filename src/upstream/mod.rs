@@ -411,6 +411,11 @@ impl Pool {
             let rto = self.servers[order[i]].rtt.lock().rto(self.timeout);
             last_sent + attempts::next_after(sent, rto, self.timeout)
         };
+        // One timer for the whole query, moved to the next retry or the deadline (a timer
+        // made per turn of the loop, two of them, was a timer-wheel insert and removal
+        // each, on every miss).
+        let timer = tokio::time::sleep_until(deadline.into());
+        tokio::pin!(timer);
         loop {
             // Start the next attempt when due: the first at once, then on an error or a
             // bad RCODE, or when the last one has gone unanswered for its server's RTO.
@@ -430,7 +435,13 @@ impl Pool {
             if running.is_empty() {
                 break;
             }
-            let retry_at = (sent < allowed).then(|| retry_due(sent, last_sent).min(deadline));
+            let wake = match sent < allowed {
+                true => retry_due(sent, last_sent).min(deadline),
+                false => deadline,
+            };
+            if timer.deadline() != wake.into() {
+                timer.as_mut().reset(wake.into());
+            }
             use futures_util::StreamExt;
             tokio::select! {
                 Some((n, i, at, result)) = running.next() => {
@@ -470,8 +481,8 @@ impl Pool {
                     // Whatever ended, the next attempt (if any) starts now.
                     next_now = true;
                 }
-                _ = tokio::time::sleep_until(retry_at.unwrap_or(deadline).into()), if retry_at.is_some() => {}
-                _ = tokio::time::sleep_until(deadline.into()) => break,
+                // A retry is due (the loop starts it), or the query's time is up.
+                _ = &mut timer => if wake >= deadline { break },
             }
         }
         let overdue = !running.is_empty();

@@ -121,10 +121,19 @@ impl Ports {
 /// Read and drop whatever arrived on an idle socket. This asks the kernel (one system
 /// call when nothing is there) rather than the event loop's readiness, which may not
 /// have seen a datagram that arrived a moment ago.
+///
+/// Then the event loop is told the socket is empty (no system call): otherwise it still
+/// holds the previous answer's readiness, and the next `recv` would first ask the kernel
+/// once more, before the answer can have come, and get `EAGAIN` (one system call per
+/// miss). A datagram that arrives after the drain is not lost: its readiness event is
+/// newer than what is cleared, so the event loop still wakes the receive for it.
 fn discard_queued(socket: &UdpSocket) {
     let sock = socket2::SockRef::from(socket);
     let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 512];
     while sock.recv_with_flags(&mut buf, dontwait()).is_ok() {}
+    let _ = socket.try_io(tokio::io::Interest::READABLE, || {
+        Err::<(), _>(io::ErrorKind::WouldBlock.into())
+    });
 }
 
 fn dontwait() -> i32 {
