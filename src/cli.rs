@@ -59,6 +59,11 @@ pub enum Command {
     /// Ask the running daemon how the node's DNS is (exit 0 healthy and ready, 1 not,
     /// 3 no daemon answers).
     Status(StatusArgs),
+    /// Hand the running daemon over to the binary now installed, with no gap in serving:
+    /// the new process takes the sockets and the cache, and is ready before the old one
+    /// stops reading (the package upgrade path; exit 1 when it did not happen, and the
+    /// old process serves on).
+    Handover(HandoverArgs),
 }
 
 impl Command {
@@ -70,6 +75,7 @@ impl Command {
             Command::ConfigSync(sync) => &sync.config,
             Command::Status(status) => &status.config,
             Command::Fallback(fallback) => &fallback.config,
+            Command::Handover(handover) => &handover.config,
         }
     }
 }
@@ -146,6 +152,15 @@ pub struct FallbackArgs {
     /// package's removal scripts; prints nothing in intercept mode).
     #[arg(long, conflicts_with = "remove")]
     pub removal_notice: bool,
+}
+
+#[derive(Args, Default, Debug)]
+pub struct HandoverArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// The daemon's systemd unit.
+    #[arg(long, default_value = "localdns.service")]
+    pub unit: String,
 }
 
 #[derive(Args, Default, Debug)]

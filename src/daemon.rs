@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use crate::config::{self, Config, Source};
 use crate::metrics::Metrics;
-use crate::server::Server;
+use std::os::fd::AsFd;
+
+use crate::server::{Ending, Server};
 use crate::state::{self, Loaded, SetupRecord};
 use crate::{lifecycle, node, systemd};
 
@@ -53,8 +55,19 @@ pub fn run(loaded: Loaded, source: Source) -> anyhow::Result<()> {
         config: cfg,
         refused,
     } = loaded;
-    // Before any thread starts: this reads and unsets LISTEN_FDS.
-    let mut kept = systemd::Inherited::receive();
+    // Before any thread starts: these read and unset LISTEN_FDS or the hand-over's variable.
+    let (mut kept, incoming) = match crate::handover::receive() {
+        None => (systemd::Inherited::receive(), None),
+        Some(Ok((fds, incoming))) => {
+            tracing::info!(
+                "taking over from the old process: {} descriptors received",
+                fds.len()
+            );
+            (systemd::Inherited::from_fds(fds), Some(incoming))
+        }
+        // The old process goes on serving; nothing here was touched.
+        Some(Err(e)) => anyhow::bail!("hand-over from the old process failed: {e}"),
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("localdns-rt")
@@ -65,14 +78,16 @@ pub fn run(loaded: Loaded, source: Source) -> anyhow::Result<()> {
         let collector = crate::allocator::spawn_collector();
         let removal = node::Removal::of(&cfg);
         let names = crate::server::socket_names(&cfg);
-        let served = serve(cfg, refused, source, &mut kept, signals, &removal).await;
+        let served = serve(cfg, refused, source, &mut kept, incoming, signals, &removal).await;
         match served {
-            Ok(()) => lifecycle::stopped(),
+            Ok(Ending::Stop) => lifecycle::stopped(),
+            // The new process serves: the record, the sockets and the rules are its own.
+            Ok(Ending::HandedOver) => {}
             Err(ref e) => give_back(e, &removal, &names).await,
         }
         kept.release_rest();
         collector.abort();
-        served
+        served.map(drop)
     })
 }
 
@@ -82,13 +97,15 @@ async fn serve(
     refused: Option<config::ConfigError>,
     source: Source,
     kept: &mut systemd::Inherited,
+    incoming: Option<crate::handover::Incoming>,
     signals: lifecycle::signals::Signals,
     removal: &node::Removal,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Ending> {
     let lifecycle::signals::Signals {
         mut term,
         mut int,
         hup,
+        mut usr2,
     } = signals;
     // The link, addresses and rules come first: the listen addresses must exist to be
     // bound, and READY means the node's DNS works.
@@ -103,23 +120,85 @@ async fn serve(
     let metrics = Arc::new(Metrics::default());
     let repair = tokio::spawn(node::watch(cfg.clone(), setup, Arc::clone(&metrics)));
     let server = match Server::bind(cfg, metrics, kept) {
-        Ok(s) => s.refused_at_start(refused.map(|e| e.to_string())),
+        Ok(s) => s
+            .refused_at_start(refused.map(|e| e.to_string()))
+            .taking_over(incoming),
         Err(e) => {
             repair.abort();
             return Err(e.into());
         }
     };
     std::mem::take(kept).release_rest();
+    let kit = server.handover_kit();
+    crate::handover::advertise();
     let stop = async {
-        tokio::select! {
-            _ = term.recv() => {},
-            _ = int.recv() => {},
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                _ = usr2.recv() => match &kit {
+                    Ok(kit) if to_new_process(kit).await => {
+                        repair.abort();
+                        return Ending::HandedOver;
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::error!("cannot hand over to a new process: {e}"),
+                },
+            }
         }
         hand_over(&repair, removal).await;
+        Ending::Stop
     };
     let served = server.run(Some((source, hup)), stop).await;
     repair.abort();
     Ok(served?)
+}
+
+/// SIGUSR2 (`localdns handover`): start the new binary on the same sockets and the cache,
+/// and make it the main process once it reads them ([`crate::handover`]). `false` when it
+/// did not take over: this process goes on serving as before.
+async fn to_new_process(kit: &crate::server::HandoverKit) -> bool {
+    tracing::info!("hand-over asked: writing the cache snapshot and starting the new binary");
+    kit.save_snapshot().await;
+    let fds: Vec<(String, std::os::fd::OwnedFd)> = match kit
+        .fds()
+        .into_iter()
+        .map(|(n, fd)| fd.try_clone_to_owned().map(|fd| (n, fd)))
+        .collect()
+    {
+        Ok(fds) => fds,
+        Err(e) => {
+            tracing::error!("hand-over not done: {e}; serving on");
+            return false;
+        }
+    };
+    let started = std::time::Instant::now();
+    let outcome = tokio::task::spawn_blocking(move || {
+        let borrowed: Vec<_> = fds.iter().map(|(n, fd)| (n.clone(), fd.as_fd())).collect();
+        let out = crate::handover::start(&borrowed)?;
+        systemd::main_pid(out.pid());
+        let pid = out.pid();
+        out.confirm().map(|()| pid)
+    })
+    .await;
+    match outcome {
+        Ok(Ok(pid)) => {
+            tracing::info!(
+                "handed over to process {pid} in {:?}: it reads the sockets and is the main \
+                 process; answering what is in flight here, then exiting",
+                started.elapsed()
+            );
+            true
+        }
+        Ok(Err(e)) => {
+            tracing::error!("hand-over not done: {e}; serving on");
+            false
+        }
+        Err(e) => {
+            tracing::error!("hand-over not done: {e}; serving on");
+            false
+        }
+    }
 }
 
 /// The daemon cannot serve (setup or a bind failed): give the node's DNS addresses back

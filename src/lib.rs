@@ -39,6 +39,7 @@ pub mod config_sync;
 pub mod daemon;
 pub mod dns;
 pub mod fallback;
+pub mod handover;
 pub mod health;
 pub mod lifecycle;
 pub mod logging;

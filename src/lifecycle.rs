@@ -173,7 +173,12 @@ pub mod signals {
     use nix::sys::signal::{SigSet, SigmaskHow, Signal};
     use tokio::signal::unix::{signal, SignalKind};
 
-    const HELD: [Signal; 3] = [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP];
+    const HELD: [Signal; 4] = [
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGUSR2,
+    ];
 
     fn set() -> SigSet {
         let mut s = SigSet::empty();
@@ -183,7 +188,7 @@ pub mod signals {
         s
     }
 
-    /// Block SIGTERM, SIGINT and SIGHUP on this thread (and the threads it starts). Call
+    /// Block SIGTERM, SIGINT, SIGHUP and SIGUSR2 on this thread (and the threads it starts). Call
     /// first in `main`, before any thread exists. Programs run later start with an empty
     /// mask (the standard library resets it in the child).
     pub fn hold() {
@@ -198,6 +203,8 @@ pub mod signals {
         pub term: tokio::signal::unix::Signal,
         pub int: tokio::signal::unix::Signal,
         pub hup: tokio::signal::unix::Signal,
+        /// Hand over to a new process (`localdns handover`, [`crate::handover`]).
+        pub usr2: tokio::signal::unix::Signal,
     }
 
     impl Signals {
@@ -208,6 +215,7 @@ pub mod signals {
                 term: signal(SignalKind::terminate())?,
                 int: signal(SignalKind::interrupt())?,
                 hup: signal(SignalKind::hangup())?,
+                usr2: signal(SignalKind::user_defined2())?,
             };
             nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_UNBLOCK, Some(&set()), None)
                 .map_err(std::io::Error::from)?;

@@ -55,6 +55,16 @@ fn main() -> ExitCode {
             Err(e) => config_error(e),
         },
         Command::Status(args) => status(&args, &source),
+        Command::Handover(args) => match localdns::handover::request(&args.unit) {
+            Ok(pid) => {
+                println!("localdns: {} handed over to process {pid}", args.unit);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("localdns: {}: {e:#}", args.unit);
+                ExitCode::FAILURE
+            }
+        },
         Command::Fallback(args) if args.remove => exit(localdns::fallback::remove()),
         Command::Fallback(args) if args.removal_notice => {
             if let Some(notice) = localdns::fallback::removal_notice(&source) {

@@ -252,6 +252,11 @@ impl Keeper {
         ))
     }
 
+    /// The memfd, to hand to the next process ([`crate::handover`]).
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+
     /// Put `cache`'s snapshot in place of the last one. Blocking (a few ms for 20,000
     /// answers): call off the async threads.
     /// Returns the number of answers written.

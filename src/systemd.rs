@@ -43,6 +43,11 @@ impl Inherited {
         Inherited { fds }
     }
 
+    /// Descriptors handed over by the old process ([`crate::handover`]), by name.
+    pub fn from_fds(fds: HashMap<String, OwnedFd>) -> Inherited {
+        Inherited { fds }
+    }
+
     /// Take the descriptor stored under `name`, if any.
     pub fn take(&mut self, name: &str) -> Option<OwnedFd> {
         self.fds.remove(name)
@@ -114,6 +119,11 @@ pub fn reloading() {
 /// Update the one-line status shown by `systemctl status`.
 pub fn status(status: &str) {
     notify(&[NotifyState::Status(status)]);
+}
+
+/// Make `pid` the unit's main process (the new process of a hand-over).
+pub fn main_pid(pid: u32) {
+    notify(&[NotifyState::MainPid(pid)]);
 }
 
 /// Tell systemd a stop has begun.

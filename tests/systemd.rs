@@ -488,6 +488,84 @@ fn restart_under_load_loses_no_query() {
     );
 }
 
+/// `localdns handover` (the package upgrade path) under a stream of hits and misses to all
+/// four targets: the new process reads the sockets before the old one stops, so nothing
+/// waits for a stop and a start. No query lost or retried, the slowest answer far below a
+/// restart's (which waits for the stop, the hooks and the start: 190-350 ms here), the
+/// cache kept (no name asked before reaches kube-dns again), and systemd saw no stop: no
+/// restart counted, no stop hook run.
+#[test]
+fn a_handover_under_load_has_no_gap_and_keeps_the_cache() {
+    require_root_and_tools!("a_handover_under_load_has_no_gap_and_keeps_the_cache");
+    let node = Node::boot("handover", Options::default());
+    node.start_localdns();
+    let pid = node.main_pid();
+    let hits = harness::load_names();
+    for name in &hits {
+        assert!(!answer(&node, name).is_empty(), "{name}");
+    }
+    let asked = upstream_counts(&node, &hits);
+    // Every third query a name never asked before: misses in flight at the hand-over.
+    let misses = harness::miss_names();
+    let names: Vec<String> = misses
+        .iter()
+        .enumerate()
+        .flat_map(|(i, m)| {
+            [
+                hits[i % hits.len()].clone(),
+                hits[(i + 7) % hits.len()].clone(),
+                m.clone(),
+            ]
+        })
+        .collect();
+    let stream = Stream::start(&node.net.pod, Node::targets(), RATE, names);
+    // Steady traffic before and after; these waits pace the load, they synchronise nothing.
+    std::thread::sleep(Duration::from_millis(700));
+    let t = Instant::now();
+    let out = node.c.ok(&["localdns", "handover"]);
+    let new = node.wait_new_main_pid(pid, Duration::from_secs(15));
+    let took = t.elapsed();
+    std::thread::sleep(Duration::from_millis(700));
+    let report = stream.finish();
+    println!("localdns handover ({out}) in {took:?}; {RATE} queries/s per target:\n{report}");
+    let total = report.total();
+    let journal = node.c.journal_text(UNIT, 40);
+    assert!(total.sent > 0);
+    assert_eq!(
+        total.unanswered(),
+        0,
+        "queries lost in a hand-over:\n{report}\n{journal}"
+    );
+    assert_eq!(
+        total.retried, 0,
+        "a hand-over made clients retry:\n{report}"
+    );
+    // A correctness bound, not a speed target (bench/ has those): an answer that waited for
+    // a process to stop and another to start would take 150 ms and more.
+    assert!(
+        total.slowest < Duration::from_millis(100),
+        "a query waited {:?} across the hand-over:\n{report}\n{journal}",
+        total.slowest
+    );
+    assert_eq!(
+        upstream_counts(&node, &hits),
+        asked,
+        "names cached before the hand-over were asked upstream again:\n{journal}"
+    );
+    assert!(
+        journal.contains(&format!("handed over to process {new}")),
+        "{journal}"
+    );
+    assert_eq!(node.c.prop(UNIT, "NRestarts"), "0", "{journal}");
+    assert!(
+        !journal.contains("stop-post"),
+        "the stop hook ran:\n{journal}"
+    );
+    // The new main process answers and pings the watchdog: still active a while later.
+    node.assert_pod_answered();
+    assert_eq!(node.main_pid(), new);
+}
+
 /// Queries each of `names` made the fake kube-dns (the node's only upstream) see.
 fn upstream_counts(node: &Node, names: &[String]) -> Vec<usize> {
     names
@@ -1023,7 +1101,7 @@ fn a_restart_with_a_refused_config_serves_on_the_last_good_one() {
         "the accepted config was not kept"
     );
     break_config(&node);
-    restarted_under_load(
+    let _ = restarted_under_load(
         &node,
         "systemctl restart with a refused config",
         &["systemctl", "restart", UNIT],
@@ -1198,7 +1276,7 @@ fn assert_nothing_of_localdns_left(node: &Node, what: &str) {
 
 /// Restart localdns with `cmd` (inside the container: an upgrade, or a restart) under the
 /// four-way query stream: the sockets are kept, so no query may be lost or retried.
-fn restarted_under_load(node: &Node, what: &str, cmd: &[&str]) {
+fn restarted_under_load(node: &Node, what: &str, cmd: &[&str]) -> harness::load::Report {
     let pid = node.main_pid();
     let report = under_load(node, what, |n| {
         let out = n.c.ok(cmd);
@@ -1209,6 +1287,24 @@ fn restarted_under_load(node: &Node, what: &str, cmd: &[&str]) {
     assert!(total.sent > 0);
     assert_eq!(total.unanswered(), 0, "queries lost in `{what}`:\n{report}");
     assert_eq!(total.retried, 0, "`{what}` made clients retry:\n{report}");
+    report
+}
+
+/// A package upgrade under load (`restarted_under_load`) went through `localdns handover`:
+/// no restart, and no answer waited for a stop and a start (a correctness bound; a restart
+/// takes 150 ms and more here).
+fn assert_upgraded_by_handover(node: &Node, report: &harness::load::Report) {
+    let journal = node.c.journal_text(UNIT, 60);
+    assert!(
+        journal.contains("handed over to process"),
+        "the upgrade did not hand over:\n{journal}"
+    );
+    assert_eq!(node.c.prop(UNIT, "NRestarts"), "0", "{journal}");
+    let slowest = report.total().slowest;
+    assert!(
+        slowest < Duration::from_millis(100),
+        "a query waited {slowest:?} across the upgrade:\n{report}\n{journal}"
+    );
 }
 
 /// Remove with `cmd` under a stream to the Service IP: kube-dns takes over through the
@@ -1294,11 +1390,12 @@ fn deb_install_upgrade_remove_purge_lose_no_query() {
 
     // Upgrade under load: a restart that keeps the sockets, so nothing is lost.
     let conffile = c.ok(&["cat", "/etc/localdns/config.toml"]);
-    restarted_under_load(
+    let report = restarted_under_load(
         &node,
         "dpkg -i of a newer version (upgrade)",
         &["dpkg", "-i", "/root/localdns-new.deb"],
     );
+    assert_upgraded_by_handover(&node, &report);
     assert_eq!(
         c.ok(&["dpkg-query", "-W", "-f", "${Version}", "localdns"]),
         "99.0.0-1"
@@ -1383,11 +1480,12 @@ fn rpm_install_upgrade_erase_lose_no_query() {
         return;
     };
     let c = &node.c;
-    restarted_under_load(
+    let report = restarted_under_load(
         &node,
         "rpm -U of a newer version",
         &["rpm", "-U", "--nodeps", "/root/localdns-new.rpm"],
     );
+    assert_upgraded_by_handover(&node, &report);
     remove_under_load(&node, &["rpm", "-e", "--nodeps", "localdns"]);
     assert!(!c.path("/usr/bin/localdns").exists());
     assert!(!c.systemctl(&["is-enabled", UNIT]).status.success());

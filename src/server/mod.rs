@@ -17,7 +17,7 @@ pub mod udp;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -162,6 +162,45 @@ pub struct Server {
     snapshot: Option<Arc<crate::snapshot::Keeper>>,
     /// The refusal of the config on disk when this one is the last good config instead.
     refused_at_start: Option<String>,
+    /// This process takes over from an old one ([`crate::handover`]): say so before READY.
+    taking_over: Option<crate::handover::Incoming>,
+}
+
+/// How serving ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// A stop (or a restart): the next process, if any, starts from systemd's fd store.
+    Stop,
+    /// A new process reads the sockets and is the main process now; this one only answers
+    /// what it has in flight, and leaves the snapshot and the fd store to it.
+    HandedOver,
+}
+
+/// The name the HTTP listener is handed over under.
+const HTTP_FD: &str = "http";
+
+/// What a hand-over gives the new process: the listeners (duplicates of the same sockets),
+/// and the cache, written to the snapshot memfd first.
+pub struct HandoverKit {
+    fds: Vec<(String, OwnedFd)>,
+    snapshot: Option<(Arc<crate::snapshot::Keeper>, Arc<Resolver>)>,
+}
+
+impl HandoverKit {
+    /// Write the cache snapshot now, so that the new process starts warm.
+    pub async fn save_snapshot(&self) {
+        if let Some((keeper, resolver)) = &self.snapshot {
+            save_snapshot(keeper, resolver).await;
+        }
+    }
+
+    /// The descriptors, by name.
+    pub fn fds(&self) -> Vec<(String, std::os::fd::BorrowedFd<'_>)> {
+        self.fds
+            .iter()
+            .map(|(n, fd)| (n.clone(), fd.as_fd()))
+            .collect()
+    }
 }
 
 /// A listener that could not be bound.
@@ -334,15 +373,21 @@ impl Server {
         // The HTTP endpoint is not DNS: a port held by another program (node-local-dns
         // uses 9253 too, during every migration from it) must not stop the node's DNS. The
         // bind is retried while serving (see `http::serve_when_bound`).
-        let http = config.metrics.address.map(|addr| match http::bind(addr) {
-            Ok(l) => http::Endpoint::Bound(l),
-            Err(e) => {
-                tracing::error!(
+        let handed_http = kept
+            .take(HTTP_FD)
+            .map(std::net::TcpListener::from)
+            .filter(|l| l.local_addr().ok() == config.metrics.address);
+        let http = config.metrics.address.map(|addr| {
+            match handed_http.map_or_else(|| http::bind(addr), Ok) {
+                Ok(l) => http::Endpoint::Bound(l),
+                Err(e) => {
+                    tracing::error!(
                     "cannot listen on {addr} for /metrics, /health and /ready: {e}; serving DNS \
                      without them and trying again"
                 );
-                inc(&resolver.metrics.http_bind_failures);
-                http::Endpoint::Retry(addr, e.to_string())
+                    inc(&resolver.metrics.http_bind_failures);
+                    http::Endpoint::Retry(addr, e.to_string())
+                }
             }
         });
         Ok(Server {
@@ -353,6 +398,7 @@ impl Server {
             http,
             snapshot,
             refused_at_start: None,
+            taking_over: None,
         })
     }
 
@@ -363,13 +409,45 @@ impl Server {
         self
     }
 
+    /// This server takes over from an old process: it tells it when it reads the sockets,
+    /// and waits to be made the main process before READY.
+    pub fn taking_over(mut self, incoming: Option<crate::handover::Incoming>) -> Server {
+        self.taking_over = incoming;
+        self
+    }
+
+    /// What a hand-over to a new process needs from this one.
+    pub fn handover_kit(&self) -> std::io::Result<HandoverKit> {
+        let mut fds = Vec::new();
+        for (name, s) in &self.udp {
+            fds.push((name.clone(), s.as_fd().try_clone_to_owned()?));
+        }
+        for (name, l) in &self.tcp {
+            fds.push((name.clone(), l.as_fd().try_clone_to_owned()?));
+        }
+        if let Some(http::Endpoint::Bound(l)) = &self.http {
+            fds.push((HTTP_FD.to_string(), l.as_fd().try_clone_to_owned()?));
+        }
+        if let Some(keeper) = &self.snapshot {
+            let name = crate::snapshot::FD_NAME.to_string();
+            fds.push((name, keeper.fd().try_clone_to_owned()?));
+        }
+        Ok(HandoverKit {
+            fds,
+            snapshot: self
+                .snapshot
+                .as_ref()
+                .map(|k| (Arc::clone(k), Arc::clone(&self.resolver))),
+        })
+    }
+
     /// Serve until `shutdown` completes, reloading from the source (when given) on its
     /// SIGHUP stream and on config file changes. Tells systemd READY once everything listens.
     pub async fn run(
-        self,
+        mut self,
         reload: Option<(Source, tokio::signal::unix::Signal)>,
-        shutdown: impl Future<Output = ()>,
-    ) -> std::io::Result<()> {
+        shutdown: impl Future<Output = Ending>,
+    ) -> std::io::Result<Ending> {
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
         let mut workers = Vec::new();
@@ -514,12 +592,34 @@ impl Server {
             stub_zones = %self.config.stubs.iter().map(|s| s.zone.as_str()).collect::<Vec<_>>().join(","),
             "serving"
         );
+        if let Some(incoming) = self.taking_over.take() {
+            match tokio::task::spawn_blocking(move || incoming.ready()).await {
+                Ok(Ok(())) => tracing::info!(
+                    "took over from the old process: this one is the main process now"
+                ),
+                // The old process was not told or did not confirm: it goes on serving and
+                // still owns everything; this one leaves without touching any of it.
+                Ok(Err(e)) => {
+                    tracing::error!("hand-over not confirmed by the old process ({e}); exiting");
+                    std::process::exit(1);
+                }
+                Err(e) => {
+                    tracing::error!("hand-over not confirmed by the old process ({e}); exiting");
+                    std::process::exit(1);
+                }
+            }
+        }
         systemd::ready(&status());
         crate::lifecycle::serving();
-        shutdown.await;
+        let ending = shutdown.await;
 
-        systemd::stopping();
-        tracing::info!("stopping: no new queries, answering those in flight");
+        let handed = ending == Ending::HandedOver;
+        if handed {
+            tracing::info!("handed over: no new queries here, answering those in flight");
+        } else {
+            systemd::stopping();
+            tracing::info!("stopping: no new queries, answering those in flight");
+        }
         stop.store(true, Ordering::Relaxed);
         tasks.abort_all();
         let joined = tokio::task::spawn_blocking(move || {
@@ -530,11 +630,12 @@ impl Server {
         let _ = joined.await;
         let _ = tokio::time::timeout(Duration::from_secs(3), self.resolver.drained()).await;
         // After the last answer: the next process starts with everything this one knew.
-        if let Some(keeper) = &self.snapshot {
+        // After a hand-over the snapshot is the new process's to write.
+        if let Some(keeper) = self.snapshot.as_ref().filter(|_| !handed) {
             save_snapshot(keeper, &self.resolver).await;
         }
         tracing::info!("stopped");
-        Ok(())
+        Ok(ending)
     }
 }
 

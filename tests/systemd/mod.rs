@@ -127,6 +127,15 @@ pub fn load_names() -> Vec<String> {
         .collect()
 }
 
+/// Names asked once each under load (misses, so that some are in flight at any moment).
+pub const MISS_NAMES: usize = 400;
+
+pub fn miss_names() -> Vec<String> {
+    (0..MISS_NAMES)
+        .map(|i| format!("miss{i}.example.com"))
+        .collect()
+}
+
 /// `/etc/localdns/config.toml` for a node whose kube-dns (and every other upstream) is
 /// `upstream`: both listen addresses on the `nodelocaldns` link, with rules.
 pub fn node_config(upstream: SocketAddr) -> String {
@@ -175,6 +184,9 @@ fn fill(up: &Upstream) {
     up.zone("example.com").a(WWW, 300, WWW_ADDR);
     for (i, name) in load_names().iter().enumerate() {
         up.a(name, 300, &format!("192.0.2.{}", 10 + i));
+    }
+    for (i, name) in miss_names().iter().enumerate() {
+        up.a(name, 300, &format!("198.51.100.{}", i % 250));
     }
 }
 
