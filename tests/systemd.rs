@@ -1133,6 +1133,10 @@ fn boot_starts_kubelet_after_localdns_is_ready() {
 /// 99.0.0 by `packaging/build --arch amd64 --no-build --version 99.0.0 --out DIR` (the
 /// container is amd64: the arm64 packages would only cost time).
 fn newer_package(ext: &str, dir: &std::path::Path) -> std::path::PathBuf {
+    // One at a time: packaging/build writes its generated files (the changelog, ...) to
+    // target/packaging, and the package tests call this before they take the node lock.
+    static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = BUILD.lock().unwrap_or_else(|e| e.into_inner());
     let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let out = std::process::Command::new(repo.join("packaging/build"))
         .args([
