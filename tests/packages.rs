@@ -692,3 +692,227 @@ fn the_man_page_documents_every_subcommand() {
         assert!(page.contains(&heading), "no {heading} in\n{page}");
     }
 }
+
+// ---------------------------------------------------------------- the repositories
+
+/// `packaging/repo --out DIR --from FROM` (a throwaway key: no `--key`), or its output.
+fn publish(from: &Path, out: &Path) -> String {
+    let started = std::time::Instant::now();
+    let o = Command::new(repo("packaging/repo"))
+        .args(["--out", path(out), "--from", path(from)])
+        .stdin(Stdio::null())
+        .output()
+        .expect("packaging/repo");
+    assert!(
+        o.status.success(),
+        "packaging/repo: {}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let listing = String::from_utf8_lossy(&o.stdout).into_owned();
+    eprintln!(
+        "packaging/repo took {} ms:\n{listing}",
+        started.elapsed().as_millis()
+    );
+    listing
+}
+
+/// `dnf list --available` of the rpm repository `dir` for `arch`, in a throwaway install
+/// root, with the packages' and the metadata's signatures checked against `key`
+/// (`gpgcheck`, `repo_gpgcheck`) and a failing repository an error (`skip_if_unavailable=0`).
+fn dnf_list(dir: &Path, key: &Path, arch: &str) -> Output {
+    let root = tempfile::tempdir().expect("tempdir");
+    let url = format!("l,file://{}", path(dir));
+    let gpgkey = format!("l.gpgkey=file://{}", path(key));
+    run(
+        "dnf",
+        &[
+            "-y",
+            "--installroot",
+            path(root.path()),
+            "--releasever=1",
+            &format!("--forcearch={arch}"),
+            "--repofrompath",
+            &url,
+            "--repo=l",
+            "--setopt=l.gpgcheck=1",
+            "--setopt=l.repo_gpgcheck=1",
+            "--setopt=l.skip_if_unavailable=0",
+            "--setopt",
+            &gpgkey,
+            "list",
+            "--available",
+        ],
+    )
+}
+
+/// `rpm -K` of `rpm` against a throwaway rpm database holding `key` (none: an empty one).
+fn rpm_k(rpm: &Path, key: Option<&Path>) -> Output {
+    let db = tempfile::tempdir().expect("tempdir");
+    let dbpath = path(db.path());
+    stdout("rpm", &["--dbpath", dbpath, "--initdb"]);
+    if let Some(key) = key {
+        stdout("rpm", &["--dbpath", dbpath, "--import", path(key)]);
+    }
+    run("rpm", &["--dbpath", dbpath, "-K", path(rpm)])
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Flip one byte of `file`, `back` bytes before its end (inside a package's payload, or in
+/// the signed text of a clear-signed file).
+fn tamper(file: &Path, back: usize) {
+    let mut bytes = std::fs::read(file).expect("read");
+    let i = bytes.len() - back;
+    bytes[i] ^= 0x20;
+    std::fs::write(file, bytes).expect("write");
+}
+
+#[test]
+fn the_repositories_are_signed_and_tampering_is_refused() {
+    let test = "the_repositories_are_signed_and_tampering_is_refused";
+    let tools = [
+        "reprepro",
+        "createrepo_c",
+        "gpg",
+        "gpgv",
+        "rpmsign",
+        "rpm",
+        "dnf",
+    ];
+    let Some(pkgs) = packages(test, &tools) else {
+        return;
+    };
+    let work = tempfile::tempdir().expect("tempdir");
+    let (from, out) = (work.path().join("from"), work.path().join("out"));
+    std::fs::create_dir(&from).expect("mkdir");
+    for p in &pkgs {
+        for f in [&p.deb, &p.rpm] {
+            std::fs::copy(f, from.join(f.file_name().expect("name"))).expect("copy");
+        }
+    }
+    let listing = publish(&from, &out);
+    let keyring = out.join("localdns.gpg");
+    let armored = out.join("localdns.asc");
+
+    // apt: InRelease and Release.gpg verify with the published key; each architecture's
+    // index lists its package, which the pool holds unchanged.
+    let dists = out.join("apt/dists/stable");
+    stdout(
+        "gpgv",
+        &["--keyring", path(&keyring), path(&dists.join("InRelease"))],
+    );
+    stdout(
+        "gpgv",
+        &[
+            "--keyring",
+            path(&keyring),
+            path(&dists.join("Release.gpg")),
+            path(&dists.join("Release")),
+        ],
+    );
+    let release = std::fs::read_to_string(dists.join("Release")).expect("Release");
+    for line in [
+        "Suite: stable",
+        "Architectures: amd64 arm64",
+        "Components: main",
+    ] {
+        assert!(
+            release.contains(line),
+            "Release has no `{line}`:\n{release}"
+        );
+    }
+    for p in &pkgs {
+        let arch = p.arch.deb;
+        let index = dists.join(format!("main/binary-{arch}/Packages"));
+        let index = std::fs::read_to_string(&index).expect("Packages");
+        for line in [
+            "Package: localdns".to_string(),
+            format!("Version: {VERSION}-1"),
+            format!("Architecture: {arch}"),
+            format!("SHA256: {}", sha256(&p.deb)),
+        ] {
+            assert!(
+                index.contains(&line),
+                "binary-{arch}: no `{line}`:\n{index}"
+            );
+        }
+        let pooled = out.join(format!(
+            "apt/pool/main/l/localdns/localdns_{VERSION}-1_{arch}.deb"
+        ));
+        assert_eq!(sha256(&pooled), sha256(&p.deb), "{arch}: pool copy differs");
+    }
+    let forged = work.path().join("InRelease");
+    std::fs::copy(dists.join("InRelease"), &forged).expect("copy");
+    let text_end = std::fs::read_to_string(&forged)
+        .expect("InRelease")
+        .find("-----BEGIN PGP SIGNATURE-----")
+        .expect("clear-signed");
+    let len = std::fs::metadata(&forged).expect("len").len() as usize;
+    tamper(&forged, len - text_end + 10);
+    let o = run("gpgv", &["--keyring", path(&keyring), path(&forged)]);
+    assert!(!o.status.success(), "gpgv accepted a tampered InRelease");
+    assert!(text(&o).contains("BAD signature"), "{}", text(&o));
+
+    // rpm: each architecture's repository verifies with the key (metadata and packages),
+    // and `rpm -K` checks each package's signature, which a changed byte breaks.
+    for p in &pkgs {
+        let arch = p.arch.rpm;
+        let dir = out.join("rpm").join(arch);
+        let o = dnf_list(&dir, &armored, arch);
+        let listed = text(&o);
+        assert!(o.status.success(), "dnf ({arch}): {listed}");
+        assert!(
+            listed.contains(&format!("localdns.{arch}"))
+                && listed.contains(&format!("{VERSION}-1")),
+            "dnf ({arch}) does not list the package:\n{listed}"
+        );
+        let signed = dir.join(p.rpm.file_name().expect("name"));
+        let o = rpm_k(&signed, Some(&armored));
+        assert!(o.status.success(), "rpm -K ({arch}): {}", text(&o));
+        assert!(text(&o).contains("digests signatures OK"), "{}", text(&o));
+        let o = rpm_k(&signed, None);
+        assert!(
+            !o.status.success(),
+            "rpm -K without the key passed: {}",
+            text(&o)
+        );
+        let o = rpm_k(&p.rpm, Some(&armored));
+        assert!(
+            !text(&o).contains("signatures OK"),
+            "the unsigned build output verified as signed: {}",
+            text(&o)
+        );
+        let forged = work.path().join(format!("forged.{arch}.rpm"));
+        std::fs::copy(&signed, &forged).expect("copy");
+        tamper(&forged, 4096);
+        let o = rpm_k(&forged, Some(&armored));
+        assert!(
+            !o.status.success(),
+            "rpm -K passed a tampered package: {}",
+            text(&o)
+        );
+    }
+    // Metadata changed after signing: dnf refuses the repository.
+    let dir = out.join("rpm/x86_64");
+    let repomd = dir.join("repodata/repomd.xml");
+    let xml = std::fs::read_to_string(&repomd).expect("repomd.xml");
+    std::fs::write(&repomd, xml.replacen("<revision>", "<revision>1", 1)).expect("write");
+    let o = dnf_list(&dir, &armored, "x86_64");
+    assert!(
+        !o.status.success(),
+        "dnf used forged metadata: {}",
+        text(&o)
+    );
+    assert!(text(&o).contains("Bad GPG signature"), "{}", text(&o));
+
+    let du = stdout("du", &["-sh", "--apparent-size", path(&out)]);
+    eprintln!("repository size: {du}");
+    assert!(listing.contains("localdns.gpg"));
+}

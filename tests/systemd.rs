@@ -3,7 +3,8 @@
 //! `systemd-nspawn --boot` inside a node network namespace the test creates, with a pod
 //! namespace joined to it by a veth pair and a fake kube-dns in the node namespace.
 //!
-//! Needs root and the tools `.ci/run` installs (systemd-container, mmdebstrap, zstd); each
+//! Needs root and the tools `.ci/run` installs (systemd-container, mmdebstrap, zstd; for the
+//! repository test also python3, gpg, reprepro, createrepo_c and rpmsign); each
 //! test says `SKIPPED` with the reason otherwise. The root filesystem is built once into
 //! `target/tmp/systemd-test/` (about 80 MB); whole-boot journals of the last run are kept
 //! in `target/tmp/systemd-test/logs/`.
@@ -19,7 +20,7 @@ mod harness;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use harness::container::{Container, Entry, Install};
+use harness::container::{text, Container, Entry, Install};
 use harness::load::{Proto, Stream, Target};
 use harness::netns::{LINK_LOCAL, SERVICE_IP};
 use harness::{built_package, Node, Options};
@@ -1210,6 +1211,10 @@ fn boot_starts_kubelet_after_localdns_is_ready() {
 /// 99.0.0 by `packaging/build --arch amd64 --no-build --version 99.0.0 --out DIR` (the
 /// container is amd64: the arm64 packages would only cost time).
 fn newer_package(ext: &str, dir: &std::path::Path) -> std::path::PathBuf {
+    // One at a time: packaging/build writes its generated files (the changelog, ...) to
+    // target/packaging, and the package tests call this before they take the node lock.
+    static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = BUILD.lock().unwrap_or_else(|e| e.into_inner());
     let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let out = std::process::Command::new(repo.join("packaging/build"))
         .args([
@@ -1275,7 +1280,8 @@ fn assert_nothing_of_localdns_left(node: &Node, what: &str) {
 }
 
 /// Restart localdns with `cmd` (inside the container: an upgrade, or a restart) under the
-/// four-way query stream: the sockets are kept, so no query may be lost or retried.
+/// four-way query stream: the sockets are kept, so no query may be lost or retried (every
+/// answer came within the first attempt's 1.5 s).
 fn restarted_under_load(node: &Node, what: &str, cmd: &[&str]) -> harness::load::Report {
     let pid = node.main_pid();
     let report = under_load(node, what, |n| {
@@ -1339,6 +1345,19 @@ fn remove_under_load(node: &Node, cmd: &[&str]) {
     assert_nothing_of_localdns_left(node, &cmd.join(" "));
 }
 
+/// Enabled, active, and answering the pod's four ways (after an install that starts it).
+fn assert_installed_and_serving(node: &Node) {
+    let c = &node.c;
+    assert_eq!(c.systemctl(&["is-enabled", UNIT]).status.code(), Some(0));
+    assert_eq!(
+        c.prop(UNIT, "ActiveState"),
+        "active",
+        "{}",
+        c.journal_text(UNIT, 30)
+    );
+    node.assert_pod_answered();
+}
+
 /// A node with a kube-proxy stand-in and nothing of localdns, the package of kind `ext`
 /// and its next version copied in as `/root/localdns-{old,new}.EXT`, and the old one
 /// installed with `install` (which must enable and, with the node's drop-in naming the
@@ -1363,14 +1382,7 @@ fn node_with_package(ext: &str, install: &[&str]) -> Option<Node> {
     cmd.push(&target);
     let out = c.ok(&cmd);
     println!("{}:\n{out}", cmd.join(" "));
-    assert_eq!(c.systemctl(&["is-enabled", UNIT]).status.code(), Some(0));
-    assert_eq!(
-        c.prop(UNIT, "ActiveState"),
-        "active",
-        "{}",
-        c.journal_text(UNIT, 30)
-    );
-    node.assert_pod_answered();
+    assert_installed_and_serving(&node);
     Some(node)
 }
 
@@ -1489,6 +1501,159 @@ fn rpm_install_upgrade_erase_lose_no_query() {
     remove_under_load(&node, &["rpm", "-e", "--nodeps", "localdns"]);
     assert!(!c.path("/usr/bin/localdns").exists());
     assert!(!c.systemctl(&["is-enabled", UNIT]).status.success());
+}
+
+// ---------------------------------------------------------------- from a repository
+
+/// apt-get in the container, non-interactive and keeping changed conffiles, as
+/// unattended-upgrades runs it; followed by its arguments.
+const APT_GET: &[&str] = &[
+    "env",
+    "DEBIAN_FRONTEND=noninteractive",
+    "apt-get",
+    "-q",
+    "-y",
+    "-o",
+    "Dpkg::Options::=--force-confold",
+];
+
+/// [`APT_GET`] `args` in the container; its output.
+fn apt_get(c: &Container, args: &[&str]) -> std::process::Output {
+    c.exec(&[APT_GET, args].concat())
+}
+
+fn installed_version(c: &Container) -> String {
+    c.ok(&["dpkg-query", "-W", "-f", "${Version}", "localdns"])
+}
+
+/// A node that knows only the localdns repository (`signed-by=` its key, over HTTP from
+/// the node's loopback) installs localdns with `apt-get install`; a newer version is
+/// published; an `InRelease` changed after signing is refused and installs nothing; with
+/// the real one back, `apt-get update && apt-get upgrade` (what unattended-upgrades runs)
+/// moves to the new version under the four-way query stream: none lost, none retried.
+#[test]
+fn apt_install_and_upgrade_from_the_signed_repository_lose_no_query() {
+    let test = "apt_install_and_upgrade_from_the_signed_repository_lose_no_query";
+    require_root_and_tools!(test);
+    if let Some(why) =
+        harness::missing_tool(&["python3", "gpg", "reprepro", "createrepo_c", "rpmsign"])
+    {
+        common::skipped::skipped(test, &why);
+        return;
+    }
+    let Some(old) = built_package("deb") else {
+        return;
+    };
+    let started = Instant::now();
+    let work = tempfile::tempdir().expect("tmp");
+    let key = harness::repo::release_key(work.path());
+    let (first, second, site) = (
+        work.path().join("release-1"),
+        work.path().join("release-2"),
+        work.path().join("site"),
+    );
+    std::fs::create_dir_all(&first).expect("mkdir");
+    std::fs::copy(&old, first.join(old.file_name().expect("name"))).expect("copy");
+    harness::repo::publish(&first, &site, &key);
+
+    let node = Node::boot(
+        "aptrepo",
+        Options {
+            kube_proxy: true,
+            from_package: true,
+            ..Options::default()
+        },
+    );
+    let server = harness::repo::Server::start(&node.net.node, &site);
+    let c = &node.c;
+    // Only this repository: the image's Debian mirror is not reachable from the node.
+    c.remove("/etc/apt/sources.list");
+    c.copy_in(&site.join("localdns.gpg"), "/etc/apt/keyrings/localdns.gpg");
+    c.write(
+        "/etc/apt/sources.list.d/localdns.list",
+        &format!(
+            "deb [signed-by=/etc/apt/keyrings/localdns.gpg] {}/apt stable main\n",
+            harness::repo::URL
+        ),
+    );
+    let update = apt_get(c, &["update"]);
+    assert!(update.status.success(), "{}", text(&update));
+    let install = apt_get(c, &["install", "localdns"]);
+    assert!(install.status.success(), "{}", text(&install));
+    println!("apt-get install localdns:\n{}", text(&install));
+    assert_eq!(
+        installed_version(c),
+        format!("{}-1", env!("CARGO_PKG_VERSION"))
+    );
+    assert_installed_and_serving(&node);
+    assert!(
+        server.requests().contains("GET /apt/pool/main/l/localdns/"),
+        "the package did not come from the HTTP server:\n{}",
+        server.requests()
+    );
+
+    // The next release, published beside the old one (the index names the newest).
+    std::fs::create_dir_all(&second).expect("mkdir");
+    std::fs::copy(&old, second.join(old.file_name().expect("name"))).expect("copy");
+    newer_package("deb", &second);
+    harness::repo::publish(&second, &site, &key);
+    let in_release = site.join("apt/dists/stable/InRelease");
+    let signed = std::fs::read_to_string(&in_release).expect("InRelease");
+    assert!(signed.contains("-----BEGIN PGP SIGNED MESSAGE-----"));
+
+    // Forged: one hash in the signed text changed, so the signature no longer matches.
+    let at = signed.find("SHA256:").expect("SHA256 section") + 9;
+    let mut forged = signed.clone().into_bytes();
+    forged[at] = if forged[at] == b'0' { b'1' } else { b'0' };
+    std::fs::write(&in_release, &forged).expect("forge");
+    let update = apt_get(c, &["update"]);
+    let said = text(&update);
+    println!("apt-get update with a forged InRelease:\n{said}");
+    // apt keeps the index it had and says why (a warning: the exit status is 0 when an
+    // older index exists, unless `--error-on=any`).
+    assert!(
+        said.contains("BADSIG") && said.contains("The repository is not updated"),
+        "apt-get update did not refuse a forged InRelease:\n{said}"
+    );
+    let failing = apt_get(c, &["--error-on=any", "update"]);
+    assert!(
+        !failing.status.success(),
+        "apt-get --error-on=any update passed a forged InRelease:\n{}",
+        text(&failing)
+    );
+    let policy = c.ok(&["apt-cache", "policy", "localdns"]);
+    assert!(
+        policy.contains(&format!("Candidate: {}-1", env!("CARGO_PKG_VERSION"))),
+        "the forged index was used:\n{policy}"
+    );
+    let upgrade = apt_get(c, &["upgrade"]);
+    assert!(upgrade.status.success(), "{}", text(&upgrade));
+    assert_eq!(
+        installed_version(c),
+        format!("{}-1", env!("CARGO_PKG_VERSION")),
+        "installed from a repository whose InRelease was forged"
+    );
+
+    // The real InRelease back: the upgrade, under load.
+    std::fs::write(&in_release, &signed).expect("restore");
+    let update = apt_get(c, &["update"]);
+    assert!(update.status.success(), "{}", text(&update));
+    let report = restarted_under_load(
+        &node,
+        "apt-get upgrade from the repository",
+        &[APT_GET, &["upgrade"]].concat(),
+    );
+    assert_eq!(installed_version(c), "99.0.0-1");
+    let slowest = report.total().slowest;
+    assert!(
+        slowest < Duration::from_millis(1000),
+        "slowest answer {slowest:?} during the upgrade:\n{report}"
+    );
+    node.assert_pod_answered();
+    println!(
+        "repository install, forged InRelease and upgrade took {:?}",
+        started.elapsed()
+    );
 }
 
 // ---------------------------------------------------------------- failing starts

@@ -7,6 +7,7 @@
 pub mod container;
 pub mod load;
 pub mod netns;
+pub mod repo;
 pub mod rootfs;
 
 use std::net::SocketAddr;

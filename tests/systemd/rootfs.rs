@@ -26,7 +26,8 @@ pub fn work_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("systemd-test")
 }
 
-fn check(cmd: &mut Command) {
+/// Run `cmd`; panic with its output unless it succeeds; its stdout.
+pub fn check(cmd: &mut Command) -> String {
     let out = cmd
         .output()
         .unwrap_or_else(|e| panic!("{:?}: {e}", cmd.get_program()));
@@ -37,6 +38,7 @@ fn check(cmd: &mut Command) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn build_tarball(tarball: &Path, packages: &str, prefix: &str) {
