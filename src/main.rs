@@ -104,7 +104,7 @@ fn status(args: &StatusArgs, source: &config::Source) -> ExitCode {
     let address = match args.address {
         Some(a) => Some(a),
         None => match localdns::state::load_for_status(source) {
-            Ok(cfg) => cfg.metrics.address,
+            Ok(cfg) => localdns::status::endpoint_of(&cfg.metrics.addresses),
             Err(e) => return config_error(e),
         },
     };

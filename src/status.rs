@@ -63,6 +63,25 @@ impl Status {
     }
 }
 
+/// The address to ask among `metrics.address`'s entries: the first plain one (a
+/// loopback one before any other), else the first an interface's addresses give.
+pub fn endpoint_of(entries: &[crate::config::HttpAddress]) -> Option<SocketAddr> {
+    let plain: Vec<SocketAddr> = entries.iter().filter_map(|e| e.socket()).collect();
+    plain
+        .iter()
+        .find(|a| a.ip().is_loopback())
+        .or(plain.first())
+        .copied()
+        .or_else(|| {
+            entries.iter().find_map(|e| {
+                crate::server::http::listen::resolve(e)
+                    .ok()?
+                    .first()
+                    .copied()
+            })
+        })
+}
+
 /// GET `/status` from the daemon at `addr`.
 pub fn ask(addr: SocketAddr) -> Result<Report, StatusError> {
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -1186,7 +1186,7 @@ fn effective(out: &std::process::Output) -> String {
 
 /// The packages ship packaging/config.toml as /etc/localdns/config.toml: the documented
 /// node example with the cluster upstream left empty to fill in and metrics served where
-/// Prometheus scrapes a node (all addresses, port 9253). It parses, and its merged result
+/// Prometheus scrapes a node (the default route's addresses, port 9253) and on loopback. It parses, and its merged result
 /// differs from config/example.toml's in those two keys only.
 #[test]
 fn shipped_config_is_the_example_without_a_cluster_upstream() {
@@ -1209,7 +1209,10 @@ fn shipped_config_is_the_example_without_a_cluster_upstream() {
         effective(&shipped),
         example
             .replace(cluster_upstream, "\nupstream = []\n")
-            .replace(loopback_metrics, "\naddress = \"0.0.0.0:9253\"\n")
+            .replace(
+                loopback_metrics,
+                "\naddress = [\"127.0.0.1:9253\", \"default-route:9253\"]\n"
+            )
     );
 }
 
@@ -1646,11 +1649,7 @@ fn answered_tcp(server: SocketAddr) -> Option<std::net::TcpStream> {
 
 /// [`answered_tcp`] from `source` (a loopback address: another client).
 fn answered_tcp_from(source: &str, server: SocketAddr) -> Option<std::net::TcpStream> {
-    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    let from: SocketAddr = format!("{source}:0").parse().unwrap();
-    s.bind(&from.into()).unwrap();
-    s.connect(&server.into()).expect("connect");
-    let mut c: std::net::TcpStream = s.into();
+    let mut c = connect_from(source, server);
     c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let _ = std::io::Write::write_all(&mut c, &client::tcp_frame(&query("www.example.com", A)));
     client::tcp_read(&mut c).ok().map(|_| c)
@@ -2588,6 +2587,154 @@ fn the_http_endpoint_survives_slow_and_malformed_clients() {
         sleep(Duration::from_millis(50));
     }
     assert_eq!(metrics::http_get(d.metrics, "/nope").unwrap().0, 404);
+}
+
+/// A TCP connection to `to` from the loopback address `source` (another client), read
+/// with a 15 s timeout.
+fn connect_from(source: &str, to: SocketAddr) -> std::net::TcpStream {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let from: SocketAddr = format!("{source}:0").parse().unwrap();
+    s.bind(&from.into()).unwrap();
+    s.connect(&to.into()).expect("connect");
+    let c: std::net::TcpStream = s.into();
+    c.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    c
+}
+
+/// (status, body) of `GET path` from the loopback address `source`, and how long it took.
+fn http_get_from(source: &str, to: SocketAddr, path: &str) -> (u16, String, Duration) {
+    let t = Instant::now();
+    let (code, body) = metrics::http_get_over(connect_from(source, to), to, path).unwrap();
+    (code, body, t.elapsed())
+}
+
+/// A read that ended because the server closed the connection (not our read timeout).
+fn closed_by_server(read: &std::io::Result<usize>) -> bool {
+    match read {
+        Ok(n) => *n == 0,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    }
+}
+
+/// Waits (at most 10 s) until a scrape from `source` satisfies `done`; returns it.
+fn scrape_until(
+    source: &str,
+    to: SocketAddr,
+    done: impl Fn(&metrics::Metrics) -> bool,
+) -> metrics::Metrics {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (code, body, _) = http_get_from(source, to, "/metrics");
+        assert_eq!(code, 200, "{body}");
+        let m = metrics::parse(&body);
+        if done(&m) {
+            return m;
+        }
+        assert!(Instant::now() < deadline, "never reached:\n{body}");
+        sleep(Duration::from_millis(20));
+    }
+}
+
+/// Issue 19 item 3: one client opening 20 idle connections holds 8 of them (the other 12
+/// are closed at accept and counted), and meanwhile `/ready` and `/metrics` answer another
+/// client at once; the held ones are closed by the header timeout, as is one that sent
+/// half a request line.
+#[test]
+fn one_http_client_holds_at_most_its_cap_and_others_are_answered() {
+    use std::io::{Read, Write};
+    let up = example_upstream();
+    let mut cfg = Config::to(up.addr);
+    cfg.extra = "header_timeout = \"3s\"\n".into();
+    let d = Daemon::start(&cfg);
+    let refused = |m: &metrics::Metrics, reason| {
+        m.get("localdns_http_refused_total", &[("reason", reason)])
+            .unwrap_or(-1.0)
+    };
+    let opened = Instant::now();
+    let idle: Vec<_> = (0..20)
+        .map(|_| connect_from("127.0.0.2", d.metrics))
+        .collect();
+    let mut half = connect_from("127.0.0.4", d.metrics);
+    half.write_all(b"GET /metr").unwrap();
+    for path in ["/ready", "/metrics", "/health"] {
+        let (code, body, took) = http_get_from("127.0.0.3", d.metrics, path);
+        assert_eq!(code, 200, "{path}: {body}");
+        assert!(took < Duration::from_secs(2), "{path} took {took:?}");
+        eprintln!("{path} from another client while 20 idle connections were open: {took:?}");
+    }
+    // 8 idle, the half request, and this scrape (the earlier requests' slots are given
+    // back as their tasks end, just after the answer).
+    let m = scrape_until("127.0.0.3", d.metrics, |m| {
+        refused(m, "per_client") == 12.0
+            && m.get("localdns_http_connections", &[("pool", "general")]) == Some(10.0)
+    });
+    assert_eq!(refused(&m, "full"), 0.0);
+    assert!(
+        opened.elapsed() < Duration::from_secs(3),
+        "too slow to check before the timeout"
+    );
+    // Every idle connection ends: 12 at once, 8 (and the half request) by the timeout.
+    for mut c in idle.into_iter().chain([half]) {
+        let mut buf = Vec::new();
+        let n = c.read_to_end(&mut buf);
+        assert!(closed_by_server(&n), "{n:?} {buf:?}");
+    }
+    let closed = opened.elapsed();
+    assert!(closed < Duration::from_secs(10), "{closed:?}");
+    let m = scrape_until("127.0.0.3", d.metrics, |m| {
+        m.get("localdns_http_header_timeouts_total", &[]) == Some(9.0)
+    });
+    assert_eq!(
+        m.get("localdns_http_connections", &[("pool", "general")]),
+        Some(1.0)
+    );
+    eprintln!("the 9 connections without a whole request were closed {closed:?} after opening");
+}
+
+/// Issue 19 item 3: with every general slot held by other clients (8 addresses x 8), a
+/// ninth client is refused, and the node itself (source = the address it connects to)
+/// still gets `/ready` and `/metrics` from the reserve.
+#[test]
+fn the_node_itself_is_answered_while_other_clients_hold_every_slot() {
+    let up = example_upstream();
+    let mut cfg = Config::to(up.addr);
+    // Long enough that the idle connections stay for the whole test.
+    cfg.extra = "header_timeout = \"60s\"\n".into();
+    let d = Daemon::start(&cfg);
+    let mut idle = Vec::new();
+    for client in 2..=9 {
+        for _ in 0..8 {
+            idle.push(connect_from(&format!("127.0.0.{client}"), d.metrics));
+        }
+    }
+    let m = scrape_until("127.0.0.1", d.metrics, |m| {
+        m.get("localdns_http_connections", &[("pool", "reserve")]) == Some(1.0)
+    });
+    assert_eq!(
+        m.get("localdns_http_connections", &[("pool", "general")]),
+        Some(64.0)
+    );
+    // A ninth client: closed at accept, counted as full.
+    let mut late = connect_from("127.0.0.10", d.metrics);
+    let mut buf = Vec::new();
+    let n = std::io::Read::read_to_end(&mut late, &mut buf);
+    assert!(closed_by_server(&n), "{n:?} {buf:?}");
+    for path in ["/ready", "/health", "/metrics"] {
+        let (code, body, took) = http_get_from("127.0.0.1", d.metrics, path);
+        assert_eq!(code, 200, "{path}: {body}");
+        assert!(took < Duration::from_secs(2), "{path} took {took:?}");
+        eprintln!("{path} from the node itself with 64 slots held by others: {took:?}");
+    }
+    let m = scrape_until("127.0.0.1", d.metrics, |_| true);
+    assert_eq!(
+        m.get("localdns_http_refused_total", &[("reason", "full")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        m.get("localdns_http_refused_total", &[("reason", "per_client")]),
+        Some(0.0)
+    );
+    drop(idle);
 }
 
 /// Every metric the shipped dashboard and alert rules query appears in a real scrape, and

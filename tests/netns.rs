@@ -1062,3 +1062,87 @@ fn an_agent_that_keeps_undoing_the_order_is_backed_off_from() {
         moved_after - moved
     );
 }
+
+/// Issue 19 item 4: with INPUT policy DROP (established traffic and loopback allowed, as a
+/// hardened host has it), pod DNS to localdns's addresses gets through localdns's ACCEPT,
+/// and nothing else is opened: a UDP service on port 54 of the same address, and port 53
+/// of the node's own address, stay dropped. The ACCEPT rules name only our addresses and
+/// port 53.
+fn drop_policy_opens_only_dns_to_our_addresses(backend: &'static str) {
+    let t = Topology::new(backend);
+    let dir = tempfile::tempdir().unwrap();
+    // The native nftables backend puts its ACCEPT rules in the dropping iptables-nft table.
+    let tool = if backend == "nftables" {
+        "nft"
+    } else {
+        backend
+    };
+    t.node.sh(&format!(
+        "iptables-{tool} -A INPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
+         iptables-{tool} -A INPUT -i lo -j ACCEPT
+         iptables-{tool} -P INPUT DROP"
+    ));
+    let cfg = config(dir.path(), "auto");
+    let _d = Daemon::start(&t.node, &cfg, dir.path());
+    let v4 = save_normalised(&t.node, &format!("iptables-{tool}-save"));
+    let accepts: Vec<&str> = v4
+        .lines()
+        .filter(|l| l.starts_with("-A LOCALDNS-INPUT"))
+        .collect();
+    assert_eq!(accepts.len(), 4, "{v4}");
+    for r in &accepts {
+        assert!(r.contains("--dport 53 ") && r.ends_with("-j ACCEPT"), "{r}");
+        assert!(
+            r.contains("-d 169.254.20.10/32") || r.contains("-d 10.96.0.10/32"),
+            "{r}"
+        );
+    }
+    for server in ["169.254.20.10:53", "10.96.0.10:53"] {
+        let udp = t.pod.enter(move || udp_batch(sa(server), 20));
+        assert_eq!(udp.localdns, 20, "{server} udp: {udp:?}");
+        let tcp = t.pod.enter(move || tcp_batch(sa(server), 10, 5));
+        assert_eq!(tcp.localdns, 10, "{server} tcp: {tcp:?}");
+    }
+    // A service on port 54 of our address, and on 53 of the node's own address.
+    for target in ["169.254.20.10:54", "10.244.0.1:53"] {
+        let sock = t.node.enter(move || {
+            let s = std::net::UdpSocket::bind(target).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+            s
+        });
+        t.pod.enter(move || {
+            let c = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            for _ in 0..3 {
+                c.send_to(b"hello", sa(target)).unwrap();
+            }
+        });
+        let mut buf = [0u8; 16];
+        let got = sock.recv_from(&mut buf);
+        assert!(got.is_err(), "{target} was reached from the pod: {got:?}");
+        // The same from the node itself (loopback is allowed): the socket works.
+        t.node.enter(move || {
+            let c = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            c.send_to(b"hello", sa(target)).unwrap();
+        });
+        assert!(sock.recv_from(&mut buf).is_ok(), "{target} from the node");
+    }
+    eprintln!("{backend}: DROP policy: pod DNS 20/20 UDP, 10/10 TCP per address; port 54 and the node's own :53 stay dropped");
+}
+
+#[test]
+fn drop_policy_opens_only_dns_to_our_addresses_with_iptables_nft() {
+    require_netns!();
+    drop_policy_opens_only_dns_to_our_addresses("nft");
+}
+
+#[test]
+fn drop_policy_opens_only_dns_to_our_addresses_with_iptables_legacy() {
+    require_netns!();
+    drop_policy_opens_only_dns_to_our_addresses("legacy");
+}
+
+#[test]
+fn drop_policy_opens_only_dns_to_our_addresses_with_nftables() {
+    require_netns!();
+    drop_policy_opens_only_dns_to_our_addresses("nftables");
+}

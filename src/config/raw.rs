@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde::de::Error as _;
 use serde::{Deserialize, Deserializer};
 
-use super::types::{Firewall, IptablesBackend, Protocol, QueryLog};
+use super::types::{Firewall, HttpAddress, IptablesBackend, Protocol, QueryLog};
 use super::value;
 
 /// A whole document. Field names are the TOML table names.
@@ -306,14 +306,22 @@ impl Default for RawNetwork {
 #[derive(Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawMetrics {
-    /// `IP:port` of the HTTP endpoint; `""` disables it.
+    /// Where the HTTP endpoint listens: one entry or a list of them (`IP:port`,
+    /// `INTERFACE:port`, `default-route:port`); `""` or `[]` disables it.
     pub address: MetricsAddress,
+    /// A connection that has not sent a whole request head within this is closed.
+    #[serde(deserialize_with = "positive")]
+    pub header_timeout: Dur,
 }
 
 impl Default for RawMetrics {
     fn default() -> Self {
         Self {
-            address: MetricsAddress(Some(SocketAddr::from(([127, 0, 0, 1], 9253)))),
+            address: MetricsAddress(vec![HttpAddress::Socket(SocketAddr::from((
+                [127, 0, 0, 1],
+                9253,
+            )))]),
+            header_timeout: Dur(Duration::from_secs(2)),
         }
     }
 }
@@ -347,9 +355,47 @@ pub struct Dur(pub Duration);
 /// A valid Linux interface name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IfName(pub String);
-/// The metrics address; `None` when disabled with `""`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MetricsAddress(pub Option<SocketAddr>);
+/// The metrics addresses: a string or a list of strings; empty when disabled with `""`
+/// or `[]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsAddress(pub Vec<HttpAddress>);
+
+impl<'de> Deserialize<'de> for MetricsAddress {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = MetricsAddress;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an address string or a list of them")
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<MetricsAddress, E> {
+                if text.is_empty() {
+                    return Ok(MetricsAddress(Vec::new()));
+                }
+                value::http_address(text)
+                    .map(|a| MetricsAddress(vec![a]))
+                    .map_err(E::custom)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<MetricsAddress, A::Error> {
+                let mut out: Vec<HttpAddress> = Vec::new();
+                while let Some(text) = seq.next_element::<String>()? {
+                    let a = value::http_address(&text).map_err(A::Error::custom)?;
+                    if out.contains(&a) {
+                        return Err(A::Error::custom(format!(
+                            "metrics address {text:?} is listed twice"
+                        )));
+                    }
+                    out.push(a);
+                }
+                Ok(MetricsAddress(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
 
 from_str! {
     Ip(IpAddr) = value::ip;
@@ -357,16 +403,6 @@ from_str! {
     Server(SocketAddr) = value::server;
     Dur(Duration) = value::duration;
     IfName(String) = value::interface;
-    MetricsAddress(Option<SocketAddr>) = metrics_address;
-}
-
-fn metrics_address(text: &str) -> Result<Option<SocketAddr>, String> {
-    if text.is_empty() {
-        return Ok(None);
-    }
-    text.parse().map(Some).map_err(|_| {
-        format!("invalid metrics address {text:?}: expected \"IP:port\", \"[IPv6]:port\" or \"\" to disable")
-    })
 }
 
 /// `upstream.resolv_conf`: `"auto"` or an absolute path.

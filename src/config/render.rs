@@ -132,8 +132,18 @@ pub fn render(c: &Config) -> String {
     );
 
     section(&mut out, "metrics");
-    let metrics = c.metrics.address.map(|a| a.to_string()).unwrap_or_default();
-    line(&mut out, "address", string(&metrics));
+    // One entry (or none) as a string, the form every earlier version wrote and read.
+    let metrics: Vec<String> = c.metrics.addresses.iter().map(|a| a.to_string()).collect();
+    match metrics.as_slice() {
+        [] => line(&mut out, "address", string("")),
+        [one] => line(&mut out, "address", string(one)),
+        many => line(&mut out, "address", list(many)),
+    }
+    line(
+        &mut out,
+        "header_timeout",
+        duration(c.metrics.header_timeout),
+    );
 
     section(&mut out, "log");
     let queries = match c.log.queries {

@@ -458,7 +458,8 @@ fn defaults_are_the_documented_schema() {
             fallback_address: std::net::Ipv4Addr::new(169, 254, 20, 11),
         },
         metrics: Metrics {
-            address: Some(sa("127.0.0.1:9253")),
+            addresses: vec![HttpAddress::Socket(sa("127.0.0.1:9253"))],
+            header_timeout: Duration::from_secs(2),
         },
         log: Log {
             queries: QueryLog::Off,
@@ -481,7 +482,52 @@ fn names_are_normalised() {
     let c = load_ok(&[("a.toml", "[cluster]\ndomain = \"Cluster.Local.\"\nreverse_zones = [\"10.IN-ADDR.ARPA.\"]\n[metrics]\naddress = \"\"\n")]);
     assert_eq!(c.cluster.domain, "cluster.local");
     assert_eq!(c.cluster.reverse_zones, ["10.in-addr.arpa"]);
-    assert_eq!(c.metrics.address, None);
+    assert!(c.metrics.addresses.is_empty());
+}
+
+#[test]
+fn metrics_address_is_one_entry_or_a_list() {
+    let c = load_ok(&[(
+        "a.toml",
+        "[metrics]\naddress = [\"127.0.0.1:9253\", \"default-route:9253\", \"ens5:9300\"]\nheader_timeout = \"500ms\"\n",
+    )]);
+    assert_eq!(
+        c.metrics.addresses,
+        [
+            HttpAddress::Socket(sa("127.0.0.1:9253")),
+            HttpAddress::DefaultRoute { port: 9253 },
+            HttpAddress::Interface {
+                name: "ens5".into(),
+                port: 9300
+            },
+        ]
+    );
+    assert_eq!(c.metrics.header_timeout, Duration::from_millis(500));
+    let c = load_ok(&[("a.toml", "[metrics]\naddress = []\n")]);
+    assert!(c.metrics.addresses.is_empty());
+    for (text, why) in [
+        (
+            "[metrics]\naddress = [\"ens5:9253\", \"ens5:9253\"]\n",
+            "listed twice",
+        ),
+        (
+            "[metrics]\naddress = [\"127.0.0.1\"]\n",
+            "invalid metrics address \"127.0.0.1\"",
+        ),
+        (
+            "[metrics]\naddress = 9253\n",
+            "an address string or a list of them",
+        ),
+        ("[metrics]\nheader_timeout = \"0s\"\n", ""),
+    ] {
+        let (msg, _, line, key) = load_err(&[("a.toml", text)]);
+        assert!(msg.contains(why), "{text}: {msg}");
+        assert!(
+            key.as_deref().is_some_and(|k| k.starts_with("metrics.")),
+            "{text}: {key:?}"
+        );
+        assert_eq!(line, Some(2), "{text}");
+    }
 }
 
 #[test]
@@ -495,7 +541,10 @@ fn embedded_default_loads() {
     assert_eq!(c.listen.port, 5353);
     assert_eq!(c.upstream.servers, [sa("192.0.2.1:53")]);
     assert!(!c.network.setup_interface && !c.network.setup_rules);
-    assert_eq!(c.metrics.address, Some(sa("127.0.0.1:9253")));
+    assert_eq!(
+        c.metrics.addresses,
+        [HttpAddress::Socket(sa("127.0.0.1:9253"))]
+    );
     assert!(c.sources.is_empty());
 }
 
@@ -701,7 +750,8 @@ prefetch = false
 interface = \"dns0\"
 setup_rules = false
 [metrics]
-address = \"\"
+address = [\"127.0.0.1:9253\", \"default-route:9253\"]
+header_timeout = \"5s\"
 [log]
 queries = \"errors\"
 ";

@@ -233,6 +233,47 @@ pub struct Log {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Metrics {
-    /// Address of the HTTP endpoint (/metrics, /health); None disables it.
-    pub address: Option<SocketAddr>,
+    /// Where the HTTP endpoint (/metrics, /health, /ready, /status) listens; empty
+    /// disables it.
+    pub addresses: Vec<HttpAddress>,
+    /// A connection that has not sent a whole request head within this is closed.
+    pub header_timeout: Duration,
+}
+
+/// The name a `metrics.address` entry uses for the default route's interfaces.
+pub const DEFAULT_ROUTE: &str = "default-route";
+
+/// One entry of `metrics.address`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HttpAddress {
+    Socket(SocketAddr),
+    /// Every address of the interface (IPv6 link-local ones left out), read when binding.
+    Interface {
+        name: String,
+        port: u16,
+    },
+    /// The addresses of the interfaces holding the IPv4 and IPv6 default routes.
+    DefaultRoute {
+        port: u16,
+    },
+}
+
+impl HttpAddress {
+    /// The address when it is one already (not an interface's, read at bind time).
+    pub fn socket(&self) -> Option<SocketAddr> {
+        match self {
+            HttpAddress::Socket(a) => Some(*a),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for HttpAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HttpAddress::Socket(a) => write!(f, "{a}"),
+            HttpAddress::Interface { name, port } => write!(f, "{name}:{port}"),
+            HttpAddress::DefaultRoute { port } => write!(f, "{DEFAULT_ROUTE}:{port}"),
+        }
+    }
 }

@@ -200,7 +200,8 @@ pub fn validate(
             fallback_address: raw.network.fallback_address,
         },
         metrics: Metrics {
-            address: raw.metrics.address.0,
+            addresses: raw.metrics.address.0,
+            header_timeout: raw.metrics.header_timeout.0,
         },
         log: Log {
             queries: raw.log.queries,

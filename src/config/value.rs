@@ -8,6 +8,8 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use super::types::{HttpAddress, DEFAULT_ROUTE};
+
 /// The port used when a server address does not name one.
 pub const DNS_PORT: u16 = 53;
 
@@ -101,6 +103,40 @@ pub fn server(text: &str) -> Result<SocketAddr, String> {
     Ok(addr)
 }
 
+/// Parses one entry of `metrics.address`: `IP:port`, `[IPv6]:port`, `INTERFACE:port`
+/// (every address that interface has when the endpoint binds) or `default-route:port`
+/// (the addresses of the interfaces that hold the default routes: the node's primary
+/// interface, the one kubelet takes its node IP from).
+pub fn http_address(text: &str) -> Result<HttpAddress, String> {
+    let expected =
+        "expected \"IP:port\", \"[IPv6]:port\", \"INTERFACE:port\" or \"default-route:port\"";
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        if addr.port() == 0 {
+            return Err(format!("invalid metrics address {text:?}: port 0"));
+        }
+        return Ok(HttpAddress::Socket(addr));
+    }
+    let Some((name, port)) = text.rsplit_once(':') else {
+        return Err(format!("invalid metrics address {text:?}: {expected}"));
+    };
+    let port = match port.parse::<u16>() {
+        Ok(p) if p > 0 => p,
+        _ => {
+            return Err(format!(
+                "invalid metrics address {text:?}: bad port {port:?}; {expected}"
+            ))
+        }
+    };
+    if name.parse::<IpAddr>().is_ok() || name.starts_with('[') || name.contains(':') {
+        return Err(format!("invalid metrics address {text:?}: {expected}"));
+    }
+    if name == DEFAULT_ROUTE {
+        return Ok(HttpAddress::DefaultRoute { port });
+    }
+    let name = interface(name).map_err(|e| format!("invalid metrics address {text:?}: {e}"))?;
+    Ok(HttpAddress::Interface { name, port })
+}
+
 /// Parses a humantime duration such as `500ms`, `5s` or `1h`.
 pub fn duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text).map_err(|e| format!("invalid duration {text:?}: {e}"))
@@ -171,6 +207,51 @@ mod tests {
             "host:53",
         ] {
             assert!(server(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn metrics_addresses() {
+        let sock = |s: &str| HttpAddress::Socket(s.parse().unwrap());
+        assert_eq!(
+            http_address("127.0.0.1:9253").unwrap(),
+            sock("127.0.0.1:9253")
+        );
+        assert_eq!(
+            http_address("[fd00::1]:9253").unwrap(),
+            sock("[fd00::1]:9253")
+        );
+        assert_eq!(
+            http_address("ens5:9253").unwrap(),
+            HttpAddress::Interface {
+                name: "ens5".into(),
+                port: 9253
+            }
+        );
+        assert_eq!(
+            http_address("default-route:9253").unwrap(),
+            HttpAddress::DefaultRoute { port: 9253 }
+        );
+        for (bad, why) in [
+            ("127.0.0.1", "expected"),
+            ("127.0.0.1:0", "port 0"),
+            ("ens5:0", "bad port"),
+            ("ens5", "expected"),
+            ("fd00::1:9253", "expected"),
+            ("a/b:9253", "may not contain"),
+            ("sixteen-chars-xx:9253", "longer than 15"),
+            (":9253", "empty"),
+        ] {
+            let e = http_address(bad).unwrap_err();
+            assert!(e.contains(why) && e.contains(bad), "{bad:?}: {e}");
+        }
+        for a in [
+            "127.0.0.1:9253",
+            "[fd00::1]:9253",
+            "ens5:9253",
+            "default-route:9253",
+        ] {
+            assert_eq!(http_address(a).unwrap().to_string(), a);
         }
     }
 

@@ -48,6 +48,8 @@ pub struct Scrape {
     pub upstreams: Vec<UpstreamValue>,
     pub ready: bool,
     pub healthy: bool,
+    /// HTTP connections held now: general pool, reserve.
+    pub http_held: [u64; 2],
     pub version: String,
     pub revision: String,
 }
@@ -437,6 +439,7 @@ impl Scrape {
             ("localdns_cache_refused", "Answers bigger than cache.max_answer_bytes: served to the client that asked, not stored.", self.cache_refused),
             ("localdns_send_errors", "Answers that could not be sent.", l(&m.send_errors)),
             ("localdns_http_bind_failures", "Failed binds of this endpoint's address since the start (another program held it; DNS was served meanwhile).", l(&m.http_bind_failures)),
+            ("localdns_http_header_timeouts", "HTTP connections closed because no whole request head came within metrics.header_timeout.", l(&m.http_header_timeouts)),
         ];
         for &(name, help, v) in plain {
             o.counter(name, help, &[(vec![], v)])?;
@@ -455,6 +458,22 @@ impl Scrape {
             &[
                 (labels(&[("reason", "max_connections")]), l(&m.tcp_refused)),
                 (labels(&[("reason", "per_client")]), l(&m.tcp_refused_per_client)),
+            ],
+        )?;
+        o.counter(
+            "localdns_http_refused",
+            "HTTP connections closed at accept: every slot they may use was held (full), or their client address held its 8 (per_client).",
+            &[
+                (labels(&[("reason", "full")]), l(&m.http_refused_full)),
+                (labels(&[("reason", "per_client")]), l(&m.http_refused_per_client)),
+            ],
+        )?;
+        o.gauge(
+            "localdns_http_connections",
+            "HTTP connections held now, by pool: general (any client), reserve (the node itself, once general is full).",
+            &[
+                (labels(&[("pool", "general")]), self.http_held[0] as f64),
+                (labels(&[("pool", "reserve")]), self.http_held[1] as f64),
             ],
         )?;
         o.counter(
@@ -582,6 +601,7 @@ mod tests {
             }],
             ready: true,
             healthy: true,
+            http_held: [3, 1],
             version: "0.1.0".into(),
             revision: "abc".into(),
         });
@@ -597,6 +617,8 @@ mod tests {
             "localdns_answers_total{rcode=\"NXDOMAIN\"} 1\n",
             "localdns_cache_bytes 4096.0\n",
             "localdns_tcp_refused_total{reason=\"per_client\"} 0\n",
+            "localdns_http_refused_total{reason=\"full\"} 0\n",
+            "localdns_http_connections{pool=\"reserve\"} 1.0\n",
             "# EOF\n",
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");

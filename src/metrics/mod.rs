@@ -152,6 +152,13 @@ pub struct Metrics {
     pub repairs_order: AtomicU64,
     /// Failed binds of the HTTP endpoint's address (another program holds it).
     pub http_bind_failures: AtomicU64,
+    /// HTTP connections closed at accept: every slot they may use held / their client
+    /// address at its bound (see `server::http::slots`).
+    pub http_refused_full: AtomicU64,
+    pub http_refused_per_client: AtomicU64,
+    /// HTTP connections closed because no whole request head came within
+    /// `metrics.header_timeout`.
+    pub http_header_timeouts: AtomicU64,
     /// Answers in the last cache snapshot written, and when (seconds since the epoch).
     pub snapshot_entries: AtomicU64,
     pub snapshot_time: AtomicU64,
@@ -202,6 +209,9 @@ impl Default for Metrics {
             repairs_rules: AtomicU64::new(0),
             repairs_order: AtomicU64::new(0),
             http_bind_failures: AtomicU64::new(0),
+            http_refused_full: AtomicU64::new(0),
+            http_refused_per_client: AtomicU64::new(0),
+            http_header_timeouts: AtomicU64::new(0),
             snapshot_entries: AtomicU64::new(0),
             snapshot_time: AtomicU64::new(0),
             snapshot_restored: AtomicU64::new(0),

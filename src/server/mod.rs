@@ -157,7 +157,8 @@ pub struct Server {
     resolver: Arc<Resolver>,
     udp: Vec<(String, Arc<std::net::UdpSocket>)>,
     tcp: Vec<(String, std::net::TcpListener)>,
-    http: Option<http::Endpoint>,
+    /// One per `metrics.address` entry.
+    http: Vec<http::Endpoint>,
     /// The cache snapshot kept across restarts (under systemd only).
     snapshot: Option<Arc<crate::snapshot::Keeper>>,
     /// The refusal of the config on disk when this one is the last good config instead.
@@ -175,9 +176,6 @@ pub enum Ending {
     /// what it has in flight, and leaves the snapshot and the fd store to it.
     HandedOver,
 }
-
-/// The name the HTTP listener is handed over under.
-const HTTP_FD: &str = "http";
 
 /// What a hand-over gives the new process: the listeners (duplicates of the same sockets),
 /// and the cache, written to the snapshot memfd first.
@@ -373,23 +371,28 @@ impl Server {
         // The HTTP endpoint is not DNS: a port held by another program (node-local-dns
         // uses 9253 too, during every migration from it) must not stop the node's DNS. The
         // bind is retried while serving (see `http::serve_when_bound`).
-        let handed_http = kept
-            .take(HTTP_FD)
-            .map(std::net::TcpListener::from)
-            .filter(|l| l.local_addr().ok() == config.metrics.address);
-        let http = config.metrics.address.map(|addr| {
-            match handed_http.map_or_else(|| http::bind(addr), Ok) {
+        // After a hand-over, the old process's listeners (the same sockets) are taken.
+        let mut handed_http = |a: SocketAddr| {
+            kept.take(&socket_name("http", a, None))
+                .map(std::net::TcpListener::from)
+                .filter(|l| l.local_addr().ok() == Some(a))
+        };
+        let http = config
+            .metrics
+            .addresses
+            .iter()
+            .map(|entry| match http::bind_entry(entry, &mut handed_http) {
                 Ok(l) => http::Endpoint::Bound(l),
                 Err(e) => {
                     tracing::error!(
-                    "cannot listen on {addr} for /metrics, /health and /ready: {e}; serving DNS \
-                     without them and trying again"
-                );
+                        "cannot listen on {entry} for /metrics, /health and /ready: {e}; \
+                         serving DNS without them and trying again"
+                    );
                     inc(&resolver.metrics.http_bind_failures);
-                    http::Endpoint::Retry(addr, e.to_string())
+                    http::Endpoint::Retry(entry.clone(), e)
                 }
-            }
-        });
+            })
+            .collect();
         Ok(Server {
             config,
             resolver,
@@ -425,8 +428,13 @@ impl Server {
         for (name, l) in &self.tcp {
             fds.push((name.clone(), l.as_fd().try_clone_to_owned()?));
         }
-        if let Some(http::Endpoint::Bound(l)) = &self.http {
-            fds.push((HTTP_FD.to_string(), l.as_fd().try_clone_to_owned()?));
+        for endpoint in &self.http {
+            if let http::Endpoint::Bound(listeners) = endpoint {
+                for l in listeners {
+                    let name = socket_name("http", l.local_addr()?, None);
+                    fds.push((name, l.as_fd().try_clone_to_owned()?));
+                }
+            }
         }
         if let Some(keeper) = &self.snapshot {
             let name = crate::snapshot::FD_NAME.to_string();
@@ -502,24 +510,29 @@ impl Server {
             .store(self.refused_at_start.is_some(), Ordering::Relaxed);
         *reloads.sources.lock() = self.config.sources.clone();
         let endpoint = Arc::new(http::EndpointState::default());
-        if let Some(http) = self.http {
+        if !self.http.is_empty() {
             let ctx = Arc::new(http::Context {
                 resolver: Arc::clone(&self.resolver),
                 reloads: Arc::clone(&reloads),
                 listen: addrs.clone(),
                 workers: workers.clone(),
                 endpoint: Arc::clone(&endpoint),
+                slots: http::slots::Slots::new(http::slots::LIMITS),
+                header_timeout: self.config.metrics.header_timeout,
             });
-            match http {
-                http::Endpoint::Bound(listener) => {
-                    tasks.spawn(http::serve(
-                        tokio::net::TcpListener::from_std(listener)?,
-                        ctx,
-                    ));
-                }
-                http::Endpoint::Retry(addr, error) => {
-                    *endpoint.not_listening.lock() = Some(format!("{addr}: {error}"));
-                    tasks.spawn(http::serve_when_bound(addr, ctx));
+            for http in self.http {
+                match http {
+                    http::Endpoint::Bound(listeners) => {
+                        let listeners = listeners
+                            .into_iter()
+                            .map(tokio::net::TcpListener::from_std)
+                            .collect::<std::io::Result<Vec<_>>>()?;
+                        tasks.spawn(http::serve_all(listeners, Arc::clone(&ctx)));
+                    }
+                    http::Endpoint::Retry(entry, error) => {
+                        endpoint.failing(&entry, error);
+                        tasks.spawn(http::serve_when_bound(entry, Arc::clone(&ctx)));
+                    }
                 }
             }
         }
@@ -690,7 +703,7 @@ fn status_line(
         line.push_str(&format!("; RESTART REQUIRED for {}", pending.join("; ")));
     }
     drop(pending);
-    if let Some(err) = endpoint.not_listening.lock().as_deref() {
+    if let Some(err) = endpoint.not_listening() {
         line.push_str(&format!("; NO METRICS/HEALTH ENDPOINT (retrying) {err}"));
     }
     line

@@ -42,8 +42,11 @@ pub async fn check(running: &Config, file: &Config) -> Result<(), String> {
             Ok(()) => free(at, true).map_err(|e| format!("listen: {at}: {e}"))?,
         }
     }
-    if let Some(at) = file.metrics.address {
-        if running.metrics.address != Some(at) {
+    for entry in &file.metrics.addresses {
+        // An interface's addresses are read at the start; only a plain address can be
+        // tried here.
+        let Some(at) = entry.socket() else { continue };
+        if !running.metrics.addresses.contains(entry) {
             free(at, false).map_err(|e| format!("metrics.address = \"{at}\": {e}"))?;
         }
     }

@@ -8,8 +8,17 @@ use std::time::Duration;
 
 /// (status code, body) of `GET path`.
 pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    http_get_over(s, addr, path)
+}
+
+/// (status code, body) of `GET path` over a connection already made to `addr`.
+pub fn http_get_over(
+    mut s: TcpStream,
+    addr: SocketAddr,
+    path: &str,
+) -> std::io::Result<(u16, String)> {
     write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;

@@ -1,13 +1,18 @@
 //! The HTTP endpoint: `/metrics` (Prometheus), `/health`, `/ready` and `/status` (the JSON
 //! report `localdns status` prints), served by hyper.
 //!
-//! DNS must not notice it: at most [`MAX_CONNECTIONS`] connections at once (more are
-//! closed at accept), a request head must arrive within [`HEADER_TIMEOUT`] and a whole
-//! connection ends after [`CONNECTION_LIMIT`], so slow or malformed clients only ever hold
-//! a few small tasks. The work behind a request is reading counters; the one blocking
-//! check (the firewall rules, for `/ready`) runs off the async threads and is cached
-//! briefly ([`crate::health::RULES_CHECK_CACHE`]).
+//! DNS must not notice it, and no client may starve the probes: a connection needs a slot
+//! ([`slots`]: a general pool bounded per client address, and a reserve only the node
+//! itself may use), a request head must arrive within `metrics.header_timeout`, and a
+//! whole connection ends after [`CONNECTION_LIMIT`], so slow or malformed clients only
+//! ever hold a few small tasks, for seconds. The work behind a request is reading
+//! counters; the one blocking check (the firewall rules, for `/ready`) runs off the async
+//! threads and is cached briefly ([`crate::health::RULES_CHECK_CACHE`]).
 
+pub mod listen;
+pub mod slots;
+
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
@@ -23,12 +28,11 @@ use tokio::net::TcpListener;
 
 use super::resolve::Resolver;
 use super::{reload::ReloadState, stuck_loops, HEARTBEAT_STALE_MS};
+use crate::config::HttpAddress;
 use crate::health::{self, ReadyInputs, Report};
 use crate::metrics::expose::{self, Scrape, UpstreamValue};
 use crate::metrics::Stats;
 
-pub const MAX_CONNECTIONS: usize = 16;
-pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 pub const CONNECTION_LIMIT: Duration = Duration::from_secs(30);
 
 /// What the endpoint reads.
@@ -40,21 +44,41 @@ pub struct Context {
     /// The UDP receive loops' statistics blocks (their heartbeats).
     pub workers: Vec<Arc<Stats>>,
     pub endpoint: Arc<EndpointState>,
+    /// The connection slots of all the endpoint's listeners.
+    pub slots: Arc<slots::Slots>,
+    /// A connection that has not sent a whole request head within this is closed.
+    pub header_timeout: Duration,
 }
 
-/// The endpoint's listener at start: bound, or not (the address and why), to be retried.
+/// One `metrics.address` entry's listeners at start: bound, or not (why), to be retried.
 pub enum Endpoint {
-    Bound(std::net::TcpListener),
-    Retry(SocketAddr, String),
+    Bound(Vec<std::net::TcpListener>),
+    Retry(HttpAddress, String),
 }
 
 /// Whether the endpoint listens, for STATUS= and `/status`.
 #[derive(Default)]
 pub struct EndpointState {
-    /// Why it does not listen yet (`ADDR: error`), while the bind is retried.
-    pub not_listening: Mutex<Option<String>>,
+    /// Why an entry does not listen yet (entry → `ADDR: error`), while its bind is retried.
+    not_listening: Mutex<BTreeMap<String, String>>,
     /// How long it went without listening after the start, once it does (seconds).
     pub late_by: Mutex<Option<u64>>,
+}
+
+impl EndpointState {
+    pub fn failing(&self, entry: &HttpAddress, why: String) {
+        self.not_listening.lock().insert(entry.to_string(), why);
+    }
+
+    fn listening(&self, entry: &HttpAddress) {
+        self.not_listening.lock().remove(&entry.to_string());
+    }
+
+    /// Why some entry does not listen yet; `None` when all do.
+    pub fn not_listening(&self) -> Option<String> {
+        let n = self.not_listening.lock();
+        (!n.is_empty()).then(|| n.values().cloned().collect::<Vec<_>>().join("; "))
+    }
 }
 
 /// The first retry of a failed bind comes after this; each next one after twice as long,
@@ -71,6 +95,41 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(l)
 }
 
+/// Non-blocking listeners on every address `entry` stands for now (all or none); the
+/// error says which address failed and why. `handed` gives a listener a hand-over brought
+/// for an address, if any.
+pub fn bind_entry(
+    entry: &HttpAddress,
+    mut handed: impl FnMut(SocketAddr) -> Option<std::net::TcpListener>,
+) -> Result<Vec<std::net::TcpListener>, String> {
+    listen::resolve(entry)?
+        .into_iter()
+        .map(|a| {
+            handed(a)
+                .map_or_else(|| bind(a), Ok)
+                .map_err(|e| format!("{a}: {e}"))
+        })
+        .collect()
+}
+
+/// Serve on every listener, with one set of slots (see [`slots`]).
+pub async fn serve_all(listeners: Vec<TcpListener>, ctx: Arc<Context>) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for l in listeners {
+        tasks.spawn(serve(l, Arc::clone(&ctx)));
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+fn names(listeners: &[TcpListener]) -> String {
+    let names: Vec<String> = listeners
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .map(|a| a.to_string())
+        .collect();
+    names.join(", ")
+}
+
 /// The wait before retry number `n` (0 is the first) of a failed bind.
 pub fn bind_retry_after(n: u32) -> Duration {
     BIND_RETRY_FIRST
@@ -78,25 +137,30 @@ pub fn bind_retry_after(n: u32) -> Duration {
         .min(BIND_RETRY_MAX)
 }
 
-/// Bind `addr` again and again (backing off, see [`bind_retry_after`]) until it works,
+/// Bind `entry` again and again (backing off, see [`bind_retry_after`]) until it works,
 /// then serve. DNS is served meanwhile; STATUS= and, once it listens, `/status` and
 /// `localdns_http_bind_failures_total` say what happened.
-pub async fn serve_when_bound(addr: SocketAddr, ctx: Arc<Context>) {
+pub async fn serve_when_bound(entry: HttpAddress, ctx: Arc<Context>) {
     let started = std::time::Instant::now();
     let mut last_log = started;
     let mut n = 0;
-    let listener = loop {
+    let listeners = loop {
         tokio::time::sleep(bind_retry_after(n)).await;
         n += 1;
-        match bind(addr).and_then(TcpListener::from_std) {
+        let bound = bind_entry(&entry, |_| None).and_then(|ls| {
+            ls.into_iter()
+                .map(|l| TcpListener::from_std(l).map_err(|e| format!("{entry}: {e}")))
+                .collect::<Result<Vec<_>, String>>()
+        });
+        match bound {
             Ok(l) => break l,
             Err(e) => {
                 crate::metrics::inc(&ctx.resolver.metrics.http_bind_failures);
-                *ctx.endpoint.not_listening.lock() = Some(format!("{addr}: {e}"));
+                ctx.endpoint.failing(&entry, e.clone());
                 if last_log.elapsed() >= BIND_LOG_EVERY {
                     last_log = std::time::Instant::now();
                     tracing::warn!(
-                        "still cannot listen on {addr} for /metrics, /health and /ready after \
+                        "still cannot listen on {entry} for /metrics, /health and /ready after \
                          {n} attempts in {}s: {e}",
                         started.elapsed().as_secs()
                     );
@@ -105,33 +169,54 @@ pub async fn serve_when_bound(addr: SocketAddr, ctx: Arc<Context>) {
         }
     };
     let late = started.elapsed().as_secs();
-    tracing::info!("listening on {addr} for /metrics, /health and /ready, {late}s late");
-    *ctx.endpoint.not_listening.lock() = None;
+    tracing::info!(
+        "listening on {} for /metrics, /health and /ready, {late}s late",
+        names(&listeners)
+    );
+    ctx.endpoint.listening(&entry);
     *ctx.endpoint.late_by.lock() = Some(late);
-    serve(listener, ctx).await;
+    serve_all(listeners, ctx).await;
 }
 
 pub async fn serve(listener: TcpListener, ctx: Arc<Context>) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let m = &ctx.resolver.metrics;
     loop {
         let stream = super::accept(&listener, "HTTP").await;
-        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
-            drop(stream);
-            continue;
+        let ends = stream
+            .peer_addr()
+            .and_then(|p| Ok((p, stream.local_addr()?)));
+        let Ok((peer, local)) = ends else { continue };
+        let slot = match ctx.slots.open(peer.ip(), local.ip()) {
+            Ok(slot) => slot,
+            Err(refusal) => {
+                crate::metrics::inc(match refusal {
+                    slots::Refusal::Full => &m.http_refused_full,
+                    slots::Refusal::PerClient => &m.http_refused_per_client,
+                });
+                drop(stream);
+                continue;
+            }
         };
         let ctx = Arc::clone(&ctx);
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
+            let service = hyper::service::service_fn({
                 let ctx = Arc::clone(&ctx);
-                async move { Ok::<_, Infallible>(route(&ctx, req).await) }
+                move |req| {
+                    let ctx = Arc::clone(&ctx);
+                    async move { Ok::<_, Infallible>(route(&ctx, req).await) }
+                }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
+                .header_read_timeout(ctx.header_timeout)
                 .keep_alive(true)
                 .serve_connection(TokioIo::new(stream), service);
-            let _ = tokio::time::timeout(CONNECTION_LIMIT, conn).await;
-            drop(permit);
+            if let Ok(Err(e)) = tokio::time::timeout(CONNECTION_LIMIT, conn).await {
+                if e.is_timeout() {
+                    crate::metrics::inc(&ctx.resolver.metrics.http_header_timeouts);
+                }
+            }
+            drop(slot);
         });
     }
 }
@@ -271,6 +356,10 @@ fn scrape(ctx: &Context, ready: bool, healthy: bool) -> Scrape {
         upstreams: upstreams(ctx),
         ready,
         healthy,
+        http_held: {
+            let (general, reserve) = ctx.slots.held();
+            [general as u64, reserve as u64]
+        },
         version: env!("LOCALDNS_BUILD_VERSION").into(),
         revision: env!("LOCALDNS_BUILD_COMMIT").into(),
     }
