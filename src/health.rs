@@ -233,6 +233,38 @@ pub struct RepairReport {
     pub what: String,
 }
 
+/// What `/status` hides from a client that is not the node itself.
+pub const HIDDEN: &str =
+    "hidden from clients other than the node itself: ask on the node (localdns status)";
+
+impl Report {
+    /// The report for a client that is not the node itself (a pod, another host): without
+    /// the other clients' addresses (the held-back pods), the text of other agents'
+    /// firewall rules (repairs) and the config refusal (file contents). Counts stay.
+    pub fn for_other_clients(mut self) -> Report {
+        let held: u64 = self.held_back.iter().map(|h| h.queries).sum();
+        if !self.held_back.is_empty() {
+            self.held_back = vec![HeldBackReport {
+                client: format!("{} clients ({HIDDEN})", self.held_back.len()),
+                queries: held,
+                last_secs_ago: self
+                    .held_back
+                    .iter()
+                    .map(|h| h.last_secs_ago)
+                    .min()
+                    .unwrap_or(0),
+            }];
+        }
+        for r in &mut self.repairs {
+            r.what = HIDDEN.to_string();
+        }
+        if self.config.refused.is_some() {
+            self.config.refused = Some(HIDDEN.to_string());
+        }
+        self
+    }
+}
+
 /// hits / (hits + misses), 0 without queries.
 pub fn hit_ratio(hits: u64, misses: u64) -> f64 {
     match hits + misses {
@@ -243,6 +275,48 @@ pub fn hit_ratio(hits: u64, misses: u64) -> f64 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn other_clients_see_counts_but_no_addresses_rules_or_config_text() {
+        use super::*;
+        let full = Report {
+            held_back: vec![
+                HeldBackReport {
+                    client: "10.244.1.7".into(),
+                    queries: 90,
+                    last_secs_ago: 3,
+                },
+                HeldBackReport {
+                    client: "10.244.2.9".into(),
+                    queries: 10,
+                    last_secs_ago: 1,
+                },
+            ],
+            repairs: vec![RepairReport {
+                time: 5,
+                what: "order: `-A PREROUTING -s 10.0.0.0/8 -j ACCEPT` ahead".into(),
+            }],
+            config: ConfigReport {
+                refused: Some("/etc/localdns/config.toml:3: secret".into()),
+                ..ConfigReport::default()
+            },
+            ..Report::default()
+        };
+        let shown = serde_json::to_string(&full.clone().for_other_clients()).unwrap();
+        for secret in ["10.244.1.7", "10.244.2.9", "PREROUTING", "secret"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        let other = full.clone().for_other_clients();
+        assert_eq!(other.held_back.len(), 1);
+        assert_eq!(
+            (other.held_back[0].queries, other.held_back[0].last_secs_ago),
+            (100, 1)
+        );
+        assert_eq!(other.repairs.len(), 1);
+        // Nothing hidden that was not there, and the node itself sees everything.
+        assert_eq!(Report::default().for_other_clients(), Report::default());
+        assert!(serde_json::to_string(&full).unwrap().contains("10.244.1.7"));
+    }
+
     use super::*;
 
     #[test]

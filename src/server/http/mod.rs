@@ -198,12 +198,14 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Context>) {
             }
         };
         let ctx = Arc::clone(&ctx);
+        // For `/status`, any loopback client is the node too (a pod cannot send from one).
+        let node = peer.ip().to_canonical().is_loopback() || slots::is_local(peer.ip(), local.ip());
         tokio::spawn(async move {
             let service = hyper::service::service_fn({
                 let ctx = Arc::clone(&ctx);
                 move |req| {
                     let ctx = Arc::clone(&ctx);
-                    async move { Ok::<_, Infallible>(route(&ctx, req).await) }
+                    async move { Ok::<_, Infallible>(route(&ctx, req, node).await) }
                 }
             });
             let conn = hyper::server::conn::http1::Builder::new()
@@ -230,7 +232,9 @@ fn text(status: StatusCode, content_type: &'static str, body: String) -> Respons
     r
 }
 
-async fn route(ctx: &Arc<Context>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+/// Answer one request; `node` says the client is the node itself (see
+/// [`slots::is_local`]), which alone sees `/status` whole.
+async fn route(ctx: &Arc<Context>, req: Request<Incoming>, node: bool) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -273,6 +277,7 @@ async fn route(ctx: &Arc<Context>, req: Request<Incoming>) -> Response<Full<Byte
         }
         "/status" => {
             let r = report(ctx).await;
+            let r = if node { r } else { r.for_other_clients() };
             let body = serde_json::to_string_pretty(&r).unwrap_or_default() + "\n";
             text(StatusCode::OK, "application/json", body)
         }
