@@ -8,8 +8,6 @@ use std::time::Duration;
 
 use crate::config::{self, Config, Source};
 use crate::metrics::Metrics;
-use std::os::fd::AsFd;
-
 use crate::server::{Ending, Server};
 use crate::state::{self, Loaded, SetupRecord};
 use crate::{lifecycle, node, systemd};
@@ -129,7 +127,7 @@ async fn serve(
         }
     };
     std::mem::take(kept).release_rest();
-    let kit = server.handover_kit();
+    let kit = server.handover_kit().map(Arc::new);
     crate::handover::advertise();
     let stop = async {
         loop {
@@ -157,25 +155,13 @@ async fn serve(
 /// SIGUSR2 (`localdns handover`): start the new binary on the same sockets and the cache,
 /// and make it the main process once it reads them ([`crate::handover`]). `false` when it
 /// did not take over: this process goes on serving as before.
-async fn to_new_process(kit: &crate::server::HandoverKit) -> bool {
+async fn to_new_process(kit: &Arc<crate::server::HandoverKit>) -> bool {
     tracing::info!("hand-over asked: writing the cache snapshot and starting the new binary");
     kit.save_snapshot().await;
-    let fds: Vec<(String, std::os::fd::OwnedFd)> = match kit
-        .fds()
-        .into_iter()
-        .map(|(n, fd)| fd.try_clone_to_owned().map(|fd| (n, fd)))
-        .collect()
-    {
-        Ok(fds) => fds,
-        Err(e) => {
-            tracing::error!("hand-over not done: {e}; serving on");
-            return false;
-        }
-    };
     let started = std::time::Instant::now();
+    let kit = Arc::clone(kit);
     let outcome = tokio::task::spawn_blocking(move || {
-        let borrowed: Vec<_> = fds.iter().map(|(n, fd)| (n.clone(), fd.as_fd())).collect();
-        let out = crate::handover::start(&borrowed)?;
+        let out = crate::handover::start(&kit.fds())?;
         systemd::main_pid(out.pid());
         let pid = out.pid();
         out.confirm().map(|()| pid)
