@@ -26,9 +26,11 @@
 //! while the refresh goes on; and after a refresh failed, the stale answer is given at once
 //! for [`STALE_RECHECK`] instead of costing every client the full upstream timeout again.
 
-use std::collections::HashMap;
+// aHash, not SipHash: these maps are keyed by what the node's own pods send and touched a few
+// times per miss; per-process random keys still keep their layout unpredictable.
+use ahash::AHashMap as HashMap;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -287,6 +289,9 @@ pub struct Resolver {
     /// Keys whose refresh failed, and when: their stale answer is given at once until
     /// [`STALE_RECHECK`] has passed.
     recheck: Mutex<HashMap<Key, Instant>>,
+    /// Whether `recheck` may hold anything: the miss path skips its lock while it is empty
+    /// (no refresh has failed lately, the usual case).
+    recheck_used: AtomicBool,
     /// Clients held back by their budget: counted, logged once per interval, reported.
     pub noisy: super::noisy::Noisy,
     runtime: Handle,
@@ -309,6 +314,7 @@ impl Resolver {
             idle: Notify::new(),
             table: Mutex::new(Table::default()),
             recheck: Mutex::new(HashMap::new()),
+            recheck_used: AtomicBool::new(false),
             noisy: Default::default(),
             runtime,
             query_log: Default::default(),
@@ -478,7 +484,9 @@ impl Resolver {
         // SERVFAIL or REFUSED from every server is a failure too: a stale answer beats it.
         let answer = match result {
             Ok((answer, from)) if attempts::verdict(answer.rcode()) == attempts::Verdict::Final => {
-                self.recheck.lock().remove(key);
+                if self.recheck_used.load(Relaxed) {
+                    self.recheck.lock().remove(key);
+                }
                 return self.store(key, answer, from);
             }
             Ok(answer) => Some(answer),
@@ -509,10 +517,18 @@ impl Resolver {
             }
         }
         recheck.insert(*key, Instant::now());
+        self.recheck_used.store(true, Relaxed);
     }
 
     fn recently_failed(&self, key: &Key) -> bool {
+        if !self.recheck_used.load(Relaxed) {
+            return false;
+        }
         let mut recheck = self.recheck.lock();
+        if recheck.is_empty() {
+            self.recheck_used.store(false, Relaxed);
+            return false;
+        }
         match recheck.get(key) {
             None => false,
             Some(at) if at.elapsed() < STALE_RECHECK => true,
