@@ -53,7 +53,8 @@ pub fn run(loaded: Loaded, source: Source) -> anyhow::Result<()> {
         config: cfg,
         refused,
     } = loaded;
-    // Before any thread starts: these read and unset LISTEN_FDS or the hand-over's variable.
+    // Before any thread starts: these read and unset LISTEN_FDS or the hand-over's variables.
+    let bridge = crate::bridge::take_role();
     let (mut kept, incoming) = match crate::handover::receive() {
         None => (systemd::Inherited::receive(), None),
         Some(Ok((fds, incoming))) => {
@@ -71,6 +72,9 @@ pub fn run(loaded: Loaded, source: Source) -> anyhow::Result<()> {
         .thread_name("localdns-rt")
         .enable_all()
         .build()?;
+    if bridge {
+        return runtime.block_on(bridge_serve(cfg, kept, incoming));
+    }
     runtime.block_on(async {
         let signals = lifecycle::signals::Signals::catch()?;
         let collector = crate::allocator::spawn_collector();
@@ -87,6 +91,39 @@ pub fn run(loaded: Loaded, source: Source) -> anyhow::Result<()> {
         collector.abort();
         served.map(drop)
     })
+}
+
+/// Serve as the bridge across a restart ([`crate::bridge`]) until the new main process
+/// dismisses it or [`crate::bridge::LIFETIME`] has passed. Nothing of the node is touched,
+/// whatever happens here.
+async fn bridge_serve(
+    mut cfg: Config,
+    mut kept: systemd::Inherited,
+    incoming: Option<crate::handover::Incoming>,
+) -> anyhow::Result<()> {
+    let lifecycle::signals::Signals {
+        mut term, mut int, ..
+    } = lifecycle::signals::Signals::catch()?;
+    // The kept HTTP listener queues scrapes and probes for the new main process.
+    cfg.metrics.addresses.clear();
+    let server = Server::bind(cfg, Arc::new(Metrics::default()), &mut kept)?.taking_over(incoming);
+    // What is not used here stays in systemd's fd store for the new main process.
+    drop(kept);
+    let stop = async {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+            _ = tokio::time::sleep(crate::bridge::LIFETIME) => tracing::warn!(
+                "no new main process took the sockets within {:?}; the bridge exits",
+                crate::bridge::LIFETIME
+            ),
+        }
+        Ending::HandedOver
+    };
+    crate::bridge::register();
+    let served = server.run(None, stop).await;
+    crate::bridge::unregister();
+    served.map(drop).map_err(Into::into)
 }
 
 /// Set up the node, bind and serve until SIGTERM or SIGINT.
@@ -144,7 +181,7 @@ async fn serve(
                 },
             }
         }
-        hand_over(&repair, removal).await;
+        hand_over(&repair, removal, kit.as_ref().ok()).await;
         Ending::Stop
     };
     let served = server.run(Some((source, hup)), stop).await;
@@ -187,6 +224,25 @@ async fn to_new_process(kit: &Arc<crate::server::HandoverKit>) -> bool {
     }
 }
 
+/// Before a restart: start the bridge that serves until the new main process reads the
+/// sockets ([`crate::bridge`]). Without it, the restart goes on as before: the kept
+/// sockets hold the queries.
+async fn to_bridge(kit: &Arc<crate::server::HandoverKit>) {
+    kit.save_snapshot().await;
+    let started = std::time::Instant::now();
+    let kit = Arc::clone(kit);
+    match tokio::task::spawn_blocking(move || crate::bridge::start(&kit.fds())).await {
+        Ok(Ok(pid)) => tracing::info!(
+            "process {pid} serves across the restart (started in {:?}); the new main process stops it",
+            started.elapsed()
+        ),
+        Ok(Err(e)) => tracing::warn!(
+            "no bridge across the restart ({e}): the kept sockets hold the queries until the new process reads them"
+        ),
+        Err(e) => tracing::warn!("no bridge across the restart: {e}"),
+    }
+}
+
 /// The daemon cannot serve (setup or a bind failed): give the node's DNS addresses back
 /// before exiting, so that nothing waits on sockets nobody reads until a start succeeds.
 /// systemd closes the sockets it keeps for us (then the socket match no longer steers
@@ -223,7 +279,11 @@ async fn remove_rules(removal: &node::Removal, when: &str) {
 /// to the Service IP is steered to a socket nobody reads any more: the ones already
 /// steered are answered, the next ones go to kube-dns through kube-proxy. Before a
 /// restart, everything stays for the next process (the kept sockets queue the queries).
-async fn hand_over(repair: &tokio::task::JoinHandle<()>, removal: &node::Removal) {
+async fn hand_over(
+    repair: &tokio::task::JoinHandle<()>,
+    removal: &node::Removal,
+    kit: Option<&Arc<crate::server::HandoverKit>>,
+) {
     let kind = tokio::task::spawn_blocking(systemd::stop_kind)
         .await
         .unwrap_or(systemd::Stop::Unmanaged);
@@ -238,9 +298,14 @@ async fn hand_over(repair: &tokio::task::JoinHandle<()>, removal: &node::Removal
             tokio::time::sleep(HANDOVER_DRAIN).await;
         }
         systemd::Stop::Final(why) => tracing::info!("final stop ({why})"),
-        systemd::Stop::Restart(why) => tracing::info!(
-            "stopping for a restart ({why}): the link, rules and sockets stay for the next process"
-        ),
+        systemd::Stop::Restart(why) => {
+            tracing::info!(
+                "stopping for a restart ({why}): the link, rules and sockets stay for the next process"
+            );
+            if let Some(kit) = kit {
+                to_bridge(kit).await;
+            }
+        }
         systemd::Stop::Unmanaged => {}
     }
 }

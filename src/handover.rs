@@ -161,17 +161,29 @@ impl Incoming {
 /// The old process's side: start the new process and give it `fds`. Returns once the new
 /// process reads the sockets; [`Outgoing::confirm`] then makes it the main process.
 pub fn start(fds: &[(String, BorrowedFd<'_>)]) -> Result<Outgoing, Error> {
+    let mut args = std::env::args_os();
+    let program = args.next().unwrap_or_else(|| "/usr/bin/localdns".into());
+    let mut cmd = Command::new(&program);
+    cmd.args(args);
+    start_with(cmd, fds, READY_WITHIN)
+}
+
+/// Start `cmd` (which runs this binary with this process's arguments, perhaps through a
+/// wrapper that execs it) as the receiving side, give it `fds`, and wait at most
+/// `ready_within` for it to read the sockets.
+pub(crate) fn start_with(
+    mut cmd: Command,
+    fds: &[(String, BorrowedFd<'_>)],
+    ready_within: Duration,
+) -> Result<Outgoing, Error> {
     let (ours, theirs) = socketpair(
         AddressFamily::Unix,
         SockType::SeqPacket,
         None,
         SockFlag::SOCK_CLOEXEC,
     )?;
-    let mut args = std::env::args_os();
-    let program = args.next().unwrap_or_else(|| "/usr/bin/localdns".into());
-    let mut cmd = Command::new(&program);
-    cmd.args(args)
-        .env(ENV, CHILD_FD.to_string())
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    cmd.env(ENV, CHILD_FD.to_string())
         // systemd gave the watchdog to this PID; the new one takes it over with MAINPID=.
         .env_remove("WATCHDOG_PID");
     let their_fd = theirs.as_raw_fd();
@@ -191,17 +203,16 @@ pub fn start(fds: &[(String, BorrowedFd<'_>)]) -> Result<Outgoing, Error> {
             Ok(())
         });
     }
-    let child = cmd.spawn().map_err(|source| Error::Spawn {
-        program: program.to_string_lossy().into_owned(),
-        source,
-    })?;
+    let child = cmd
+        .spawn()
+        .map_err(|source| Error::Spawn { program, source })?;
     drop(theirs);
     let mut out = Outgoing {
         channel: ours,
         child: Some(child),
     };
     out.send(fds)?;
-    out.wait_ready()?;
+    out.wait_ready(ready_within)?;
     Ok(out)
 }
 
@@ -228,16 +239,14 @@ impl Outgoing {
         Ok(())
     }
 
-    fn wait_ready(&mut self) -> Result<(), Error> {
-        set_timeout(&self.channel, READY_WITHIN).map_err(|e| Error::Child(e.to_string()))?;
+    fn wait_ready(&mut self, within: Duration) -> Result<(), Error> {
+        set_timeout(&self.channel, within).map_err(|e| Error::Child(e.to_string()))?;
         let mut buf = [0u8; 16];
         let mut iov = [io::IoSliceMut::new(&mut buf)];
         let n = match recvmsg::<()>(self.channel.as_raw_fd(), &mut iov, None, MsgFlags::empty()) {
             Ok(m) => m.bytes,
             Err(nix::errno::Errno::EAGAIN) => {
-                return Err(Error::Child(format!(
-                    "was not ready within {READY_WITHIN:?}"
-                )))
+                return Err(Error::Child(format!("was not ready within {within:?}")))
             }
             Err(e) => return Err(e.into()),
         };

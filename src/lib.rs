@@ -32,6 +32,7 @@
 #![deny(unsafe_code)]
 
 pub mod allocator;
+pub mod bridge;
 pub mod cache;
 pub mod cli;
 pub mod config;

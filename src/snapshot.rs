@@ -219,7 +219,20 @@ pub struct Keeper {
     file: std::fs::File,
 }
 
+/// The whole memfd, from offset 0 whatever offset the last process left.
+fn read_all(file: &std::fs::File) -> Option<Vec<u8>> {
+    let len = file.metadata().map_or(0, |m| m.len() as usize);
+    let mut bytes = vec![0u8; len];
+    file.read_exact_at(&mut bytes, 0).ok().map(|()| bytes)
+}
+
 impl Keeper {
+    /// The snapshot among the kept descriptors, read and closed (the bridge across a
+    /// restart, [`crate::bridge`], restores it and leaves the fd store's copy alone).
+    pub fn read_kept(kept: &mut Inherited) -> Option<Vec<u8>> {
+        read_all(&std::fs::File::from(kept.take(FD_NAME)?))
+    }
+
     /// The snapshot memfd: the one kept by systemd across the restart (with what it
     /// holds), or a new one handed to the fd store. `None` without systemd (no store to
     /// keep it in) or when no memfd can be made.
@@ -227,10 +240,7 @@ impl Keeper {
         std::env::var_os("NOTIFY_SOCKET")?;
         if let Some(fd) = kept.take(FD_NAME) {
             let file = std::fs::File::from(fd);
-            // From offset 0, whatever offset the last process left.
-            let len = file.metadata().map_or(0, |m| m.len() as usize);
-            let mut bytes = vec![0u8; len];
-            let bytes = file.read_exact_at(&mut bytes, 0).ok().map(|()| bytes);
+            let bytes = read_all(&file);
             return Some((Keeper { file }, bytes));
         }
         let fd: OwnedFd = match nix::sys::memfd::memfd_create(

@@ -309,15 +309,26 @@ impl Server {
         resolver.query_log.set(config.log.queries);
         // Warm before the first query is read: those queued in the kept sockets during the
         // restart are the names pods were asking.
-        let snapshot = crate::snapshot::Keeper::open(kept).map(|(keeper, bytes)| {
-            if let Some(bytes) = bytes {
-                let policy = resolver.settings().policy;
-                let n = crate::snapshot::Keeper::restore(&bytes, &resolver.cache, &policy);
-                let restored = &resolver.metrics.snapshot_restored;
-                restored.store(n as u64, Ordering::Relaxed);
+        let restore = |bytes: &[u8]| {
+            let policy = resolver.settings().policy;
+            let n = crate::snapshot::Keeper::restore(bytes, &resolver.cache, &policy);
+            let restored = &resolver.metrics.snapshot_restored;
+            restored.store(n as u64, Ordering::Relaxed);
+        };
+        let snapshot = if crate::bridge::is_bridge() {
+            // The snapshot is the unit's: read, never written, by a bridge.
+            if let Some(bytes) = crate::snapshot::Keeper::read_kept(kept) {
+                restore(&bytes);
             }
-            Arc::new(keeper)
-        });
+            None
+        } else {
+            crate::snapshot::Keeper::open(kept).map(|(keeper, bytes)| {
+                if let Some(bytes) = bytes {
+                    restore(&bytes);
+                }
+                Arc::new(keeper)
+            })
+        };
         let l = &config.listen;
         let threads = udp_threads(&config);
         let mut udp = Vec::new();
@@ -607,6 +618,9 @@ impl Server {
         );
         if let Some(incoming) = self.taking_over.take() {
             match tokio::task::spawn_blocking(move || incoming.ready()).await {
+                Ok(Ok(())) if crate::bridge::is_bridge() => tracing::info!(
+                    "serving across the restart until the new main process reads the sockets"
+                ),
                 Ok(Ok(())) => tracing::info!(
                     "took over from the old process: this one is the main process now"
                 ),
@@ -623,7 +637,10 @@ impl Server {
             }
         }
         systemd::ready(&status());
-        crate::lifecycle::serving();
+        if !crate::bridge::is_bridge() {
+            crate::lifecycle::serving();
+            crate::bridge::dismiss();
+        }
         let ending = shutdown.await;
 
         let handed = ending == Ending::HandedOver;
