@@ -127,11 +127,17 @@ impl Connections {
         }
     }
 
-    /// A slot for a connection from `client`, given back when dropped.
-    fn open(self: &Arc<Self>, client: IpAddr) -> Result<Slot, Refusal> {
+    /// A slot for a connection from `client`, given back when dropped. A connection that
+    /// `queued` in the backlog while no process read it counts against the total only.
+    fn open(self: &Arc<Self>, client: IpAddr, queued: bool) -> Result<Slot, Refusal> {
         let mut open = self.open.lock();
         let from_client = open.1.get(&client).copied().unwrap_or(0);
-        admit_connection(open.0, self.max, from_client, self.max_per_client)?;
+        let per_client = if queued {
+            usize::MAX
+        } else {
+            self.max_per_client
+        };
+        admit_connection(open.0, self.max, from_client, per_client)?;
         open.0 += 1;
         *open.1.entry(client).or_insert(0) += 1;
         Ok(Slot {
@@ -293,6 +299,14 @@ impl Drop for Out {
     }
 }
 
+/// A connection waiting in `listener`'s backlog, taken without waiting; `None` when the
+/// backlog is empty (or the accept failed: the async accept then reports it).
+fn queued(listener: &TcpListener) -> Option<TcpStream> {
+    let (sock, _) = socket2::SockRef::from(listener).accept().ok()?;
+    sock.set_nonblocking(true).ok()?;
+    TcpStream::from_std(sock.into()).ok()
+}
+
 /// Accept connections until the task is dropped. `conns` is shared by every listener.
 pub async fn serve(
     listener: TcpListener,
@@ -301,12 +315,21 @@ pub async fn serve(
     conns: Arc<Connections>,
     stats: Arc<Stats>,
 ) {
+    // The connections that queued in the backlog while no process read it (a restart, a
+    // crash: the socket was kept) are from clients that waited for us. A pod's burst of
+    // them is not a storm: until the backlog is first found empty, only the total counts.
+    let mut backlog = true;
     loop {
-        let stream = super::accept(&listener, "TCP").await;
+        let queued = if backlog { queued(&listener) } else { None };
+        backlog = queued.is_some();
+        let stream = match queued {
+            Some(stream) => stream,
+            None => super::accept(&listener, "TCP").await,
+        };
         let client = stream
             .peer_addr()
             .map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip());
-        let slot = match conns.open(client) {
+        let slot = match conns.open(client, backlog) {
             Ok(slot) => slot,
             Err(refusal) => {
                 let m = &resolver.metrics;
@@ -476,14 +499,27 @@ mod tests {
     fn slots_per_client_are_given_back() {
         let conns = Arc::new(Connections::new(3, 2));
         let (a, b) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
-        let a1 = conns.open(a).unwrap();
-        let _a2 = conns.open(a).unwrap();
-        assert_eq!(conns.open(a).err(), Some(Refusal::PerClient));
-        let _b1 = conns.open(b).unwrap();
-        assert_eq!(conns.open(b).err(), Some(Refusal::Full));
+        let a1 = conns.open(a, false).unwrap();
+        let _a2 = conns.open(a, false).unwrap();
+        assert_eq!(conns.open(a, false).err(), Some(Refusal::PerClient));
+        let _b1 = conns.open(b, false).unwrap();
+        assert_eq!(conns.open(b, false).err(), Some(Refusal::Full));
         drop(a1);
-        assert!(conns.open(a).is_ok());
+        assert!(conns.open(a, false).is_ok());
         assert!(conns.open.lock().1.len() <= 2);
+    }
+
+    /// A pod's connections that queued during a restart are all taken, up to the total;
+    /// the client's new ones meet its cap again.
+    #[test]
+    fn queued_connections_count_against_the_total_only() {
+        let conns = Arc::new(Connections::new(4, 1));
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let held: Vec<_> = (0..4).map(|_| conns.open(a, true).unwrap()).collect();
+        assert_eq!(conns.open(a, true).err(), Some(Refusal::Full));
+        drop(held);
+        let _one = conns.open(a, false).unwrap();
+        assert_eq!(conns.open(a, false).err(), Some(Refusal::PerClient));
     }
 
     fn out(conns: &Arc<Connections>) -> (Out, mpsc::UnboundedReceiver<Vec<u8>>) {
