@@ -376,6 +376,10 @@ fn the_image_copies_the_binary_packaging_build_makes_and_the_probe_runs_it() {
         );
     }
     assert!(daemonset.contains("path: /etc/localdns/conf.d\n"));
+    // The node's name, for the rollout stage.
+    assert!(daemonset.contains(
+        "- name: NODE_NAME\n              valueFrom:\n                fieldRef:\n                  fieldPath: spec.nodeName\n"
+    ));
 }
 
 /// The drop-in held by deploy/localdns-config.yaml (`data: cluster.toml: |`).
@@ -501,6 +505,29 @@ impl Sync {
         interval: &str,
         pod: &str,
     ) -> Sync {
+        Sync::spawn(tree, config, upstream, interval, pod, None)
+    }
+
+    /// A pod on the node named `node` (`NODE_NAME`).
+    fn start_on(tree: &Tree, node: &str, pod: &str) -> Sync {
+        Sync::spawn(
+            tree,
+            &tree.config(),
+            Some("10.96.0.11"),
+            "200ms",
+            pod,
+            Some(node),
+        )
+    }
+
+    fn spawn(
+        tree: &Tree,
+        config: &Path,
+        upstream: Option<&str>,
+        interval: &str,
+        pod: &str,
+        node: Option<&str>,
+    ) -> Sync {
         let log = tree.dir.path().join(format!("{pod}.log"));
         // Each pod its own status file (an emptyDir of its own), never one left before.
         let status = tree.dir.path().join(format!("{pod}.status"));
@@ -522,6 +549,10 @@ impl Sync {
         if let Some(ip) = upstream {
             cmd.env("KUBE_DNS_UPSTREAM_SERVICE_HOST", ip);
         }
+        match node {
+            Some(node) => cmd.env("NODE_NAME", node),
+            None => cmd.env_remove("NODE_NAME"),
+        };
         let child = cmd.spawn().expect("spawn localdns config-sync");
         Sync { child, status, log }
     }
@@ -880,6 +911,84 @@ fn a_node_is_never_left_without_a_cluster_upstream() {
     );
     let check = common::daemon::check_config_with(&tree.config(), &["--require-cluster-upstream"]);
     assert!(check.status.success(), "{check:?}");
+}
+
+#[test]
+fn a_rollout_stage_holds_the_nodes_outside_it_on_the_version_they_have() {
+    const CACHE: &str = "71-config-sync-cache.toml";
+    let v1 = [("cache.toml", "[cache]\ncapacity = 100\n")];
+    let (mut canary, mut other) = (Tree::new(HOST, &v1), Tree::new(HOST, &v1));
+    let on_canary = Sync::start_on(&canary, "node-canary", "pod-c");
+    // node-b is in bucket 82 (FNV-1a of the name, modulo 100).
+    assert_eq!(localdns::config_sync::stage::bucket("node-b"), 82);
+    let mut on_b = Sync::start_on(&other, "node-b", "pod-b");
+    on_canary.wait_ready();
+    on_b.wait_ready();
+    let stamp = other.stamp(CACHE);
+
+    // A new version, staged to the canary by name: only it takes the version.
+    let v2 = "[cache]\ncapacity = 200\n";
+    fn staged(stage: &str) -> [(&str, &str); 2] {
+        [
+            ("cache.toml", "[cache]\ncapacity = 200\n"),
+            ("rollout-stage", stage),
+        ]
+    }
+    let only_canary = staged("percent = 0\nnodes = [\"node-canary\"]\n");
+    canary.publish(&only_canary);
+    other.publish(&only_canary);
+    let (message, _) = on_b.wait("waiting", |s, _, _| s == "waiting");
+    assert!(
+        message.contains("waiting for the stage: node-b is in bucket 82")
+            && message.contains(&format!("conf.d keeps {UPSTREAM_FILE}, {CACHE}")),
+        "{message}"
+    );
+    on_canary.wait("v2 on the canary", |s, _, _| {
+        s == "ready" && canary.read(CACHE).ends_with(v2)
+    });
+    assert!(other.read(CACHE).ends_with("capacity = 100\n"));
+    assert_eq!(other.stamp(CACHE), stamp, "written while waiting");
+    // Waiting is ready (the node is where the operator wants it), and the probe says why.
+    let probe = on_b.probe();
+    assert!(probe.status.success(), "{probe:?}");
+    assert!(String::from_utf8_lossy(&probe.stdout).starts_with("waiting for the stage: node-b"));
+    assert!(!on_b.log().contains("not synced"), "{}", on_b.log());
+
+    // A rolling update of the DaemonSet on node-b during the stage: the new pod keeps the
+    // same version and takes the files over, so the old one stopping removes nothing.
+    let newer = Sync::start_on(&other, "node-b", "pod-b2");
+    newer.wait("waiting", |s, _, _| s == "waiting");
+    let deadline = Instant::now() + WAIT;
+    while header_owner(&other.read(CACHE)) != "pod-b2" {
+        assert!(
+            Instant::now() < deadline,
+            "not taken over:\n{}",
+            newer.log()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(on_b.terminate().success());
+    assert!(other.read(CACHE).ends_with("capacity = 100\n"));
+    assert_eq!(header_owner(&other.read(UPSTREAM_FILE)), "pod-b2");
+    on_b = newer;
+
+    // A stage config-sync cannot read is refused: nothing changes anywhere.
+    other.publish(&staged("percent = 150\n"));
+    let (message, _) = on_b.wait("refused", |s, _, _| s == "refused");
+    assert!(
+        message.contains("rollout-stage: percent = 150: must be 0 to 100"),
+        "{message}"
+    );
+    assert!(other.read(CACHE).ends_with("capacity = 100\n"));
+
+    // The stage widened to 83%: node-b's bucket is in it now.
+    other.publish(&staged("percent = 83\n"));
+    on_b.wait("v2 on node-b", |s, m, _| {
+        s == "ready" && m.starts_with("in sync")
+    });
+    assert!(other.read(CACHE).ends_with(v2), "{}", other.read(CACHE));
+    let names: Vec<String> = other.conf_d_files().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, [UPSTREAM_FILE, CACHE]);
 }
 
 #[test]
