@@ -94,6 +94,7 @@ fn main() -> ExitCode {
             status_file: sync.status_file,
             interval: sync.interval,
             upstream: std::env::var(config_sync::plan::UPSTREAM_ENV).ok(),
+            node: std::env::var(config_sync::stage::NODE_ENV).ok(),
             owner: config_sync::Options::owner_now(),
         })),
     }

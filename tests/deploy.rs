@@ -7,6 +7,12 @@
 //! venv `.ci/run` makes (`target/k8s-validate`), then `PATH`; without it the manifest test
 //! prints why it skips, and fails under `CI=true`.
 //!
+//! deploy/monitoring/'s Prometheus Operator objects (PrometheusRule, ScrapeConfig) are
+//! checked against the operator's CRD schemas by tests/operator-schemas/check.mjs (the npm
+//! package `@kubernetes-models/prometheus-operator`, pinned by its lock file; `.ci/run`
+//! installs it under target/operator-schemas), compared with the plain Prometheus files
+//! they repeat, and the rules taken out of the PrometheusRule go through `promtool`.
+//!
 //! Waits poll the status file that config-sync writes after every sync (its readiness
 //! signal) with a deadline; nothing sleeps for a fixed time.
 
@@ -103,6 +109,230 @@ fn every_manifest_passes_kubernetes_validate_strict_for_1_30_and_1_34() {
     assert!(!out.status.success(), "{out:?}");
 }
 
+// ---------------------------------------------------------------- deploy/monitoring/
+
+/// `node` and the packages of tests/operator-schemas (`$OPERATOR_SCHEMAS_MODULES`, else
+/// target/operator-schemas/node_modules, which `.ci/run` installs); without them the test
+/// says why it skips, and fails under `CI=true`.
+fn operator_schemas(test: &str) -> Option<PathBuf> {
+    let modules = std::env::var_os("OPERATOR_SCHEMAS_MODULES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(ROOT).join("target/operator-schemas/node_modules"));
+    let node = Command::new("node").arg("--version").output();
+    let why = match node {
+        Err(e) => format!("node: {e}"),
+        Ok(_)
+            if !modules
+                .join("@kubernetes-models/prometheus-operator")
+                .is_dir() =>
+        {
+            format!(
+                "no @kubernetes-models/prometheus-operator under {} (.ci/run installs it)",
+                modules.display()
+            )
+        }
+        Ok(_) => return Some(modules),
+    };
+    assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
+    common::skipped::skipped(test, &why);
+    None
+}
+
+/// `node tests/operator-schemas/check.mjs ARGS` (status, stdout and stderr together).
+fn check_mjs(modules: &Path, args: &[&Path]) -> (bool, String) {
+    let out = Command::new("node")
+        .arg(Path::new(ROOT).join("tests/operator-schemas/check.mjs"))
+        .args(args)
+        .env("OPERATOR_SCHEMAS_MODULES", modules)
+        .output()
+        .expect("run node");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+/// The documents of a YAML file, read by the same YAML parser as the schema check.
+fn yaml_documents(modules: &Path, file: &str) -> Vec<serde_json::Value> {
+    let path = Path::new(ROOT).join(file);
+    let (ok, text) = check_mjs(modules, &[Path::new("json"), &path]);
+    assert!(ok, "{file}: {text}");
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{file}: {e}: {l}")))
+        .collect()
+}
+
+fn monitoring(file: &str) -> PathBuf {
+    Path::new(ROOT).join("deploy/monitoring").join(file)
+}
+
+#[test]
+fn the_operator_objects_pass_the_prometheus_operator_crd_schemas_and_broken_ones_do_not() {
+    let Some(modules) = operator_schemas("prometheus-operator schemas") else {
+        return;
+    };
+    let (rule, scrape) = (
+        monitoring("prometheusrule.yaml"),
+        monitoring("scrapeconfig.yaml"),
+    );
+    let (ok, text) = check_mjs(&modules, &[Path::new("validate"), &rule, &scrape]);
+    println!("{text}");
+    assert!(ok, "{text}");
+    for want in [
+        "prometheusrule.yaml: monitoring.coreos.com/v1 PrometheusRule/localdns passed",
+        "scrapeconfig.yaml: monitoring.coreos.com/v1alpha1 ScrapeConfig/localdns passed",
+    ] {
+        assert!(text.contains(want), "{want}: {text}");
+    }
+    // The controls: each break is refused, naming the field.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rules = std::fs::read_to_string(&rule).expect("read");
+    let scrapes = std::fs::read_to_string(&scrape).expect("read");
+    let broken = [
+        (
+            "a rule without expr",
+            rules.replacen("          expr: up{job=\"localdns\"} == 0\n", "", 1),
+            "must have required property expr",
+        ),
+        (
+            "a number for a duration",
+            rules.replacen("for: 2m", "for: 2", 1),
+            "/for must be string",
+        ),
+        (
+            "a duration Prometheus cannot read",
+            rules.replacen("for: 2m", "for: 2 minutes", 1),
+            "/for must match pattern",
+        ),
+        (
+            "a discovery role the operator does not have",
+            scrapes.replacen("role: Node", "role: Nodes", 1),
+            "kubernetesSDConfigs/0/role must be equal to one of the allowed values",
+        ),
+        (
+            "a list for a string",
+            scrapes.replacen("targetLabel: node", "targetLabel: [node]", 1),
+            "relabelings/1/targetLabel must be string",
+        ),
+    ];
+    for (i, (what, text, why)) in broken.iter().enumerate() {
+        let original = if i < 3 { &rules } else { &scrapes };
+        assert_ne!(text, original, "{what}: the break did not apply");
+        let bad = dir.path().join(format!("bad-{i}.yaml"));
+        std::fs::write(&bad, text).expect("write");
+        let (ok, said) = check_mjs(&modules, &[Path::new("validate"), &bad]);
+        assert!(!ok && said.contains(why), "{what}: {said}");
+    }
+}
+
+/// The names the operator gives the fields of a plain scrape job, and its enum's
+/// spelling of a discovery role.
+fn operator_form(plain: &serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match plain {
+        Value::Array(a) => Value::Array(a.iter().map(operator_form).collect()),
+        Value::Object(o) => Value::Object(
+            o.iter()
+                .map(|(k, v)| {
+                    let key = match k.as_str() {
+                        "kubernetes_sd_configs" => "kubernetesSDConfigs".to_string(),
+                        "relabel_configs" => "relabelings".to_string(),
+                        k => {
+                            let mut parts = k.split('_');
+                            let first = parts.next().unwrap_or_default().to_string();
+                            parts.fold(first, |mut s, p| {
+                                let mut c = p.chars();
+                                s.extend(c.next().map(|c| c.to_ascii_uppercase()));
+                                s.push_str(c.as_str());
+                                s
+                            })
+                        }
+                    };
+                    let value = match (k.as_str(), v.as_str()) {
+                        ("role", Some(role)) => {
+                            let mut c = role.chars();
+                            let first = c.next().map(|c| c.to_ascii_uppercase());
+                            Value::String(first.into_iter().chain(c).collect())
+                        }
+                        _ => operator_form(v),
+                    };
+                    (key, value)
+                })
+                .collect(),
+        ),
+        v => v.clone(),
+    }
+}
+
+/// `promtool check ARGS FILE` with `value` written to FILE as JSON (which is YAML);
+/// false when promtool is absent (and not under CI).
+fn promtool(args: &[&str], value: &serde_json::Value) -> bool {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("extracted.yaml");
+    std::fs::write(&file, value.to_string()).expect("write");
+    match Command::new("promtool").args(args).arg(&file).output() {
+        Ok(out) => {
+            let text = String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr);
+            println!("promtool {}: {text}", args.join(" "));
+            assert!(out.status.success(), "promtool {args:?} {value}: {text}");
+            true
+        }
+        Err(e) => {
+            let why = format!("promtool: {e} (apt-get install prometheus)");
+            assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
+            common::skipped::skipped("promtool", &why);
+            false
+        }
+    }
+}
+
+#[test]
+fn the_operator_objects_say_what_the_plain_files_say_and_promtool_passes_them() {
+    let Some(modules) = operator_schemas("operator objects = plain files") else {
+        return;
+    };
+    let plain = yaml_documents(&modules, "deploy/monitoring/prometheus-rules.yaml");
+    let object = yaml_documents(&modules, "deploy/monitoring/prometheusrule.yaml");
+    assert_eq!((plain.len(), object.len()), (1, 1));
+    let groups = &object[0]["spec"]["groups"];
+    assert!(
+        groups.as_array().is_some_and(|g| !g.is_empty()),
+        "{object:?}"
+    );
+    assert_eq!(groups, &plain[0]["groups"], "prometheusrule.yaml drifted");
+    let spec = &object[0]["spec"];
+    assert_eq!(spec.as_object().map(|s| s.len()), Some(1), "{spec}");
+    // The rules taken out of the object are a rules file promtool accepts.
+    if promtool(&["check", "rules"], spec) {
+        let mut broken = spec.clone();
+        broken["groups"][0]["rules"][0]["expr"] = "up{job=".into();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("broken.yaml");
+        std::fs::write(&file, broken.to_string()).expect("write");
+        let out = Command::new("promtool")
+            .args(["check", "rules"])
+            .arg(&file)
+            .output()
+            .expect("promtool");
+        assert!(!out.status.success(), "{out:?}");
+    }
+
+    let plain = yaml_documents(&modules, "deploy/monitoring/scrape-config.yaml");
+    let object = yaml_documents(&modules, "deploy/monitoring/scrapeconfig.yaml");
+    let jobs = plain[0]
+        .as_array()
+        .expect("scrape-config.yaml is a list of jobs");
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    assert_eq!(
+        object[0]["spec"],
+        operator_form(&jobs[0]),
+        "scrapeconfig.yaml drifted"
+    );
+    assert_eq!(object[0]["spec"]["kubernetesSDConfigs"][0]["role"], "Node");
+    // (Not `promtool check config` on the plain job: Debian builds promtool without
+    // Kubernetes discovery, "field kubernetes_sd_configs not found".)
+}
+
 #[test]
 fn the_image_copies_the_binary_packaging_build_makes_and_the_probe_runs_it() {
     let containerfile =
@@ -146,6 +376,10 @@ fn the_image_copies_the_binary_packaging_build_makes_and_the_probe_runs_it() {
         );
     }
     assert!(daemonset.contains("path: /etc/localdns/conf.d\n"));
+    // The node's name, for the rollout stage.
+    assert!(daemonset.contains(
+        "- name: NODE_NAME\n              valueFrom:\n                fieldRef:\n                  fieldPath: spec.nodeName\n"
+    ));
 }
 
 /// The drop-in held by deploy/localdns-config.yaml (`data: cluster.toml: |`).
@@ -271,6 +505,29 @@ impl Sync {
         interval: &str,
         pod: &str,
     ) -> Sync {
+        Sync::spawn(tree, config, upstream, interval, pod, None)
+    }
+
+    /// A pod on the node named `node` (`NODE_NAME`).
+    fn start_on(tree: &Tree, node: &str, pod: &str) -> Sync {
+        Sync::spawn(
+            tree,
+            &tree.config(),
+            Some("10.96.0.11"),
+            "200ms",
+            pod,
+            Some(node),
+        )
+    }
+
+    fn spawn(
+        tree: &Tree,
+        config: &Path,
+        upstream: Option<&str>,
+        interval: &str,
+        pod: &str,
+        node: Option<&str>,
+    ) -> Sync {
         let log = tree.dir.path().join(format!("{pod}.log"));
         // Each pod its own status file (an emptyDir of its own), never one left before.
         let status = tree.dir.path().join(format!("{pod}.status"));
@@ -292,6 +549,10 @@ impl Sync {
         if let Some(ip) = upstream {
             cmd.env("KUBE_DNS_UPSTREAM_SERVICE_HOST", ip);
         }
+        match node {
+            Some(node) => cmd.env("NODE_NAME", node),
+            None => cmd.env_remove("NODE_NAME"),
+        };
         let child = cmd.spawn().expect("spawn localdns config-sync");
         Sync { child, status, log }
     }
@@ -650,6 +911,84 @@ fn a_node_is_never_left_without_a_cluster_upstream() {
     );
     let check = common::daemon::check_config_with(&tree.config(), &["--require-cluster-upstream"]);
     assert!(check.status.success(), "{check:?}");
+}
+
+#[test]
+fn a_rollout_stage_holds_the_nodes_outside_it_on_the_version_they_have() {
+    const CACHE: &str = "71-config-sync-cache.toml";
+    let v1 = [("cache.toml", "[cache]\ncapacity = 100\n")];
+    let (mut canary, mut other) = (Tree::new(HOST, &v1), Tree::new(HOST, &v1));
+    let on_canary = Sync::start_on(&canary, "node-canary", "pod-c");
+    // node-b is in bucket 82 (FNV-1a of the name, modulo 100).
+    assert_eq!(localdns::config_sync::stage::bucket("node-b"), 82);
+    let mut on_b = Sync::start_on(&other, "node-b", "pod-b");
+    on_canary.wait_ready();
+    on_b.wait_ready();
+    let stamp = other.stamp(CACHE);
+
+    // A new version, staged to the canary by name: only it takes the version.
+    let v2 = "[cache]\ncapacity = 200\n";
+    fn staged(stage: &str) -> [(&str, &str); 2] {
+        [
+            ("cache.toml", "[cache]\ncapacity = 200\n"),
+            ("rollout-stage", stage),
+        ]
+    }
+    let only_canary = staged("percent = 0\nnodes = [\"node-canary\"]\n");
+    canary.publish(&only_canary);
+    other.publish(&only_canary);
+    let (message, _) = on_b.wait("waiting", |s, _, _| s == "waiting");
+    assert!(
+        message.contains("waiting for the stage: node-b is in bucket 82")
+            && message.contains(&format!("conf.d keeps {UPSTREAM_FILE}, {CACHE}")),
+        "{message}"
+    );
+    on_canary.wait("v2 on the canary", |s, _, _| {
+        s == "ready" && canary.read(CACHE).ends_with(v2)
+    });
+    assert!(other.read(CACHE).ends_with("capacity = 100\n"));
+    assert_eq!(other.stamp(CACHE), stamp, "written while waiting");
+    // Waiting is ready (the node is where the operator wants it), and the probe says why.
+    let probe = on_b.probe();
+    assert!(probe.status.success(), "{probe:?}");
+    assert!(String::from_utf8_lossy(&probe.stdout).starts_with("waiting for the stage: node-b"));
+    assert!(!on_b.log().contains("not synced"), "{}", on_b.log());
+
+    // A rolling update of the DaemonSet on node-b during the stage: the new pod keeps the
+    // same version and takes the files over, so the old one stopping removes nothing.
+    let newer = Sync::start_on(&other, "node-b", "pod-b2");
+    newer.wait("waiting", |s, _, _| s == "waiting");
+    let deadline = Instant::now() + WAIT;
+    while header_owner(&other.read(CACHE)) != "pod-b2" {
+        assert!(
+            Instant::now() < deadline,
+            "not taken over:\n{}",
+            newer.log()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(on_b.terminate().success());
+    assert!(other.read(CACHE).ends_with("capacity = 100\n"));
+    assert_eq!(header_owner(&other.read(UPSTREAM_FILE)), "pod-b2");
+    on_b = newer;
+
+    // A stage config-sync cannot read is refused: nothing changes anywhere.
+    other.publish(&staged("percent = 150\n"));
+    let (message, _) = on_b.wait("refused", |s, _, _| s == "refused");
+    assert!(
+        message.contains("rollout-stage: percent = 150: must be 0 to 100"),
+        "{message}"
+    );
+    assert!(other.read(CACHE).ends_with("capacity = 100\n"));
+
+    // The stage widened to 83%: node-b's bucket is in it now.
+    other.publish(&staged("percent = 83\n"));
+    on_b.wait("v2 on node-b", |s, m, _| {
+        s == "ready" && m.starts_with("in sync")
+    });
+    assert!(other.read(CACHE).ends_with(v2), "{}", other.read(CACHE));
+    let names: Vec<String> = other.conf_d_files().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, [UPSTREAM_FILE, CACHE]);
 }
 
 #[test]

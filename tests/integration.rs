@@ -2809,6 +2809,121 @@ fn the_dashboard_and_alerts_query_only_exported_metrics() {
     }
 }
 
+/// `GET /metrics` with curl (`-H 'Accept: ...'`, or `-H 'Accept:'` for none): the
+/// Content-Type and the body's marks, then the body itself.
+fn curl_metrics(at: SocketAddr, accept: &str) -> (String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let headers = dir.path().join("headers");
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--fail", "--max-time", "10", "-D"])
+        .arg(&headers)
+        .args(["-H", &format!("Accept:{accept}")])
+        .arg(format!("http://{at}/metrics"))
+        .output()
+        .unwrap_or_else(|e| panic!("curl: {e} (apt-get install curl)"));
+    assert!(out.status.success(), "curl {accept:?}: {out:?}");
+    let headers = std::fs::read_to_string(headers).unwrap();
+    let content_type = headers
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-type")
+                .then(|| v.trim().to_string())
+        })
+        .unwrap_or_else(|| panic!("no Content-Type: {headers}"));
+    (content_type, String::from_utf8(out.stdout).unwrap())
+}
+
+/// `promtool check metrics` over `body`: (passed, what it said); `None` without promtool
+/// (outside CI).
+fn promtool_check_metrics(body: &str) -> Option<(bool, String)> {
+    use std::io::Write as _;
+    let child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            let why = format!("promtool: {e} (apt-get install prometheus)");
+            assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "{why}");
+            common::skipped::skipped("promtool check metrics", &why);
+            return None;
+        }
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    Some((out.status.success(), said))
+}
+
+/// `/metrics` answers the format the scraper's Accept header asks for, q-values
+/// respected: Prometheus's default Accept (OpenMetrics first) gets OpenMetrics with
+/// `# EOF`; `text/plain`, `*/*`, no Accept at all, or a higher q for text get the
+/// Prometheus text format 0.0.4, which `promtool check metrics` passes whole.
+#[test]
+fn metrics_answer_the_format_the_accept_header_asks_for() {
+    let up = example_upstream();
+    let d = daemon_for(&up);
+    ok(d.dns, "www.example.com", A);
+    ok(d.dns, "www.example.com", A);
+    const TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+    const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+    let prometheus = "application/openmetrics-text;version=1.0.0;q=0.5,application/openmetrics-text;version=0.0.1;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2";
+    for (accept, want) in [
+        ("", TEXT),
+        ("*/*", TEXT),
+        ("text/plain", TEXT),
+        ("text/plain;version=0.0.4", TEXT),
+        (
+            "application/openmetrics-text;version=1.0.0;q=0.3,text/plain;version=0.0.4;q=0.5",
+            TEXT,
+        ),
+        ("application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;encoding=delimited", TEXT),
+        (prometheus, OPENMETRICS),
+        ("application/openmetrics-text; version=1.0.0", OPENMETRICS),
+        ("text/plain;q=0.1, application/openmetrics-text;q=0.9", OPENMETRICS),
+    ] {
+        let (content_type, body) = curl_metrics(d.metrics, accept);
+        assert_eq!(content_type, want, "Accept: {accept}");
+        if want == TEXT {
+            assert!(!body.contains("# EOF"), "Accept: {accept}: # EOF in text");
+            assert!(!body.contains("_created"), "Accept: {accept}");
+            assert!(
+                body.contains("# TYPE coredns_dns_requests_total counter\n")
+                    && body.contains("# TYPE localdns_queries_total counter\n"),
+                "Accept: {accept}: {body}"
+            );
+        } else {
+            assert!(body.ends_with("\n# EOF\n"), "Accept: {accept}");
+            assert!(body.contains("# TYPE coredns_dns_requests counter\n"));
+        }
+        // The same counts either way.
+        let m = metrics::parse(&body);
+        assert_eq!(
+            m.get("localdns_cache_hits_total", &[]),
+            Some(1.0),
+            "Accept: {accept}"
+        );
+    }
+    let (_, text) = curl_metrics(d.metrics, "text/plain");
+    if let Some((passed, said)) = promtool_check_metrics(&text) {
+        println!("promtool check metrics (text 0.0.4): {said}");
+        assert!(passed, "{said}");
+        // The control: promtool does fail on what it cannot take.
+        let (bad, said) = promtool_check_metrics(&text.replacen(" 1\n", " one\n", 1)).unwrap();
+        assert!(!bad, "{said}");
+    }
+}
+
 /// `[log] queries = "errors"` writes the failing answers (name, type, client, rcode, who
 /// answered, latency), not the good ones.
 #[test]

@@ -18,9 +18,13 @@
 //! swap is a rename in the volume's directory) and every `--interval` besides, which
 //! also catches what inotify cannot see (a file edited through another mount) and repairs
 //! a removed file. A sync whose inputs are those of the last one does nothing at all.
+//!
+//! A ConfigMap may hold a rollout stage ([`stage`]): a node outside it keeps the version
+//! its `conf.d` has and says so in the status file (state `waiting`, still ready).
 
 pub mod plan;
 mod source;
+pub mod stage;
 pub mod status;
 
 use std::path::{Path, PathBuf};
@@ -48,6 +52,8 @@ pub struct Options {
     pub interval: Duration,
     /// The value of `KUBE_DNS_UPSTREAM_SERVICE_HOST`.
     pub upstream: Option<String>,
+    /// The node's name (`NODE_NAME`), which places it in or out of a rollout stage.
+    pub node: Option<String>,
     /// This writer, named in the header of every file it writes.
     pub owner: Owner,
 }
@@ -135,8 +141,7 @@ impl Syncer {
     fn sync(&mut self) {
         self.syncs += 1;
         let (state, message) = match self.try_sync() {
-            Ok(message) => (State::Ready, message),
-            Err(outcome) => outcome,
+            Ok(outcome) | Err(outcome) => outcome,
         };
         self.publish(state, message);
     }
@@ -144,7 +149,7 @@ impl Syncer {
     /// Reads the inputs; the same inputs as the last time give the same outcome, and
     /// nothing is done again (no write, no log line). A read or write error is tried again
     /// at the next sync.
-    fn try_sync(&mut self) -> Result<String, (State, String)> {
+    fn try_sync(&mut self) -> Result<(State, String), (State, String)> {
         let error = |e: String| (State::Error, e);
         let keys = source::read_configmap(&self.opts.source)
             .map_err(|e| error(format!("{}: {e}", self.opts.source.display())))?;
@@ -152,8 +157,8 @@ impl Syncer {
         let inputs = (keys, host);
         if self.last_inputs.as_ref() == Some(&inputs) {
             if let Some((state, message)) = self.last.clone() {
-                return if state == State::Ready {
-                    Ok(message)
+                return if state.ready() {
+                    Ok((state, message))
                 } else {
                     Err((state, message))
                 };
@@ -165,11 +170,29 @@ impl Syncer {
         outcome
     }
 
-    fn apply_inputs(&self, (keys, host): &Inputs) -> Result<String, (State, String)> {
+    fn apply_inputs(&self, (keys, host): &Inputs) -> Result<(State, String), (State, String)> {
         let error = |e: String| (State::Error, e);
         let refused = |e: String| (State::Refused, e);
         let upstream = plan::upstream_address(self.opts.upstream.as_deref()).map_err(refused)?;
-        let (wanted, ignored) = plan::wanted(keys, &self.opts.source, upstream);
+        let existing = self.existing(host);
+        let stage = stage::from_keys(keys, &self.opts.source).map_err(refused)?;
+        let (wanted, ignored) = match stage::decide(stage.as_ref(), self.opts.node.as_deref()) {
+            stage::Decision::Wait(why) => {
+                let kept = plan::kept(&existing, &self.conf_dir);
+                return self.keep(host, &existing, &kept).map(|names| {
+                    (
+                        State::Waiting,
+                        format!("waiting for the stage: {why}; conf.d keeps {names}"),
+                    )
+                });
+            }
+            stage::Decision::Take(why) => {
+                if let Some(why) = why {
+                    tracing::debug!("in the rollout stage: {why}");
+                }
+                plan::wanted(keys, &self.opts.source, upstream)
+            }
+        };
         if !ignored.is_empty() {
             tracing::warn!(keys = ?ignored, "ConfigMap keys not ending in .toml are not synced");
         }
@@ -179,7 +202,6 @@ impl Syncer {
                 plan::UPSTREAM_ENV
             );
         }
-        let existing = self.existing(host);
         let outcome = match plan::plan(&existing, &wanted, &self.opts.owner).map_err(refused)? {
             Plan::StandBy { owner } => {
                 format!("standing by: a newer config-sync, {owner}, owns the files")
@@ -199,7 +221,32 @@ impl Syncer {
                 message
             }
         };
-        Ok(outcome)
+        Ok((State::Ready, outcome))
+    }
+
+    /// Outside the stage: the files config-sync has in `conf.d` stay as they are (taken
+    /// over by this pod when it is the newest, so that an older pod that stops removes
+    /// none of them); what they hold, for the status.
+    fn keep(
+        &self,
+        host: &[(PathBuf, String)],
+        existing: &[(String, String)],
+        kept: &[Wanted],
+    ) -> Result<String, (State, String)> {
+        let names: Vec<&str> = kept.iter().map(|w| w.name.as_str()).collect();
+        let names = if names.is_empty() {
+            "nothing of config-sync's".to_string()
+        } else {
+            names.join(", ")
+        };
+        match plan::plan(existing, kept, &self.opts.owner).map_err(|e| (State::Refused, e))? {
+            Plan::StandBy { .. } => {}
+            Plan::Apply { write, remove } => {
+                self.validate(host, kept).map_err(|e| (State::Refused, e))?;
+                self.apply(&write, &remove).map_err(|e| (State::Error, e))?;
+            }
+        }
+        Ok(names)
     }
 
     /// `(name, text)` of the drop-ins in `conf.d`.
@@ -287,7 +334,9 @@ impl Syncer {
         let changed = self.last.as_ref() != Some(&(state, message.clone()));
         if changed {
             match state {
-                State::Ready | State::Starting | State::Stopped => tracing::info!("{message}"),
+                State::Ready | State::Waiting | State::Starting | State::Stopped => {
+                    tracing::info!("{message}")
+                }
                 State::Refused => tracing::error!("refused, nothing written: {message}"),
                 State::Error => tracing::error!("{message}"),
             }

@@ -130,11 +130,31 @@ pub fn wanted(
                 body: text.clone(),
                 origin: source.join(key),
             });
-        } else {
+        } else if key != super::stage::STAGE_KEY {
             ignored.push(key.clone());
         }
     }
     (out, ignored)
+}
+
+/// The files config-sync has in `conf.d` now (of any owner), as wanted files: a node
+/// outside the rollout stage keeps them as they are (its owner header aside, so that the
+/// newest pod still takes them over and an older one stopping removes nothing).
+pub fn kept(existing: &[(String, String)], conf_dir: &Path) -> Vec<Wanted> {
+    existing
+        .iter()
+        .filter_map(|(name, text)| {
+            let owner = owner_of(name, text)?;
+            let body = text
+                .strip_prefix(&owner.header())
+                .unwrap_or_else(|| text.split_once('\n').map_or("", |(_, rest)| rest));
+            Some(Wanted {
+                name: name.clone(),
+                body: body.to_owned(),
+                origin: conf_dir.join(name),
+            })
+        })
+        .collect()
 }
 
 /// What to do to `conf.d`.
@@ -337,6 +357,48 @@ mod tests {
             [("71-config-sync-b.toml".to_owned(), file(&mine, "B\n"))]
         );
         assert_eq!(remove, ["71-config-sync-gone.toml"]);
+    }
+
+    #[test]
+    fn kept_files_keep_their_bodies_and_are_only_taken_over() {
+        let d = Path::new("/etc/localdns/conf.d");
+        let old = Owner::new("pod-old", 100);
+        let existing = vec![
+            ("50-node.toml".to_owned(), "[cache]\n".to_owned()),
+            (UPSTREAM_FILE.to_owned(), file(&old, "U\n")),
+            ("71-config-sync-a.toml".to_owned(), file(&old, "A\n")),
+        ];
+        let kept = kept(&existing, d);
+        let bodies: Vec<(&str, &str)> = kept
+            .iter()
+            .map(|w| (w.name.as_str(), w.body.as_str()))
+            .collect();
+        assert_eq!(
+            bodies,
+            [(UPSTREAM_FILE, "U\n"), ("71-config-sync-a.toml", "A\n")]
+        );
+        assert_eq!(kept[1].origin, d.join("71-config-sync-a.toml"));
+        // The newer pod rewrites only the headers; nothing is removed.
+        let Ok(Plan::Apply { write, remove }) = plan(&existing, &kept, &me()) else {
+            panic!("no plan")
+        };
+        assert!(remove.is_empty(), "{remove:?}");
+        assert_eq!(
+            write,
+            [
+                (UPSTREAM_FILE.to_owned(), file(&me(), "U\n")),
+                ("71-config-sync-a.toml".to_owned(), file(&me(), "A\n"))
+            ]
+        );
+        // Its own files: nothing to do.
+        let mine: Vec<(String, String)> = write.clone();
+        assert_eq!(
+            plan(&mine, &super::kept(&mine, d), &me()),
+            Ok(Plan::Apply {
+                write: vec![],
+                remove: vec![]
+            })
+        );
     }
 
     #[test]

@@ -13,6 +13,9 @@ pub enum State {
     Starting,
     /// The node has what the ConfigMap says (or a newer config-sync looks after it).
     Ready,
+    /// The node is outside the ConfigMap's rollout stage: `conf.d` keeps the version it
+    /// has (ready: this is where the operator wants it).
+    Waiting,
     /// What the ConfigMap says was refused: nothing was written.
     Refused,
     /// The ConfigMap or the host's files could not be read or written.
@@ -22,18 +25,25 @@ pub enum State {
 }
 
 impl State {
-    const ALL: [State; 5] = [
+    const ALL: [State; 6] = [
         State::Starting,
         State::Ready,
+        State::Waiting,
         State::Refused,
         State::Error,
         State::Stopped,
     ];
 
+    /// Whether the readiness probe passes.
+    pub fn ready(self) -> bool {
+        matches!(self, State::Ready | State::Waiting)
+    }
+
     fn name(self) -> &'static str {
         match self {
             State::Starting => "starting",
             State::Ready => "ready",
+            State::Waiting => "waiting",
             State::Refused => "refused",
             State::Error => "error",
             State::Stopped => "stopped",
@@ -75,7 +85,7 @@ impl Status {
         match text.map(Status::parse) {
             None => Err("no status file yet: config-sync has not started".into()),
             Some(None) => Err("the status file is not config-sync's".into()),
-            Some(Some(s)) if s.state == State::Ready => Ok(s.message),
+            Some(Some(s)) if s.state.ready() => Ok(s.message),
             Some(Some(s)) => Err(format!("{}: {}", s.state.name(), s.message)),
         }
     }
@@ -97,7 +107,11 @@ mod tests {
             assert_eq!(back.message, "a b");
             assert_eq!((back.state, back.syncs), (state, 3));
             let verdict = Status::probe(Some(&s.to_string()));
-            assert_eq!(verdict.is_ok(), state == State::Ready, "{verdict:?}");
+            assert_eq!(
+                verdict.is_ok(),
+                matches!(state, State::Ready | State::Waiting),
+                "{verdict:?}"
+            );
         }
         let refused = "refused\n/cm/x.toml:2: key `cache.max_ttl`: bad\nsyncs 1\n";
         assert_eq!(

@@ -1,5 +1,6 @@
 //! The exposition: a snapshot of every counter, rendered with `prometheus-client` in the
-//! OpenMetrics text format that Prometheus scrapes. Beside localdns's own `localdns_*`
+//! OpenMetrics text format that Prometheus scrapes (or its text 0.0.4 form, see
+//! [`super::format`]). Beside localdns's own `localdns_*`
 //! families it writes the CoreDNS names and label sets that node-local-dns dashboards and
 //! alerts query (checked against CoreDNS's `plugin/metrics/vars`, `plugin/cache`,
 //! `plugin/forward` as of 1.10/1.11, `plugin/reload`, and node-cache's
@@ -15,6 +16,7 @@ use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
+use super::format::{self, Format};
 use super::stats::{self, HistogramValue, RCODES, SIZE_BUCKETS, SOURCES, TIME_BUCKETS_NS};
 use super::{Listener, Metrics, StatsValue, SETUP_ERRORS};
 
@@ -556,22 +558,24 @@ impl Scrape {
     }
 }
 
-/// The text of a scrape.
-pub fn render(scrape: Scrape) -> String {
+/// The text of a scrape, in `format`.
+pub fn render(scrape: Scrape, format: Format) -> String {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(scrape));
     let mut out = String::with_capacity(32 * 1024);
     // Writing to a String cannot fail.
     let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
-    out
+    match format {
+        Format::OpenMetrics => out,
+        Format::Text => format::to_text(&out),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn renders_coredns_and_localdns_families() {
+    fn sample(format: Format) -> String {
         let m = Arc::new(Metrics::default());
         let l = Listener::new("169.254.20.10:53".parse().unwrap(), "udp");
         let b = m.owned_block(l);
@@ -583,28 +587,36 @@ mod tests {
         b.durations(1_000_000, 1);
         let up = crate::metrics::UpstreamStats::default();
         up.answered(0, 2_000_000);
-        let text = render(Scrape {
-            metrics: Arc::clone(&m),
-            listeners: m.listeners(),
-            cache_entries: [3, 1],
-            cache_evictions: [0, 0],
-            cache_bytes: 4096,
-            cache_refused: 0,
-            in_flight: 0,
-            upstreams: vec![UpstreamValue {
-                pool: "cluster".into(),
-                server: "10.96.0.11:53".into(),
-                up: true,
-                requests: 1,
-                failures: 0,
-                durations: up.durations(),
-            }],
-            ready: true,
-            healthy: true,
-            http_held: [3, 1],
-            version: "0.1.0".into(),
-            revision: "abc".into(),
-        });
+        render(
+            Scrape {
+                metrics: Arc::clone(&m),
+                listeners: m.listeners(),
+                cache_entries: [3, 1],
+                cache_evictions: [0, 0],
+                cache_bytes: 4096,
+                cache_refused: 0,
+                in_flight: 0,
+                upstreams: vec![UpstreamValue {
+                    pool: "cluster".into(),
+                    server: "10.96.0.11:53".into(),
+                    up: true,
+                    requests: 1,
+                    failures: 0,
+                    durations: up.durations(),
+                }],
+                ready: true,
+                healthy: true,
+                http_held: [3, 1],
+                version: "0.1.0".into(),
+                revision: "abc".into(),
+            },
+            format,
+        )
+    }
+
+    #[test]
+    fn renders_coredns_and_localdns_families() {
+        let text = sample(Format::OpenMetrics);
         for want in [
             "coredns_dns_requests_total{server=\"dns://169.254.20.10:53\",zone=\".\",proto=\"udp\",family=\"1\",type=\"A\"} 1\n",
             "coredns_dns_responses_total{server=\"dns://169.254.20.10:53\",zone=\".\",rcode=\"NXDOMAIN\",plugin=\"cache\"} 1\n",
@@ -623,5 +635,35 @@ mod tests {
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
         }
+    }
+
+    #[test]
+    fn the_text_form_names_counters_with_total_and_has_no_eof() {
+        let text = sample(Format::Text);
+        for want in [
+            "# HELP coredns_dns_requests_total Counter of DNS requests made per zone, protocol and family.\n",
+            "# TYPE coredns_dns_requests_total counter\n",
+            "coredns_dns_requests_total{server=\"dns://169.254.20.10:53\",zone=\".\",proto=\"udp\",family=\"1\",type=\"A\"} 1\n",
+            "# TYPE localdns_cache_bytes gauge\nlocaldns_cache_bytes 4096.0\n",
+            "# TYPE coredns_dns_request_duration_seconds histogram\n",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in\n{text}");
+        }
+        for never in [
+            "# EOF",
+            "_created",
+            "# UNIT",
+            "# TYPE coredns_dns_requests counter",
+        ] {
+            assert!(!text.contains(never), "{never:?} in\n{text}");
+        }
+        // Every sample of the OpenMetrics form is there, in the same order.
+        let samples = |t: &str| -> Vec<String> {
+            t.lines()
+                .filter(|l| !l.starts_with('#'))
+                .map(String::from)
+                .collect()
+        };
+        assert_eq!(samples(&text), samples(&sample(Format::OpenMetrics)));
     }
 }

@@ -4,9 +4,11 @@
 //! The counters touched on every query live in per-writer, cache-line aligned blocks
 //! ([`stats::Stats`]) so that receive threads on different cores never share a cache line
 //! and never use a locked instruction; the rest are plain shared atomics touched only on
-//! the miss path or on errors. [`expose`] turns a snapshot of all of it into text.
+//! the miss path or on errors. [`expose`] turns a snapshot of all of it into text, in the
+//! format [`format`] picks from the scraper's `Accept` header.
 
 pub mod expose;
+pub mod format;
 pub mod stats;
 
 use std::net::SocketAddr;

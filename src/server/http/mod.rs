@@ -31,6 +31,7 @@ use super::{reload::ReloadState, stuck_loops, HEARTBEAT_STALE_MS};
 use crate::config::HttpAddress;
 use crate::health::{self, ReadyInputs, Report};
 use crate::metrics::expose::{self, Scrape, UpstreamValue};
+use crate::metrics::format;
 use crate::metrics::Stats;
 
 pub const CONNECTION_LIMIT: Duration = Duration::from_secs(30);
@@ -249,11 +250,18 @@ async fn route(ctx: &Arc<Context>, req: Request<Incoming>, node: bool) -> Respon
                 let (reasons, healthy) = check(ctx).await;
                 (reasons.is_empty(), healthy)
             };
-            text(
+            let accept = req.headers().get_all(hyper::header::ACCEPT);
+            let format = format::negotiate(accept.iter().filter_map(|v| v.to_str().ok()));
+            let mut r = text(
                 StatusCode::OK,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                expose::render(scrape(ctx, ready, healthy)),
-            )
+                format.content_type(),
+                expose::render(scrape(ctx, ready, healthy), format),
+            );
+            r.headers_mut().insert(
+                hyper::header::VARY,
+                hyper::header::HeaderValue::from_static("accept"),
+            );
+            r
         }
         "/health" => match stuck(ctx) {
             0 => text(StatusCode::OK, plain, "ok\n".into()),
