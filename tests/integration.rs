@@ -695,7 +695,7 @@ fn hot_entry_asked_three_times() -> (Upstream, Daemon, Instant) {
 }
 
 /// Prefetch knobs beyond the brief's contract (`prefetch_min_hits`, `prefetch_percent`) are
-/// the ones the README documents. TTL 4 s and 75 %: a hit at 2.3 s is inside the prefetch
+/// the ones docs/configuration.md documents. TTL 4 s and 75 %: a hit at 2.3 s is inside the prefetch
 /// window whether the daemon measures age in milliseconds (< 3 s left) or whole seconds
 /// (age 2, 2 s left), and the first hits at ~0 s are outside it either way.
 #[test]

@@ -40,6 +40,7 @@ const FILES: &[(&str, &str)] = &[
     ("/usr/lib/tmpfiles.d/localdns.conf", "-rw-r--r--"),
     ("/etc/localdns/config.toml", "-rw-r--r--"),
     ("/usr/share/man/man8/localdns.8.gz", "-rw-r--r--"),
+    ("/usr/share/man/man5/localdns.toml.5.gz", "-rw-r--r--"),
     ("/usr/share/doc/localdns/changelog.Debian.gz", "-rw-r--r--"),
     ("/usr/share/doc/localdns/copyright", "-rw-r--r--"),
     ("/usr/share/licenses/localdns/LICENSE", "-rw-r--r--"),
@@ -691,6 +692,58 @@ fn the_man_page_documents_every_subcommand() {
         let heading = format!(".SS \"localdns {}\"", sub.get_name());
         assert!(page.contains(&heading), "no {heading} in\n{page}");
     }
+}
+
+/// localdns.toml(5) is in the packages beside localdns(8) (`both_packages_ship_the_same_files`
+/// checks the .rpm has the same bytes), renders with neither groff nor man warning, and
+/// documents every table (examples/manpage5.rs's tests check every key against the parser).
+#[test]
+fn the_config_man_page_renders_without_warnings() {
+    let Some(pkgs) = packages(
+        "the_config_man_page_renders_without_warnings",
+        &["dpkg-deb", "gzip", "groff", "man"],
+    ) else {
+        return;
+    };
+    let tree = unpack_deb(&pkgs[0].deb);
+    let gz = tree.path().join("usr/share/man/man5/localdns.toml.5.gz");
+    let page = stdout("gzip", &["-dc", path(&gz)]);
+    assert!(page.starts_with(".TH localdns.toml 5 "), "{page}");
+    // Each table header of the example it is rendered from, `# [[stub]]` included.
+    let example = std::fs::read_to_string(repo("config/example.toml")).unwrap();
+    let tables: Vec<&str> = example
+        .lines()
+        .map(|l| l.trim_start_matches("# "))
+        .filter(|l| l.starts_with('[') && l.ends_with(']'))
+        .collect();
+    assert!(tables.len() >= 8, "{tables:?}");
+    for table in tables {
+        assert!(
+            page.contains(&format!(".SH \"{table}\"")),
+            "no {table} in\n{page}"
+        );
+    }
+    let plain = tree.path().join("localdns.toml.5");
+    std::fs::write(&plain, &page).unwrap();
+    let groff = run("groff", &["-ww", "-man", "-z", path(&plain)]);
+    assert!(
+        groff.status.success() && groff.stderr.is_empty(),
+        "groff: {}",
+        String::from_utf8_lossy(&groff.stderr)
+    );
+    let man = Command::new("man")
+        .args(["--warnings", "-l", path(&gz)])
+        .env("MANWIDTH", "80")
+        .env("MAN_KEEP_FORMATTING", "0")
+        .output()
+        .unwrap();
+    assert!(man.status.success(), "man: {man:?}");
+    assert!(
+        man.stderr.is_empty(),
+        "man: {}",
+        String::from_utf8_lossy(&man.stderr)
+    );
+    assert!(String::from_utf8_lossy(&man.stdout).contains("fallback_address"));
 }
 
 // ---------------------------------------------------------------- the repositories

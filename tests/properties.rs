@@ -1,4 +1,4 @@
-//! Property tests: the invariants of the fuzz targets (`fuzz/`, README "Fuzzing") on every
+//! Property tests: the invariants of the fuzz targets (`fuzz/`, docs/design.md "Fuzzing") on every
 //! `cargo test`, over the library API. hickory-proto's decoder is the oracle: whatever
 //! localdns sends must decode, keep the client's ID and echo its question.
 //!
@@ -365,7 +365,7 @@ fn upstream_parser_never_panics() {
     );
 }
 
-// ---- The fuzzers' findings (README "Fuzzing").
+// ---- The fuzzers' findings (docs/design.md "Fuzzing").
 
 /// fuzz/upstream_answer: an upstream response with two OPT records kept one beside the
 /// client's, and the answer did not decode (two OPTs). Now refused as malformed.

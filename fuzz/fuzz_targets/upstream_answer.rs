@@ -80,7 +80,7 @@ fuzz_target!(|data: &[u8]| {
     // hickory reads a zero TTL with class ANY differently (an update's delete), so the
     // oracle is: when the stored records decode as localdns shows them, the whole answer
     // decodes too (the echoed question, the client's OPT). Names pointing into the bytes
-    // localdns rewrites (header, TTLs) are refused by `from_upstream` (README "Fuzzing",
+    // localdns rewrites (header, TTLs) are refused by `from_upstream` (docs/design.md "Fuzzing",
     // finding 1), so they are no exception here.
     let ours = if q.edns.is_some() { 11 } else { 0 };
     let mut stored = out[..out.len() - ours].to_vec();

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 pub const UPSTREAM_FILE: &str = "70-config-sync-cluster-upstream.toml";
 /// Each `*.toml` key of the ConfigMap becomes `71-config-sync-<key>`: after the upstream
 /// drop-in (a ConfigMap that sets `cluster.upstream` itself wins) and before `80-*`, which
-/// the README leaves to the node's own overrides.
+/// docs/operator-guide.md leaves to the node's own overrides.
 pub const CONFIGMAP_PREFIX: &str = "71-config-sync-";
 /// The environment variable Kubernetes injects for the `kube-dns-upstream` Service.
 pub const UPSTREAM_ENV: &str = "KUBE_DNS_UPSTREAM_SERVICE_HOST";

@@ -180,7 +180,7 @@ impl Answer {
         let body_end = opt.map_or(end, |o| o.start);
         // Every name a client will read back, owners and those in RDATA, must read the
         // same from what is served: nothing in the header or a TTL (both rewritten), nothing
-        // past the cut (fuzz finding 1, README "Fuzzing").
+        // past the cut (fuzz finding 1, docs/design.md "Fuzzing").
         let rewritten: Vec<usize> = records.iter().map(|(_, r)| r.ttl_offset()).collect();
         let readable = |at| wire::check_name(resp, at, body_end, &rewritten);
         for (_, r) in &records {

@@ -58,7 +58,7 @@ use super::rules::TAG;
 
 /// The table's name (family `inet`).
 pub const TABLE: &str = "localdns";
-/// `family name`, as `nft list tables` and the README show it.
+/// `family name`, as `nft list tables` and docs/design.md show it.
 pub const TABLE_ID: &str = "inet localdns";
 /// iptables' raw priority: before conntrack (-200).
 ///
