@@ -16,7 +16,7 @@
 # CPU per sync is the difference. Binaries are run one after the other in one namespace
 # and one sitting, so compare them within one run.
 #
-# Environment: BINS, IDLE (seconds) [10]. Needs root, iptables (nft), python3, curl.
+# Environment: BINS, IDLE (seconds) [10], LOGS (a directory to keep each binary's log in). Needs root, iptables (nft), python3, curl.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 SECS=${1:-10}
@@ -99,12 +99,12 @@ for bin in $BINS; do
     start=$(now_ms)
     in_ns iptables-nft-restore --noflush <"$W/sync-$round"
     left=$((1000 - ($(now_ms) - start)))
-    [ "$left" -gt 0 ] && sleep "$(printf '0.%03d' "$left")"
+    if [ "$left" -gt 0 ]; then sleep "$(printf "0.%03d" "$left")"; fi
   done
   # The last sync's check.
   sleep 1
   read -r u2 s2 cu2 cs2 < <(cpu "$PID"); t2=$(now_ms)
-  checks=$(in_ns curl -sf --max-time 2 http://127.0.0.1:9253/metrics |
+  checks=$({ in_ns curl -sf --max-time 5 http://127.0.0.1:9253/metrics || true; } |
     awk '/^localdns_rules_checks_total/ { s = s $0 " " } END { gsub(/localdns_rules_checks_total/, "", s); print (s == "" ? "-" : s) }')
   awk -v name="$(basename "$bin")" -v u0="$u0" -v s0="$s0" -v c0="$cu0" -v d0="$cs0" \
     -v u1="$u1" -v s1="$s1" -v c1="$cu1" -v d1="$cs1" -v u2="$u2" -v s2="$s2" -v c2="$cu2" -v d2="$cs2" \
@@ -119,5 +119,6 @@ for bin in $BINS; do
         own + kid, own, kid, checks
     }'
   kill "$PID"; wait "$PID" 2>/dev/null || true; PID=
+  if [ -n "${LOGS:-}" ]; then mkdir -p "$LOGS" && cp "$W/log" "$LOGS/$(basename "$bin").log"; fi
   in_ns "$bin" teardown --config "$W/config.toml" >/dev/null 2>&1 || true
 done

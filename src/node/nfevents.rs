@@ -197,7 +197,7 @@ mod tests {
         out
     }
 
-    const OURS: &[(u8, &'static str)] = &[(NFPROTO_INET, "localdns")];
+    const OURS: &[(u8, &str)] = &[(NFPROTO_INET, "localdns")];
 
     #[test]
     fn a_change_to_our_table_is_seen_and_others_are_not() {
