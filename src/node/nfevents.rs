@@ -127,6 +127,20 @@ fn table_name(mut attrs: &[u8]) -> Option<&[u8]> {
     None
 }
 
+/// Attaches the biggest [`prefilter`] program the kernel takes (see
+/// [`prefilter::MESSAGES`]); returns how many messages a datagram it reads.
+fn attach(socket: &netlink_sys::Socket, names: &[&str]) -> std::io::Result<usize> {
+    let mut messages = prefilter::MESSAGES;
+    loop {
+        let program = prefilter::program(names, messages).filters();
+        match socket2::SockRef::from(socket).attach_filter(&program) {
+            Ok(()) => return Ok(messages),
+            Err(e) if e.raw_os_error() == Some(nix::libc::ENOMEM) && messages > 1 => messages /= 2,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// The subscribed socket.
 pub struct Events(TokioSocket);
 
@@ -138,10 +152,13 @@ impl Events {
         let names: Vec<&str> = watched.iter().map(|(_, t)| *t).collect();
         // Before joining the group: no datagram is queued unfiltered. Without it (a kernel
         // that refuses the program) every datagram is read and decided here, as before.
-        if let Err(e) = socket2::SockRef::from(socket.socket_ref())
-            .attach_filter(&prefilter::program(&names).filters())
-        {
-            tracing::warn!("cannot attach the nftables notification prefilter: {e}; every notification is read");
+        match attach(socket.socket_ref(), &names) {
+            Ok(messages) => tracing::debug!(
+                "nftables notification prefilter attached (up to {messages} messages a datagram)"
+            ),
+            Err(e) => tracing::warn!(
+                "cannot attach the nftables notification prefilter: {e}; every notification is read"
+            ),
         }
         socket.socket_mut().bind_auto()?;
         socket.socket_mut().add_membership(NFNLGRP_NFTABLES)?;

@@ -18,9 +18,11 @@
 //! kernel's semantics (a load out of bounds drops) and checks that nothing userspace
 //! would count is dropped.
 
-/// Messages per datagram the program reads (fewer if they would not fit in
-/// `BPF_MAXINSNS`); a datagram with more passes.
-pub const MESSAGES: usize = 48;
+/// The most messages per datagram a program reads (fewer if they would not fit in
+/// `BPF_MAXINSNS`); a datagram with more passes. The kernel charges a socket's filter,
+/// after its translation to eBPF, against `net.core.optmem_max` (20 KiB on older
+/// kernels), so [`super::Events::subscribe`] halves the count until one is taken.
+pub const MESSAGES: usize = 32;
 
 /// One instruction (`struct sock_filter`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,8 +176,9 @@ impl Block {
     }
 }
 
-/// The filter for `watched` table names (see the module doc).
-pub fn program(watched: &[&str]) -> Program {
+/// The filter for `watched` table names that reads up to `messages` messages of a
+/// datagram (see the module doc).
+pub fn program(watched: &[&str], messages: usize) -> Program {
     let mut names: Vec<&[u8]> = watched.iter().map(|w| w.as_bytes()).collect();
     names.sort();
     names.dedup();
@@ -220,10 +223,18 @@ pub fn program(watched: &[&str]) -> Program {
     let tail = tail.finish();
     let block = message(&names);
     let room = (MAX_INSNS - out.len() - tail.len()) / block.len();
-    for _ in 0..MESSAGES.min(room) {
+    for _ in 0..messages.min(room) {
         out.extend_from_slice(&block);
     }
     out.extend(tail);
+    // The tail's own skip jumps one past its end: the kernel checks every jump lands
+    // inside the program, reached or not.
+    out.push(Insn {
+        code: RET | K,
+        jt: 0,
+        jf: 0,
+        k: KEEP,
+    });
     Program(out)
 }
 
@@ -421,6 +432,69 @@ mod tests {
         }
     }
 
+    /// What the kernel checks before it takes a program (`bpf_check_classic`): every
+    /// jump lands inside it, it ends with a return, scratch slots exist and are written
+    /// before they are read on every path (`check_load_and_stores`).
+    fn kernel_accepts(p: &Program) -> Result<(), String> {
+        let n = p.0.len();
+        if n == 0 || n > MAX_INSNS {
+            return Err(format!("{n} instructions"));
+        }
+        if p.0[n - 1].code & 0x07 != RET {
+            return Err("does not end with a return".into());
+        }
+        let mut masks = vec![u16::MAX; n];
+        let mut valid: u16 = 0;
+        for (pc, i) in p.0.iter().enumerate() {
+            valid &= masks[pc];
+            let target = |off: usize| -> Result<usize, String> {
+                let t = pc + 1 + off;
+                if t < n {
+                    Ok(t)
+                } else {
+                    Err(format!("jump at {pc} lands at {t}, past {n}"))
+                }
+            };
+            match i.code {
+                ST | 0x03 if i.k < 16 => valid |= 1 << i.k,
+                c if (c == LD | MEM || c == LDX | MEM) && i.k < 16 => {
+                    if valid & (1 << i.k) == 0 {
+                        return Err(format!("slot {} read at {pc} before it is written", i.k));
+                    }
+                }
+                ST | 0x03 | 0x60 | 0x61 => return Err(format!("slot {} at {pc}", i.k)),
+                c if c == JMP | JA => {
+                    masks[target(i.k as usize)?] &= valid;
+                    valid = u16::MAX;
+                }
+                c if c & 0x07 == JMP => {
+                    masks[target(usize::from(i.jt))?] &= valid;
+                    masks[target(usize::from(i.jf))?] &= valid;
+                    valid = u16::MAX;
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn the_kernel_takes_the_program() {
+        for watched in [IPTABLES, NFTABLES] {
+            let p = program(&names(watched), MESSAGES);
+            assert_eq!(kernel_accepts(&p), Ok(()), "{watched:?}");
+        }
+        assert_eq!(kernel_accepts(&program(&[""], MESSAGES)), Ok(()));
+        // And the kernel itself (attaching a filter needs no privilege), at the size the
+        // daemon ends up with.
+        for watched in [IPTABLES, NFTABLES] {
+            let socket =
+                netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_NETFILTER).unwrap();
+            let messages = super::super::attach(&socket, &names(watched)).unwrap();
+            assert!(messages >= 4, "{messages}");
+        }
+    }
+
     /// xorshift64*: the datagrams are the same on every run.
     struct Rng(u64);
 
@@ -536,7 +610,7 @@ mod tests {
     #[test]
     fn the_program_fits_and_keeps_every_datagram_userspace_would_count() {
         for watched in [IPTABLES, NFTABLES] {
-            let p = program(&names(watched));
+            let p = program(&names(watched), MESSAGES);
             assert!(p.0.len() <= MAX_INSNS, "{} instructions", p.0.len());
             let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
             let (mut counted, mut dropped) = (0, 0);
@@ -561,7 +635,7 @@ mod tests {
         // Well-formed, the table name first and NUL-terminated, not longer than a watched
         // name it starts with, in an iptables family: the kernel's decision is userspace's.
         let watched = IPTABLES;
-        let p = program(&names(watched));
+        let p = program(&names(watched), MESSAGES);
         let mut rng = Rng(7);
         let mut both = [0usize; 2];
         for _ in 0..20000 {
@@ -584,7 +658,7 @@ mod tests {
 
     #[test]
     fn kube_proxys_nat_rewrite_is_dropped_and_a_raw_change_kept() {
-        let p = program(&names(IPTABLES));
+        let p = program(&names(IPTABLES), MESSAGES);
         let rule = |family, table: &[u8]| {
             message(
                 6, // NFT_MSG_NEWRULE
@@ -602,6 +676,6 @@ mod tests {
         assert_eq!(run(&p, &rule(NFPROTO_IPV4, b"filter\0")), KEEP);
         // Not understood: kept.
         assert_eq!(run(&p, &nat[..nat.len() - 1]), KEEP);
-        assert_eq!(run(&program(&[""]), &nat), KEEP);
+        assert_eq!(run(&program(&[""], MESSAGES), &nat), KEEP);
     }
 }
