@@ -33,6 +33,16 @@ pub struct Insn {
     pub k: u32,
 }
 
+/// An instruction that does not jump.
+fn insn(code: u16, k: u32) -> Insn {
+    Insn {
+        code,
+        jt: 0,
+        jf: 0,
+        k,
+    }
+}
+
 /// The program, as the kernel takes it.
 #[derive(Debug, Clone)]
 pub struct Program(pub Vec<Insn>);
@@ -183,38 +193,13 @@ pub fn program(watched: &[&str], messages: usize) -> Program {
     names.sort();
     names.dedup();
     if names.iter().any(|n| n.is_empty() || n.len() > 64) {
-        return Program(vec![Insn {
-            code: RET | K,
-            jt: 0,
-            jf: 0,
-            k: KEEP,
-        }]);
+        return Program(vec![insn(RET | K, KEEP)]);
     }
     let mut out = vec![
-        Insn {
-            code: LD | W | LEN,
-            jt: 0,
-            jf: 0,
-            k: 0,
-        },
-        Insn {
-            code: ST,
-            jt: 0,
-            jf: 0,
-            k: PKT,
-        },
-        Insn {
-            code: LD | IMM,
-            jt: 0,
-            jf: 0,
-            k: 0,
-        },
-        Insn {
-            code: ST,
-            jt: 0,
-            jf: 0,
-            k: OFF,
-        },
+        insn(LD | W | LEN, 0),
+        insn(ST, PKT),
+        insn(LD | IMM, 0),
+        insn(ST, OFF),
     ];
     // More messages than unrolled: keep, unless the datagram ended.
     let mut tail = Block { code: Vec::new() };
@@ -229,12 +214,7 @@ pub fn program(watched: &[&str], messages: usize) -> Program {
     out.extend(tail);
     // The tail's own skip jumps one past its end: the kernel checks every jump lands
     // inside the program, reached or not.
-    out.push(Insn {
-        code: RET | K,
-        jt: 0,
-        jf: 0,
-        k: KEEP,
-    });
+    out.push(insn(RET | K, KEEP));
     Program(out)
 }
 
@@ -456,13 +436,14 @@ mod tests {
                 }
             };
             match i.code {
-                ST | 0x03 if i.k < 16 => valid |= 1 << i.k,
-                c if (c == LD | MEM || c == LDX | MEM) && i.k < 16 => {
-                    if valid & (1 << i.k) == 0 {
-                        return Err(format!("slot {} read at {pc} before it is written", i.k));
-                    }
+                // ST, STX, LD MEM, LDX MEM
+                0x02 | 0x03 | 0x60 | 0x61 if i.k >= 16 => {
+                    return Err(format!("slot {} at {pc}", i.k))
                 }
-                ST | 0x03 | 0x60 | 0x61 => return Err(format!("slot {} at {pc}", i.k)),
+                0x02 | 0x03 => valid |= 1 << i.k,
+                0x60 | 0x61 if valid & (1 << i.k) == 0 => {
+                    return Err(format!("slot {} read at {pc} before it is written", i.k));
+                }
                 c if c == JMP | JA => {
                     masks[target(i.k as usize)?] &= valid;
                     valid = u16::MAX;
