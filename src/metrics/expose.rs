@@ -497,6 +497,14 @@ impl Scrape {
                 (labels(&[("what", "order")]), l(&m.repairs_order)),
             ],
         )?;
+        o.counter(
+            "localdns_rules_checks",
+            "Drift checks of the firewall rules, by trigger: a burst of nftables change notifications (event), the rules check interval (interval).",
+            &[
+                (labels(&[("trigger", "event")]), l(&m.rules_checks_event)),
+                (labels(&[("trigger", "interval")]), l(&m.rules_checks_interval)),
+            ],
+        )?;
         let mut up = Vec::new();
         let mut errors = Vec::new();
         let mut latency = Vec::new();

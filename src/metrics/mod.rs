@@ -152,6 +152,9 @@ pub struct Metrics {
     pub repairs_rules: AtomicU64,
     /// localdns's jumps moved back ahead of a foreign rule (see `node::order`).
     pub repairs_order: AtomicU64,
+    /// Drift checks of the firewall rules, by what started them (see `node::repair`).
+    pub rules_checks_event: AtomicU64,
+    pub rules_checks_interval: AtomicU64,
     /// Failed binds of the HTTP endpoint's address (another program holds it).
     pub http_bind_failures: AtomicU64,
     /// HTTP connections closed at accept: every slot they may use held / their client
@@ -210,6 +213,8 @@ impl Default for Metrics {
             repairs_addresses: AtomicU64::new(0),
             repairs_rules: AtomicU64::new(0),
             repairs_order: AtomicU64::new(0),
+            rules_checks_event: AtomicU64::new(0),
+            rules_checks_interval: AtomicU64::new(0),
             http_bind_failures: AtomicU64::new(0),
             http_refused_full: AtomicU64::new(0),
             http_refused_per_client: AtomicU64::new(0),

@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use super::firewall;
 use super::iptables::{self, Census, Iptables, Kind, RulesError, Tables};
+use super::nfevents;
 use super::nftables::{self, Listing};
 use super::rules::{self, Family};
 use crate::config::Firewall;
@@ -172,15 +173,10 @@ impl Backend {
     /// The `(nfproto family, table)` pairs whose change notifications matter.
     pub fn watched_tables(&self) -> Vec<(u8, &'static str)> {
         match self {
-            Backend::Nftables { .. } => vec![(super::nfevents::NFPROTO_INET, nftables::TABLE)],
+            Backend::Nftables { .. } => vec![(nfevents::NFPROTO_INET, nftables::TABLE)],
             Backend::Iptables(_) => rules::TABLES
                 .iter()
-                .flat_map(|t| {
-                    [
-                        (super::nfevents::NFPROTO_IPV4, *t),
-                        (super::nfevents::NFPROTO_IPV6, *t),
-                    ]
-                })
+                .flat_map(|t| [(nfevents::NFPROTO_IPV4, *t), (nfevents::NFPROTO_IPV6, *t)])
                 .collect(),
         }
     }
@@ -238,8 +234,10 @@ impl Backend {
     }
 
     /// Compares the backend with `snapshot` (`None`: unknown) and puts back what changed.
-    /// `full`: also re-read which iptables filter tables drop by default (the periodic
-    /// check; an nftables event checks the table alone). `may_move`: a jump with a
+    /// `named`: the `(nfproto family, table)` pairs a burst of change events named, the
+    /// only ones read then (an nftables event reads the table alone); `None`, the
+    /// periodic check: everything, and which iptables filter tables drop by default
+    /// (the nftables backend's ACCEPT rules). `may_move`: a jump with a
     /// foreign rule ahead is moved back to the top (else it is only reported, see
     /// [`super::order::Brake`]). Returns the new snapshot and what was done. Blocking.
     pub fn repair(
@@ -247,7 +245,7 @@ impl Backend {
         snapshot: Option<&Snapshot>,
         addresses: &[IpAddr],
         port: u16,
-        full: bool,
+        named: Option<&[(u8, &'static str)]>,
         may_move: bool,
     ) -> Result<(Snapshot, Repaired), RulesError> {
         let what = |what: Vec<&'static str>| Repaired {
@@ -256,7 +254,12 @@ impl Backend {
         };
         match (self, snapshot) {
             (Backend::Iptables(t), Some(Snapshot::Iptables(s))) => {
-                let c = firewall::check(t.as_ref(), s, addresses, port)?;
+                let only: Option<Vec<(Family, &str)>> = named.map(|n| {
+                    n.iter()
+                        .filter_map(|(f, table)| Some((nfevents::family(*f)?, *table)))
+                        .collect()
+                });
+                let c = firewall::check_in(t.as_ref(), s, only.as_deref(), addresses, port)?;
                 if !c.intact {
                     // A fresh install puts every jump first as well.
                     let s = firewall::install(t.as_ref(), addresses, port)?;
@@ -289,7 +292,7 @@ impl Backend {
                     repaired.push("table inet localdns");
                     nftables::install(addresses, port)?
                 };
-                let accept = if full {
+                let accept = if named.is_none() {
                     let now = accept_rules(*wait, addresses, port, Some(accept));
                     if now != *accept {
                         repaired.push("ACCEPT rules in the iptables filter table");

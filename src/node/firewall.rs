@@ -86,33 +86,44 @@ pub fn check(
     addresses: &[IpAddr],
     port: u16,
 ) -> Result<Check, RulesError> {
-    let mut now = Vec::new();
+    check_in(t, snapshot, None, addresses, port)
+}
+
+/// [`check`] of the tables `only` names (`None`: all): what an event named. The others
+/// are taken to be as they were.
+pub fn check_in(
+    t: &dyn Tables,
+    snapshot: &Snapshot,
+    only: Option<&[(Family, &str)]>,
+    addresses: &[IpAddr],
+    port: u16,
+) -> Result<Check, RulesError> {
+    let mut intact = true;
     let mut ahead = Vec::new();
-    for family in Family::ALL {
-        for table in tables_of(snapshot) {
-            let (text, ours) = read_text(t, family, table)?;
-            for h in rules::HOOKS.iter().filter(|h| h.table == table) {
-                let flows = order::flows(h, family, addresses, port);
-                let found = order::ahead(&text, h, &flows);
-                let jump = ours.jumps.iter().find(|l| rules::is_jump(l, h));
-                if let (false, Some(jump)) = (found.is_empty(), jump) {
-                    ahead.push(Ahead {
-                        kind: t.kind(),
-                        family,
-                        table,
-                        builtin: h.builtin,
-                        jump: jump.clone(),
-                        rules: found,
-                    });
-                }
-            }
-            now.push((family, table, ours));
+    for (family, table, was) in &snapshot.0 {
+        let (family, table) = (*family, *table);
+        if only.is_some_and(|o| !o.contains(&(family, table))) {
+            continue;
         }
+        let (text, ours) = read_text(t, family, table)?;
+        for h in rules::HOOKS.iter().filter(|h| h.table == table) {
+            let flows = order::flows(h, family, addresses, port);
+            let found = order::ahead(&text, h, &flows);
+            let jump = ours.jumps.iter().find(|l| rules::is_jump(l, h));
+            if let (false, Some(jump)) = (found.is_empty(), jump) {
+                ahead.push(Ahead {
+                    kind: t.kind(),
+                    family,
+                    table,
+                    builtin: h.builtin,
+                    jump: jump.clone(),
+                    rules: found,
+                });
+            }
+        }
+        intact &= ours == *was;
     }
-    Ok(Check {
-        intact: Snapshot(now) == *snapshot,
-        ahead,
-    })
+    Ok(Check { intact, ahead })
 }
 
 /// Moves the jumps of `ahead` back to the top of their chains: one restore per family,
@@ -408,6 +419,24 @@ mod tests {
                 .contains(&format!("-D {}\n-I PREROUTING 1 ", &jump[3..])),
             "{restored:?}"
         );
+    }
+
+    #[test]
+    fn an_event_check_reads_only_the_tables_it_names() {
+        let fake = Fake::default();
+        let raw = (Family::V4, "raw".to_owned());
+        let text = "*raw\n:LOCALDNS-OUTPUT - [0:0]\n-A OUTPUT -j LOCALDNS-OUTPUT\n-A LOCALDNS-OUTPUT -j NOTRACK\nCOMMIT\n";
+        fake.saved.lock().unwrap().insert(raw.clone(), text.into());
+        let snap = read_all(&fake).unwrap();
+        fake.saved
+            .lock()
+            .unwrap()
+            .insert(raw, text.replace("-A LOCALDNS-OUTPUT -j NOTRACK\n", ""));
+        let addrs: Vec<IpAddr> = vec!["10.96.0.10".parse().unwrap()];
+        let only = |o: &[(Family, &str)]| check_in(&fake, &snap, Some(o), &addrs, 53).unwrap();
+        assert!(only(&[(Family::V4, "filter"), (Family::V6, "raw")]).intact);
+        assert!(!only(&[(Family::V4, "raw")]).intact);
+        assert!(!check(&fake, &snap, &addrs, 53).unwrap().intact);
     }
 
     #[test]

@@ -6,9 +6,13 @@
 //! would hang localdns. Here every call waits for the xtables lock at most
 //! `xtables_wait` (`-w`), is killed if it still runs past that, and is retried twice.
 //!
-//! Reads use `*-save -t TABLE` (one process per table, whatever its size); writes use
-//! `*-restore --noflush`, so each table changes atomically. Reading must never create a
-//! table: legacy `-save -t` would, so legacy tables are read only if the kernel lists them.
+//! Reads of one table: `iptables-nft -t TABLE -S`, turned into the save form
+//! ([`listing_to_save`]), because `iptables-nft-save -t TABLE` fetches the whole ruleset
+//! first (on a node with kube-proxy's 40,000 nat rules, 0.3 s for a 500-rule filter table
+//! against 0.02 s); legacy reads use `iptables-legacy-save -t TABLE`, which reads only the
+//! table. Writes use `*-restore --noflush`, so each table changes atomically. Reading must
+//! never create a table: legacy `-save -t` would, so legacy tables are read only if the
+//! kernel lists them (`iptables-nft -S` creates nothing).
 
 use std::time::Duration;
 
@@ -160,11 +164,17 @@ impl Tables for Iptables {
     }
 
     fn save(&self, family: Family, table: &str) -> Result<Option<String>, RulesError> {
-        if self.kind == Kind::Legacy && !Self::legacy_table_exists(family, table) {
-            return Ok(None);
+        match self.kind {
+            Kind::Legacy if !Self::legacy_table_exists(family, table) => Ok(None),
+            Kind::Legacy => self
+                .run(&self.kind.program(family, "save"), &["-t", table], None)
+                .map(Some),
+            Kind::Nft => {
+                let program = format!("{}-nft", family.command());
+                self.run(&program, &["-t", table, "-S"], None)
+                    .map(|listing| Some(listing_to_save(table, &listing)))
+            }
         }
-        self.run(&self.kind.program(family, "save"), &["-t", table], None)
-            .map(Some)
     }
 
     fn restore(&self, family: Family, input: &str) -> Result<(), RulesError> {
@@ -176,6 +186,25 @@ impl Tables for Iptables {
         )
         .map(|_| ())
     }
+}
+
+/// `iptables -t TABLE -S` output in the form `iptables-save -t TABLE` prints (counters
+/// zero): `-P CHAIN POLICY` → `:CHAIN POLICY [0:0]`, `-N CHAIN` → `:CHAIN - [0:0]`, rules
+/// as they are (both print them with the same code).
+pub fn listing_to_save(table: &str, listing: &str) -> String {
+    let mut out = format!("*{table}\n");
+    for line in listing.lines() {
+        if let Some(policy) = line.strip_prefix("-P ") {
+            out.push_str(&format!(":{policy} [0:0]\n"));
+        } else if let Some(chain) = line.strip_prefix("-N ") {
+            out.push_str(&format!(":{chain} - [0:0]\n"));
+        } else if !line.is_empty() {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out.push_str("COMMIT\n");
+    out
 }
 
 /// What a backend holds, for choosing the one kube-proxy uses.
@@ -269,6 +298,27 @@ mod tests {
         assert_eq!(kind(None, Some(c(0, 0))), Some(Kind::Legacy));
         assert_eq!(kind(Some(c(0, 0)), None), Some(Kind::Nft));
         assert_eq!(kind(None, None), None);
+    }
+
+    #[test]
+    fn a_listing_reads_as_the_save_output() {
+        let listing = "-P INPUT DROP\n-P OUTPUT ACCEPT\n-N LOCALDNS-INPUT\n\
+                       -A INPUT -m comment --comment localdns -j LOCALDNS-INPUT\n\
+                       -A LOCALDNS-INPUT -d 10.96.0.10/32 -p udp -m comment --comment \"a b\" -m udp --dport 53 -j ACCEPT\n";
+        let save = listing_to_save("filter", listing);
+        assert_eq!(
+            save,
+            "*filter\n:INPUT DROP [0:0]\n:OUTPUT ACCEPT [0:0]\n:LOCALDNS-INPUT - [0:0]\n\
+             -A INPUT -m comment --comment localdns -j LOCALDNS-INPUT\n\
+             -A LOCALDNS-INPUT -d 10.96.0.10/32 -p udp -m comment --comment \"a b\" -m udp --dport 53 -j ACCEPT\n\
+             COMMIT\n"
+        );
+        // What the rest of the module reads from it.
+        let ours = super::super::rules::parse(&save, "filter");
+        assert_eq!(ours.chains, ["LOCALDNS-INPUT"]);
+        assert_eq!(ours.jumps.len(), 1);
+        assert_eq!(ours.rules.len(), 1);
+        assert_eq!(super::super::rules::drops_by_default(&save), ["INPUT"]);
     }
 
     #[test]

@@ -24,6 +24,7 @@
 //! The nftables table is built as data ([`nftables::transaction`]) and tested the same way.
 
 pub mod backend;
+pub mod debounce;
 pub mod firewall;
 pub mod iptables;
 pub mod link;

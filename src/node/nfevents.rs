@@ -10,6 +10,8 @@
 //! overran), count as a change: a needless check costs one `nft list`, a missed one a
 //! drift that lasts until the periodic check.
 
+mod prefilter;
+
 use futures_util::FutureExt;
 use netlink_sys::{protocols::NETLINK_NETFILTER, AsyncSocket, AsyncSocketExt, TokioSocket};
 
@@ -25,16 +27,47 @@ pub const NFPROTO_INET: u8 = 1;
 pub const NFPROTO_IPV4: u8 = 2;
 pub const NFPROTO_IPV6: u8 = 10;
 const NLMSG_HDRLEN: usize = 16;
+
+/// The iptables family of an nfgenmsg family (`None`: not an iptables one).
+pub fn family(nfproto: u8) -> Option<super::rules::Family> {
+    match nfproto {
+        NFPROTO_IPV4 => Some(super::rules::Family::V4),
+        NFPROTO_IPV6 => Some(super::rules::Family::V6),
+        _ => None,
+    }
+}
 const NFGENMSG_LEN: usize = 4;
 
-/// Whether a datagram of notifications touches one of `watched` (`(family, table)`).
-pub fn touches(datagram: &[u8], watched: &[(u8, &str)]) -> bool {
+/// What a batch of notifications named, of the tables watched.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Touched {
+    /// Something could not be read, or notifications were lost: any table may have changed.
+    pub unknown: bool,
+    /// The watched `(family, table)` pairs named, each once.
+    pub tables: Vec<(u8, &'static str)>,
+}
+
+impl Touched {
+    pub fn any(&self) -> bool {
+        self.unknown || !self.tables.is_empty()
+    }
+
+    fn name(&mut self, pair: (u8, &'static str)) {
+        if !self.tables.contains(&pair) {
+            self.tables.push(pair);
+        }
+    }
+}
+
+/// Adds to `out` what a datagram of notifications names of `watched` (`(family, table)`).
+pub fn touched(datagram: &[u8], watched: &[(u8, &'static str)], out: &mut Touched) {
     let mut rest = datagram;
     while rest.len() >= NLMSG_HDRLEN {
         let len = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
         let kind = u16::from_ne_bytes([rest[4], rest[5]]);
         if len < NLMSG_HDRLEN || len > rest.len() {
-            return true;
+            out.unknown = true;
+            return;
         }
         let msg = &rest[NLMSG_HDRLEN..len];
         rest = &rest[align(len).min(rest.len())..];
@@ -45,22 +78,32 @@ pub fn touches(datagram: &[u8], watched: &[(u8, &str)]) -> bool {
             continue;
         }
         if msg.len() < NFGENMSG_LEN {
-            return true;
+            out.unknown = true;
+            return;
         }
         let family = msg[0];
         match table_name(&msg[NFGENMSG_LEN..]) {
             Some(name) => {
-                if watched
+                if let Some(pair) = watched
                     .iter()
-                    .any(|(f, t)| *f == family && t.as_bytes() == name)
+                    .find(|(f, t)| *f == family && t.as_bytes() == name)
                 {
-                    return true;
+                    out.name(*pair);
                 }
             }
-            None => return true,
+            None => {
+                out.unknown = true;
+                return;
+            }
         }
     }
-    false
+}
+
+/// Whether a datagram of notifications touches one of `watched`.
+pub fn touches(datagram: &[u8], watched: &[(u8, &'static str)]) -> bool {
+    let mut t = Touched::default();
+    touched(datagram, watched, &mut t);
+    t.any()
 }
 
 fn align(n: usize) -> usize {
@@ -84,13 +127,39 @@ fn table_name(mut attrs: &[u8]) -> Option<&[u8]> {
     None
 }
 
+/// Attaches the biggest [`prefilter`] program the kernel takes (see
+/// [`prefilter::MESSAGES`]); returns how many messages a datagram it reads.
+fn attach(socket: &netlink_sys::Socket, names: &[&str]) -> std::io::Result<usize> {
+    let mut messages = prefilter::MESSAGES;
+    loop {
+        let program = prefilter::program(names, messages).filters();
+        match socket2::SockRef::from(socket).attach_filter(&program) {
+            Ok(()) => return Ok(messages),
+            Err(e) if e.raw_os_error() == Some(nix::libc::ENOMEM) && messages > 1 => messages /= 2,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// The subscribed socket.
 pub struct Events(TokioSocket);
 
 impl Events {
-    /// Joins `NFNLGRP_NFTABLES` in this network namespace (needs CAP_NET_ADMIN).
-    pub fn subscribe() -> std::io::Result<Events> {
+    /// Joins `NFNLGRP_NFTABLES` in this network namespace (needs CAP_NET_ADMIN), with
+    /// the kernel dropping what certainly does not concern `watched` ([`prefilter`]).
+    pub fn subscribe(watched: &[(u8, &'static str)]) -> std::io::Result<Events> {
         let mut socket = TokioSocket::new(NETLINK_NETFILTER)?;
+        let names: Vec<&str> = watched.iter().map(|(_, t)| *t).collect();
+        // Before joining the group: no datagram is queued unfiltered. Without it (a kernel
+        // that refuses the program) every datagram is read and decided here, as before.
+        match attach(socket.socket_ref(), &names) {
+            Ok(messages) => tracing::debug!(
+                "nftables notification prefilter attached (up to {messages} messages a datagram)"
+            ),
+            Err(e) => tracing::warn!(
+                "cannot attach the nftables notification prefilter: {e}; every notification is read"
+            ),
+        }
         socket.socket_mut().bind_auto()?;
         socket.socket_mut().add_membership(NFNLGRP_NFTABLES)?;
         // kube-proxy rewrites big tables: room for a burst.
@@ -98,24 +167,25 @@ impl Events {
         Ok(Events(socket))
     }
 
-    /// Waits until a notification touches `watched` (or some were lost); the ones already
-    /// queued behind it are taken too, so that one check covers a whole burst. An error
-    /// means the socket is unusable.
-    pub async fn changed(&mut self, watched: &[(u8, &str)]) -> std::io::Result<()> {
+    /// Waits until a notification touches `watched` (or some were lost), and says which
+    /// tables; the ones already queued behind it are taken too. An error means the socket
+    /// is unusable.
+    pub async fn changed(&mut self, watched: &[(u8, &'static str)]) -> std::io::Result<Touched> {
+        let mut out = Touched::default();
         loop {
-            let mut hit = match self.0.recv_from_full().await {
-                Ok((datagram, _)) => touches(&datagram, watched),
-                Err(e) if e.raw_os_error() == Some(nix::libc::ENOBUFS) => true,
+            match self.0.recv_from_full().await {
+                Ok((datagram, _)) => touched(&datagram, watched, &mut out),
+                Err(e) if e.raw_os_error() == Some(nix::libc::ENOBUFS) => out.unknown = true,
                 Err(e) => return Err(e),
-            };
-            while let Some(next) = self.0.recv_from_full().now_or_never() {
-                hit |= match next {
-                    Ok((datagram, _)) => touches(&datagram, watched),
-                    Err(_) => true,
-                };
             }
-            if hit {
-                return Ok(());
+            while let Some(next) = self.0.recv_from_full().now_or_never() {
+                match next {
+                    Ok((datagram, _)) => touched(&datagram, watched, &mut out),
+                    Err(_) => out.unknown = true,
+                }
+            }
+            if out.any() {
+                return Ok(out);
             }
         }
     }
@@ -126,7 +196,7 @@ mod tests {
     use super::*;
 
     /// One nf_tables notification: header, nfgenmsg, attributes.
-    fn message(msg: u16, family: u8, attrs: &[(u16, &[u8])]) -> Vec<u8> {
+    pub(super) fn message(msg: u16, family: u8, attrs: &[(u16, &[u8])]) -> Vec<u8> {
         let mut body = vec![family, 0, 0, 0];
         for (kind, value) in attrs {
             let len = 4 + value.len();
@@ -173,6 +243,38 @@ mod tests {
         let both = [kube.clone(), del].concat();
         assert!(touches(&both, OURS));
         assert!(!touches(&[kube.clone(), kube].concat(), OURS));
+    }
+
+    #[test]
+    fn the_tables_named_are_said_each_once() {
+        let watched = &[
+            (NFPROTO_IPV4, "raw"),
+            (NFPROTO_IPV4, "filter"),
+            (NFPROTO_IPV6, "filter"),
+        ];
+        let rule = |family, table: &[u8]| message(6, family, &[(1, table), (2, b"x\0")]);
+        let d = [
+            rule(NFPROTO_IPV4, b"filter\0"),
+            rule(NFPROTO_IPV4, b"nat\0"),
+            rule(NFPROTO_IPV4, b"filter\0"),
+            rule(NFPROTO_IPV6, b"filter\0"),
+        ]
+        .concat();
+        let mut t = Touched::default();
+        touched(&d, watched, &mut t);
+        assert_eq!(
+            t,
+            Touched {
+                unknown: false,
+                tables: vec![(NFPROTO_IPV4, "filter"), (NFPROTO_IPV6, "filter")]
+            }
+        );
+        // Batches add up.
+        touched(&rule(NFPROTO_IPV4, b"raw\0"), watched, &mut t);
+        assert_eq!(t.tables.len(), 3);
+        let mut t = Touched::default();
+        touched(&rule(NFPROTO_IPV6, b"nat\0"), watched, &mut t);
+        assert!(!t.any());
     }
 
     #[test]

@@ -14,6 +14,12 @@
 //! (which sends no notifications), a failed event socket, and the nftables backend's
 //! ACCEPT rules in the iptables filter table.
 //!
+//! A burst of notifications is checked once ([`super::debounce`]: 50 ms after the last,
+//! at most 300 ms after the first), and only the tables it named are read: kube-proxy's
+//! syncs rewrite nat (not watched: the kernel drops those notifications before localdns
+//! reads them, see [`nfevents`]) and filter, so a sync costs one read of filter. Each
+//! check is counted in `localdns_rules_checks_total{trigger="event|interval"}`.
+//!
 //! The order (iptables only, see [`order`]): each check also finds foreign rules ahead of
 //! localdns's jumps that would decide DNS to its addresses first, and moves the jumps back
 //! to the top; each distinct foreign rule is logged once (again after [`LOG_AGAIN`]), and
@@ -30,6 +36,7 @@ use rtnetlink::packet_core::NetlinkPayload;
 use rtnetlink::MulticastGroup;
 
 use super::backend::{Backend, Repaired, Snapshot};
+use super::debounce::Debounce;
 use super::firewall::{Ahead, Check};
 use super::link::{self, Netlink};
 use super::order::Brake;
@@ -64,9 +71,14 @@ pub async fn watch(cfg: Config, setup: Setup, metrics: Arc<Metrics>) {
             ops = Netlink::connect().ok();
         }
     }
+    let watched = setup
+        .rules
+        .as_ref()
+        .map(|(b, _)| b.watched_tables())
+        .unwrap_or_default();
     // Subscribed before the read-back, so that no change after it is missed.
     let mut nft_events = match setup.rules.as_ref() {
-        Some((backend, _)) if backend.has_events() => match nfevents::Events::subscribe() {
+        Some((backend, _)) if backend.has_events() => match nfevents::Events::subscribe(&watched) {
             Ok(events) => Some(events),
             Err(e) => {
                 tracing::error!(
@@ -100,10 +112,6 @@ pub async fn watch(cfg: Config, setup: Setup, metrics: Arc<Metrics>) {
         }
         None => None,
     };
-    let watched = rules
-        .as_ref()
-        .map(|(b, _)| b.watched_tables())
-        .unwrap_or_default();
     if n.setup_interface {
         *metrics.node.link.lock() = Some(Ok(()));
     }
@@ -111,6 +119,7 @@ pub async fn watch(cfg: Config, setup: Setup, metrics: Arc<Metrics>) {
         rules_probe(&metrics, backend, snapshot.as_ref(), &cfg);
     }
     let mut order = Order::new(n.rules_check_interval);
+    let mut burst = Debounce::new(n.rules_check_interval);
     let mut tick = tokio::time::interval(n.rules_check_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
@@ -127,15 +136,28 @@ pub async fn watch(cfg: Config, setup: Setup, metrics: Arc<Metrics>) {
                 None => std::future::pending().await,
             }
         };
+        let burst_over = async {
+            match burst.due() {
+                Some(due) => tokio::time::sleep_until(due.into()).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             changed = nft_event => {
-                if let Err(e) = changed {
-                    tracing::error!("nftables notifications failed: {e}; the rules are now checked every {:?}", n.rules_check_interval);
-                    nft_events = None;
-                    continue;
+                match changed {
+                    // Unreadable or lost notifications: every table may have changed.
+                    Ok(t) if t.unknown => burst.event(Instant::now(), watched.iter().copied()),
+                    Ok(t) => burst.event(Instant::now(), t.tables),
+                    Err(e) => {
+                        tracing::error!("nftables notifications failed: {e}; the rules are now checked every {:?}", n.rules_check_interval);
+                        nft_events = None;
+                    }
                 }
+            }
+            _ = burst_over => {
+                let Some(named) = burst.take(Instant::now()) else { continue };
                 if let Some((backend, snapshot)) = rules.take() {
-                    rules = Some(repair_rules(backend, snapshot, false, &cfg, &metrics, &mut order).await);
+                    rules = Some(repair_rules(backend, snapshot, Some(&named), &cfg, &metrics, &mut order).await);
                 }
             }
             msg = event => {
@@ -159,8 +181,9 @@ pub async fn watch(cfg: Config, setup: Setup, metrics: Arc<Metrics>) {
                 if let Some(nl) = &ops {
                     repair_link(nl, &cfg, &metrics).await;
                 }
+                burst.covered();
                 if let Some((backend, snapshot)) = rules.take() {
-                    rules = Some(repair_rules(backend, snapshot, true, &cfg, &metrics, &mut order).await);
+                    rules = Some(repair_rules(backend, snapshot, None, &cfg, &metrics, &mut order).await);
                 }
             }
         }
@@ -357,12 +380,13 @@ impl Order {
     }
 }
 
-/// Checks the rules against `snapshot` and puts back what changed (`full`: see
-/// [`Backend::repair`]); logs and counts each repair with the time it took.
+/// Checks the rules against `snapshot` and puts back what changed (`named`: see
+/// [`Backend::repair`]); counts the check, logs and counts each repair with the time it
+/// took.
 async fn repair_rules(
     backend: Backend,
     snapshot: Option<Snapshot>,
-    full: bool,
+    named: Option<&[(u8, &'static str)]>,
     cfg: &Config,
     metrics: &Metrics,
     order: &mut Order,
@@ -371,8 +395,19 @@ async fn repair_rules(
     let (b, kept) = (backend.clone(), snapshot.clone());
     let started = std::time::Instant::now();
     let may_move = order.may_move();
+    inc(match named {
+        Some(_) => &metrics.rules_checks_event,
+        None => &metrics.rules_checks_interval,
+    });
+    let named = named.map(<[_]>::to_vec);
     let checked = tokio::task::spawn_blocking(move || {
-        b.repair(snapshot.as_ref(), &addresses, port, full, may_move)
+        b.repair(
+            snapshot.as_ref(),
+            &addresses,
+            port,
+            named.as_deref(),
+            may_move,
+        )
     })
     .await;
     match checked {
