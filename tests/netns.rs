@@ -1330,6 +1330,7 @@ fn calico_insert_mode_is_moved_behind_and_pods_are_answered() {
         // One move per refresh, two when the check runs between Felix's raw and filter
         // transactions.
         let moved = repairs_counted(node, "order").expect("order repairs are counted");
+        eprintln!("Calico insert mode, refresh {refresh}: {moved} order repairs counted");
         assert!(
             (refresh..=2 * refresh).contains(&moved),
             "{moved} moves after {refresh} refreshes"
