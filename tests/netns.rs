@@ -1220,3 +1220,384 @@ fn a_burst_of_foreign_changes_is_checked_a_bounded_number_of_times() {
     });
     assert!(counted.is_some(), "{:?}", repairs_counted(node, "order"));
 }
+
+// ---- CNI interplay (issue 19 item 5, docs/cni.md): stand-ins for Calico, Cilium, firewalld ----
+
+/// Calico's (Felix's, iptables dataplane) chains in raw and filter, as far as DNS to the
+/// node goes, with the rule shapes and `cali:` comments Felix writes. The pod interface
+/// here is `n0` where Calico's are `cali+`. `cali-wl-to-host` ends in the
+/// `DefaultEndpointToHostAction` DROP: a pod's traffic to the host that no earlier rule
+/// accepts is dropped.
+const CALICO_CHAINS: &str = r#"
+ipt="iptables-nft"
+$ipt -t raw -N cali-PREROUTING
+$ipt -t raw -N cali-OUTPUT
+$ipt -t raw -N cali-from-host-endpoint
+$ipt -t raw -N cali-to-host-endpoint
+$ipt -t raw -A cali-PREROUTING -m comment --comment "cali:XFX5xbM8B9qR10JG" -j MARK --set-xmark 0x0/0xf0000
+$ipt -t raw -A cali-PREROUTING -i n0 -m comment --comment "cali:EWMPb0zVROM-woQp" -j MARK --set-xmark 0x40000/0x40000
+$ipt -t raw -A cali-PREROUTING -m mark --mark 0x40000/0x40000 -m rpfilter --validmark --invert -m comment --comment "cali:PWuxTAIaFCtsg5Qa" -j DROP
+$ipt -t raw -A cali-PREROUTING -m mark --mark 0x0/0x40000 -m comment --comment "cali:fSSbGND7dgyemWU7" -j cali-from-host-endpoint
+$ipt -t raw -A cali-PREROUTING -m mark --mark 0x10000/0x10000 -m comment --comment "cali:ImU0-4Rl2WoOI9Ou" -j ACCEPT
+$ipt -t raw -A cali-OUTPUT -m comment --comment "cali:njdnLwYeGqBJyMxW" -j MARK --set-xmark 0x0/0xf0000
+$ipt -t raw -A cali-OUTPUT -m comment --comment "cali:rz86uTUcEZAfFsh7" -j cali-to-host-endpoint
+$ipt -t raw -A cali-OUTPUT -m mark --mark 0x10000/0x10000 -m comment --comment "cali:pN0F5zD0b8yf9W1Z" -j ACCEPT
+$ipt -N cali-INPUT
+$ipt -N cali-OUTPUT
+$ipt -N cali-wl-to-host
+$ipt -N cali-from-wl-dispatch
+$ipt -N cali-fw-n0
+$ipt -N cali-from-host-endpoint
+$ipt -N cali-to-host-endpoint
+$ipt -A cali-INPUT -i n0 -m comment --comment "cali:FewJpBykm9iJ-YNH" -g cali-wl-to-host
+$ipt -A cali-INPUT -m mark --mark 0x10000/0x10000 -m comment --comment "cali:hder3ARWznqqv8Va" -j ACCEPT
+$ipt -A cali-INPUT -m comment --comment "cali:xgOu2uJft6H9oDGF" -j MARK --set-xmark 0x0/0xf0000
+$ipt -A cali-INPUT -m comment --comment "cali:_-d-qojMfHM6NwBo" -j cali-from-host-endpoint
+$ipt -A cali-INPUT -m mark --mark 0x10000/0x10000 -m comment --comment "cali:LqmE76MP94lZTGhA" -j ACCEPT
+$ipt -A cali-wl-to-host -m comment --comment "cali:Ee9Sbo10IpVujdIY" -j cali-from-wl-dispatch
+$ipt -A cali-wl-to-host -m comment --comment "cali:nSZbcOoG1xPONxb8 Configured DefaultEndpointToHostAction" -j DROP
+$ipt -A cali-from-wl-dispatch -i n0 -m comment --comment "cali:1m-Sc8OuwXqKsF6S" -g cali-fw-n0
+$ipt -A cali-from-wl-dispatch -m comment --comment "cali:zTj6P0TIgYvgz-md Unknown interface" -j DROP
+$ipt -A cali-fw-n0 -m comment --comment "cali:5Zm-0Yy6gSX9hy-m" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+$ipt -A cali-fw-n0 -m comment --comment "cali:8pW7TaxRUlb62tB6" -m conntrack --ctstate INVALID -j DROP
+$ipt -A cali-fw-n0 -m comment --comment "cali:4yNFXqLy-0aX3ljn" -j MARK --set-xmark 0x0/0x10000
+$ipt -A cali-fw-n0 -m comment --comment "cali:9ewbJ6k2Y9uDxmQa profile allows all" -j MARK --set-xmark 0x10000/0x10000
+$ipt -A cali-fw-n0 -m comment --comment "cali:qKxT0BGPs_4PgP2c Return if profile accepted" -m mark --mark 0x10000/0x10000 -j RETURN
+$ipt -A cali-fw-n0 -m comment --comment "cali:KOcXYk-k0FfwZ9wN Drop if no profiles matched" -j DROP
+$ipt -A cali-OUTPUT -m mark --mark 0x10000/0x10000 -m comment --comment "cali:Mq1_rAdXXH3YkrzW" -j ACCEPT
+$ipt -A cali-OUTPUT -o n0 -m comment --comment "cali:69FkRTJDvD5Vu6Vl" -j RETURN
+$ipt -A cali-OUTPUT -m comment --comment "cali:Fskumj4SGQtDV6GC" -j MARK --set-xmark 0x0/0xf0000
+$ipt -A cali-OUTPUT -m comment --comment "cali:1F4VWEsQu0QbRwKf" -j cali-to-host-endpoint
+$ipt -A cali-OUTPUT -m mark --mark 0x10000/0x10000 -m comment --comment "cali:m8Eqm15x1MjD24LO" -j ACCEPT
+"#;
+
+/// Felix's jumps from the built-in chains, written as Felix writes them (one
+/// `iptables-restore --noflush` of both tables): `-I ... 1` in `ChainInsertMode=Insert`
+/// (its default), `-A` in `Append`, `-D` when a refresh finds them out of place.
+fn calico_jumps(op: &str) -> String {
+    let pos = if op == "-I" { " 1" } else { "" };
+    let mut input = String::new();
+    for (table, chains) in [
+        (
+            "raw",
+            [
+                ("PREROUTING", "6gwbT8clXdHdC1b1"),
+                ("OUTPUT", "tVnHkvAo15HuiPy0"),
+            ],
+        ),
+        (
+            "filter",
+            [
+                ("INPUT", "Cz_u1IQiXIMmKD4c"),
+                ("OUTPUT", "laCFcyuGORFLgaHe"),
+            ],
+        ),
+    ] {
+        input.push_str(&format!("*{table}\n"));
+        for (chain, id) in chains {
+            input.push_str(&format!(
+                "{op} {chain}{pos} -m comment --comment \"cali:{id}\" -j cali-{chain}\n"
+            ));
+        }
+        input.push_str("COMMIT\n");
+    }
+    format!("iptables-nft-restore --noflush <<'EOF'\n{input}EOF")
+}
+
+/// The jumps of localdns's that Calico's compete with, and whether each is first.
+fn localdns_first(node: &Netns) -> Vec<(String, bool)> {
+    [
+        ("raw", "PREROUTING"),
+        ("raw", "OUTPUT"),
+        ("filter", "INPUT"),
+        ("filter", "OUTPUT"),
+    ]
+    .iter()
+    .map(|(table, chain)| {
+        let ours = format!("-A {chain} -m comment --comment localdns -j LOCALDNS-{chain}");
+        (
+            format!("{table} {chain}"),
+            first_rule(node, "iptables-nft", table, chain) == ours,
+        )
+    })
+    .collect()
+}
+
+/// 20 UDP and 10 TCP queries from the pod to each of localdns's IPv4 addresses, all of
+/// which must be answered by localdns; then no conntrack entry for port 53.
+fn pods_answered_by_localdns_untracked(t: &Topology, what: &str) {
+    t.node.sh("conntrack -F 2>/dev/null || true");
+    for server in ["169.254.20.10:53", "10.96.0.10:53"] {
+        let udp = t.pod.enter(move || udp_batch(sa(server), 20));
+        let tcp = t.pod.enter(move || tcp_batch(sa(server), 10, 5));
+        assert_eq!(
+            (udp.localdns, tcp.localdns),
+            (20, 10),
+            "{what}: {server}: udp {udp:?}, tcp {tcp:?}\n{}",
+            save_normalised(&t.node, "iptables-nft-save")
+        );
+    }
+    let tracked = t.dns_conntrack();
+    assert!(tracked.is_empty(), "{what}: {}", tracked.join("\n"));
+}
+
+/// Whether a UDP datagram from the pod reaches a socket on the node's own pod-side
+/// address (10.244.0.1:5454): Calico's DefaultEndpointToHostAction DROP stops it.
+fn pod_reaches_node_port(t: &Topology) -> bool {
+    let sock = t.node.enter(|| {
+        let s = std::net::UdpSocket::bind("10.244.0.1:5454").unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        s
+    });
+    t.pod.enter(|| {
+        let c = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        for _ in 0..3 {
+            c.send_to(b"hello", sa("10.244.0.1:5454")).unwrap();
+        }
+    });
+    sock.recv_from(&mut [0u8; 16]).is_ok()
+}
+
+/// Calico in its default `ChainInsertMode=Insert`: Felix puts its jumps first after
+/// localdns is up, and again on a refresh. Its chains may decide DNS (a raw DROP and
+/// ACCEPT, a goto to `cali-wl-to-host` ending in DROP), so localdns moves its jumps back
+/// ahead within the check interval, one counted move per refresh; pods' DNS to both
+/// addresses is answered by localdns untracked, while Calico's DROP still stops the
+/// pod's other traffic to the host.
+#[test]
+fn calico_insert_mode_is_moved_behind_and_pods_are_answered() {
+    require_netns!();
+    let t = Topology::new("nft");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "nft");
+    let d = Daemon::start(&t.node, &cfg, dir.path());
+    let node = &t.node;
+    assert!(
+        pod_reaches_node_port(&t),
+        "without Calico the pod reaches the host"
+    );
+    node.sh(CALICO_CHAINS);
+    for refresh in 1..=2u64 {
+        if refresh > 1 {
+            // Felix's refresh: its jumps are not first, so it deletes and re-inserts them.
+            node.sh(&calico_jumps("-D"));
+        }
+        let started = Instant::now();
+        node.sh(&calico_jumps("-I"));
+        let took = wait_for(Duration::from_secs(3), || {
+            localdns_first(node).iter().take(3).all(|(_, first)| *first)
+        });
+        eprintln!(
+            "Calico insert mode, refresh {refresh}: localdns's jumps first again after {took:?}; {:?}",
+            localdns_first(node)
+        );
+        assert!(
+            took.is_some_and(|t| t < Duration::from_secs(2)),
+            "refresh {refresh}: {:?} {:?}\n{}\n{}",
+            started.elapsed(),
+            localdns_first(node),
+            save_normalised(node, "iptables-nft-save"),
+            d.log_text()
+        );
+        pods_answered_by_localdns_untracked(&t, &format!("Calico insert, refresh {refresh}"));
+        // One move per refresh, two when the check runs between Felix's raw and filter
+        // transactions.
+        let moved = repairs_counted(node, "order").expect("order repairs are counted");
+        eprintln!("Calico insert mode, refresh {refresh}: {moved} order repairs counted");
+        assert!(
+            (refresh..=2 * refresh).contains(&moved),
+            "{moved} moves after {refresh} refreshes"
+        );
+    }
+    // Calico's own rules still work behind localdns's jump.
+    assert!(
+        !pod_reaches_node_port(&t),
+        "the DefaultEndpointToHostAction DROP applies"
+    );
+    let log = d.log_text();
+    assert!(
+        log.contains("-j cali-PREROUTING` in iptables-nft raw PREROUTING")
+            && log.contains("-j cali-INPUT` in iptables-nft filter INPUT"),
+        "the Calico jumps are named in the log:\n{log}"
+    );
+    // Two moves are below the brake: ready.
+    assert_eq!(status_code(&http_get(node, "/ready")), "200");
+}
+
+/// Calico with `ChainInsertMode=Append`: its jumps go after localdns's, nothing is moved
+/// (`what="order"` stays 0 through a rules check), pods are answered by localdns
+/// untracked, and Calico's DROP still applies to the rest of the pod's traffic to the host.
+#[test]
+fn calico_append_mode_needs_no_repair() {
+    require_netns!();
+    let t = Topology::new("nft");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "nft");
+    let d = Daemon::start(&t.node, &cfg, dir.path());
+    let node = &t.node;
+    node.sh(CALICO_CHAINS);
+    node.sh(&calico_jumps("-A"));
+    // A barrier: a rule of localdns's own removed is repaired by the next check, which
+    // also judges the order with Calico's jumps in place.
+    let rules = || repairs_counted(node, "rules").unwrap_or(0);
+    let before = rules();
+    node.sh("iptables-nft -t raw -D LOCALDNS-PREROUTING 1");
+    let took = wait_for(Duration::from_secs(3), || rules() > before);
+    assert!(took.is_some(), "no rules check ran:\n{}", d.log_text());
+    assert!(
+        localdns_first(node).iter().all(|(_, first)| *first),
+        "{:?}",
+        localdns_first(node)
+    );
+    pods_answered_by_localdns_untracked(&t, "Calico append");
+    assert!(
+        !pod_reaches_node_port(&t),
+        "the DefaultEndpointToHostAction DROP applies"
+    );
+    let moved = repairs_counted(node, "order").unwrap_or(0);
+    eprintln!(
+        "Calico append mode: order repairs {moved}, localdns first {:?}",
+        localdns_first(node)
+    );
+    assert_eq!(moved, 0, "{}", d.log_text());
+    assert!(!d.log_text().contains("sat ahead"), "{}", d.log_text());
+}
+
+/// Cilium's kube-proxy replacement translates the Service IP in the pod itself (socket
+/// LB, cgroup BPF at connect/sendmsg); the stand-in is a DNAT in the pod namespace's own
+/// nat OUTPUT. In intercept mode the pod's queries to the Service IP never reach the node
+/// as queries to it: all go to kube-dns (counted there), tracked on the node, and none to
+/// localdns. In link-local mode (pods asking 169.254.20.10) localdns answers them.
+#[test]
+fn cilium_socket_lb_bypasses_intercept_mode_but_not_link_local() {
+    require_netns!();
+    let t = Topology::new("nft");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "nft");
+    let _d = Daemon::start(&t.node, &cfg, dir.path());
+    // Before the stand-in, localdns intercepts the Service IP.
+    let before = t.pod.enter(|| udp_batch(sa("10.96.0.10:53"), 5));
+    assert_eq!(before.localdns, 5, "{before:?}");
+    t.pod.sh(&format!(
+        "for p in udp tcp; do
+           iptables-nft -t nat -A OUTPUT -d {SERVICE}/32 -p $p --dport 53 -j DNAT --to-destination 10.244.1.2:53
+         done"
+    ));
+    let kube_dns = || {
+        t.kube_dns
+            .queries
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    t.node.sh("conntrack -F 2>/dev/null || true");
+    let at_kube_dns = kube_dns();
+    let service = t.pod.enter(|| udp_batch(sa("10.96.0.10:53"), 20));
+    let reached = kube_dns() - at_kube_dns;
+    let tracked = t.dns_conntrack();
+    eprintln!(
+        "Cilium socket-LB stand-in, intercept mode: {service:?}; {reached} queries at kube-dns; \
+         {} conntrack entries on the node",
+        tracked.len()
+    );
+    assert_eq!((service.localdns, service.kube_dns), (0, 20), "{service:?}");
+    assert_eq!(reached, 20);
+    assert!(!tracked.is_empty(), "the bypass is tracked on the node");
+
+    t.node.sh("conntrack -F 2>/dev/null || true");
+    let at_kube_dns = kube_dns();
+    let link_local = t.pod.enter(|| udp_batch(sa("169.254.20.10:53"), 20));
+    let tcp = t.pod.enter(|| tcp_batch(sa("169.254.20.10:53"), 10, 5));
+    let tracked = t.dns_conntrack();
+    eprintln!(
+        "link-local mode: udp {link_local:?}, tcp {tcp:?}; {} conntrack entries",
+        tracked.len()
+    );
+    assert_eq!(
+        (link_local.localdns, tcp.localdns),
+        (20, 10),
+        "{link_local:?} {tcp:?}"
+    );
+    assert_eq!(kube_dns(), at_kube_dns, "nothing reached kube-dns");
+    assert!(tracked.is_empty(), "{}", tracked.join("\n"));
+}
+
+/// firewalld (nftables backend): its `inet firewalld` table's input chain (priority
+/// filter + 10) rejects what the zone does not allow. localdns's ACCEPT (here in
+/// iptables-nft's filter INPUT) ends only its own base chain, so pods' DNS to localdns is
+/// rejected by firewalld; with the allow rule docs/cni.md gives (a rich rule's shape:
+/// `ct state { new, untracked }`, as NOTRACKed queries are untracked), it is answered.
+#[test]
+fn firewalld_rejects_pod_dns_until_the_documented_allow() {
+    require_netns!();
+    let t = Topology::new("nft");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "nft");
+    let d = Daemon::start(&t.node, &cfg, dir.path());
+    let node = &t.node;
+    node.sh("nft -f - <<'EOF'
+table inet firewalld {
+  chain filter_INPUT {
+    type filter hook input priority filter + 10; policy accept;
+    ct state { established, related } accept
+    ct status dnat accept
+    iifname \"lo\" accept
+    ct state invalid drop
+    jump filter_INPUT_ZONES
+    counter reject with icmpx admin-prohibited
+  }
+  chain filter_INPUT_ZONES {
+    iifname \"n0\" goto filter_IN_public
+    goto filter_IN_public
+  }
+  chain filter_IN_public {
+    jump filter_IN_public_allow
+    meta l4proto { icmp, ipv6-icmp } accept
+  }
+  chain filter_IN_public_allow {
+    tcp dport 22 ct state { new, untracked } accept
+  }
+}
+EOF");
+    let accepts = save_normalised(node, "iptables-nft-save");
+    assert!(
+        accepts.contains("-A LOCALDNS-INPUT -d 169.254.20.10/32 -p udp"),
+        "localdns's ACCEPT is in place:\n{accepts}"
+    );
+    let pod = |n: usize| {
+        t.pod.enter(move || {
+            let mut all = udp_batch(sa("169.254.20.10:53"), n);
+            let tcp = tcp_batch(sa("169.254.20.10:53"), n, n);
+            all.localdns += tcp.localdns;
+            all.kube_dns += tcp.kube_dns;
+            all.failed += tcp.failed;
+            all
+        })
+    };
+    let rejected = pod(2);
+    let counter = node.sh("nft list chain inet firewalld filter_INPUT");
+    eprintln!("firewalld stand-in, no allow: {rejected:?}");
+    assert_eq!((rejected.localdns, rejected.failed), (0, 4), "{rejected:?}");
+    assert!(
+        !counter.contains("counter packets 0 "),
+        "firewalld's reject did it:\n{counter}"
+    );
+    // The allow, as `firewall-cmd --zone=public --add-rich-rule='rule family="ipv4"
+    // destination address="169.254.20.10" port port="53" protocol="udp" accept'` (and tcp,
+    // and the Service IP) writes it.
+    node.sh(
+        "for a in 169.254.20.10 10.96.0.10; do
+           for p in udp tcp; do
+             nft add rule inet firewalld filter_IN_public_allow ip daddr $a $p dport 53 ct state { new, untracked } accept
+           done
+         done",
+    );
+    let allowed = pod(10);
+    eprintln!("firewalld stand-in, DNS allowed: {allowed:?}");
+    assert_eq!(
+        (allowed.localdns, allowed.failed),
+        (20, 0),
+        "{allowed:?}\n{}",
+        d.log_text()
+    );
+    pods_answered_by_localdns_untracked(&t, "firewalld allowed");
+}
