@@ -16,7 +16,10 @@
 //!   whether localdns was active and answering at that moment. Then the node-resolver
 //!   opt-in under systemd-resolved: no forwarding loop, and the node still resolves with
 //!   localdns stopped. The image-bake path: the package baked into the image in a chroot,
-//!   then the same user-data at first boot.
+//!   then the same user-data at first boot. The repository path: `ubuntu-node.yaml` with
+//!   its apt source pointed at a signed repository that `packaging/repo` wrote (served
+//!   over HTTP in the node namespace) and its key in place of the example's: cloud-init
+//!   adds the source and installs localdns from it, in link-local mode.
 //!
 //! The YAML and MIME are read by `tests/provisioning/userdata.py` with the parsers
 //! cloud-init itself uses (PyYAML, Python's email package).
@@ -521,8 +524,11 @@ fn first_answer(
     })
 }
 
-fn assert_pod_answered(pod: &Netns, c: &Container) {
-    for ip in [LINK_LOCAL, SERVICE_IP] {
+/// Both addresses in intercept mode (kubeadm-node.yaml); link-local mode holds only one.
+const BOTH: &[&str] = &[LINK_LOCAL, SERVICE_IP];
+
+fn assert_pod_answered(pod: &Netns, c: &Container, addresses: &[&str]) {
+    for &ip in addresses {
         for proto in [Proto::Udp, Proto::Tcp] {
             let t = target(ip, proto);
             let m = load::ask(pod, t, CLUSTER_NAME).unwrap_or_else(|e| {
@@ -536,8 +542,8 @@ fn assert_pod_answered(pod: &Netns, c: &Container) {
     }
 }
 
-fn assert_no_conntrack(node: &Netns) {
-    for ip in [LINK_LOCAL, SERVICE_IP] {
+fn assert_no_conntrack(node: &Netns, addresses: &[&str]) {
+    for &ip in addresses {
         for dir in ["-d", "-s"] {
             let ct = node.exec("conntrack", &["-L", dir, ip]);
             let listed = String::from_utf8_lossy(&ct.stdout).into_owned();
@@ -586,7 +592,9 @@ fn monotonic(c: &Container, unit: &str, prop: &str) -> u64 {
 /// check what cloud-init did: it finished cleanly, localdns is installed, enabled and
 /// active, the join stand-in saw it active and answering, and pods get answers on both
 /// addresses without conntrack. Prints the time from boot to the first answer.
-fn boot_and_check(c: &mut Container, net: &Net) {
+/// Boot the seeded container; localdns must answer pods on `addresses` without conntrack,
+/// and have been active and answering at the join.
+fn boot_and_check(c: &mut Container, net: &Net, addresses: &[&str]) {
     let (pod, node) = (&net.topo.pod, &net.topo.node);
     let (booted_at, booted, first) = std::thread::scope(|s| {
         let poller =
@@ -625,8 +633,8 @@ fn boot_and_check(c: &mut Container, net: &Net) {
 
     // Pods: both addresses, UDP and TCP, without conntrack.
     let _ = node.exec("conntrack", &["-F"]);
-    assert_pod_answered(pod, c);
-    assert_no_conntrack(node);
+    assert_pod_answered(pod, c, addresses);
+    assert_no_conntrack(node, addresses);
     assert!(
         net.kube_dns.total() > 0,
         "kube-dns-upstream was never asked"
@@ -652,8 +660,105 @@ fn cloud_init_installs_and_starts_localdns_before_the_join() {
     let user_data = seeded_user_data(Some(&format!("file://{deb_inside}")));
     let mut c = seeded_container("ci", &user_data);
     c.copy_in(&deb, &deb_inside);
-    boot_and_check(&mut c, &net);
+    boot_and_check(&mut c, &net, BOTH);
     node_resolver_under_systemd_resolved(&net, &c);
+}
+
+/// ubuntu-node.yaml as the test's NoCloud seed: the repository `url` with the public key
+/// `armored` in place of the example's, the join replaced by the stand-in, and
+/// `preserve_sources_list` (the image's Debian mirror is not reachable from the test's
+/// namespace: only this repository is a source).
+fn seeded_repo_user_data(url: &str, armored: &str) -> String {
+    let original = std::fs::read_to_string(repo("cloud-init/ubuntu-node.yaml")).expect("read");
+    let with_source = replace_line(
+        &original,
+        "source: \"deb [signed-by=$KEY_FILE] ",
+        &format!("source: \"deb [signed-by=$KEY_FILE] {url}/apt stable main\""),
+    );
+    let (begin, end) = (
+        "-----BEGIN PGP PUBLIC KEY BLOCK-----",
+        "-----END PGP PUBLIC KEY BLOCK-----",
+    );
+    let (from, to) = (
+        with_source.find(begin).expect("the example's key block"),
+        with_source.find(end).expect("the example's key block") + end.len(),
+    );
+    let key: Vec<String> = armored
+        .trim()
+        .lines()
+        .enumerate()
+        .map(|(i, l)| {
+            if i == 0 {
+                l.to_string()
+            } else {
+                format!("        {l}")
+            }
+        })
+        .collect();
+    let with_key = format!(
+        "{}{}{}",
+        &with_source[..from],
+        key.join("\n"),
+        &with_source[to..]
+    );
+    let joined = replace_line(
+        &with_key,
+        "kubeadm join ",
+        &format!(
+            "{{ systemctl is-active localdns.service; dig +short +time=2 +tries=1 @{LINK_LOCAL} {CLUSTER_NAME}; }} >{JOIN_STANDIN} 2>&1"
+        ),
+    );
+    let preserved = joined.replacen("\napt:\n", "\napt:\n  preserve_sources_list: true\n", 1);
+    assert_ne!(preserved, joined, "no top-level apt: key");
+    preserved
+}
+
+/// ubuntu-node.yaml as written: cloud-init adds the signed apt repository (its key in a
+/// keyring of its own, `signed-by=`) and installs localdns from it before runcmd, served
+/// over HTTP in the node namespace as a bucket would be; link-local mode, so pods ask
+/// 169.254.20.10 only.
+#[test]
+fn cloud_init_installs_localdns_from_the_signed_repository() {
+    let test = "cloud_init_installs_localdns_from_the_signed_repository";
+    require_root_and_tools!(test);
+    if let Some(why) =
+        harness::missing_tool(&["python3", "gpg", "reprepro", "createrepo_c", "rpmsign"])
+    {
+        common::skipped::skipped(test, &why);
+        return;
+    }
+    let Some(deb) = harness::built_package("deb") else {
+        return;
+    };
+    let _serial = harness::serial();
+    let work = tempfile::tempdir().expect("tmp");
+    let key = harness::repo::release_key(work.path());
+    let (release, site) = (work.path().join("release"), work.path().join("site"));
+    std::fs::create_dir_all(&release).expect("mkdir");
+    std::fs::copy(&deb, release.join(deb.file_name().expect("name"))).expect("copy");
+    harness::repo::publish(&release, &site, &key);
+    let armored = std::fs::read_to_string(site.join("localdns.asc")).expect("localdns.asc");
+
+    let net = net("cirepo");
+    let server = harness::repo::Server::start(&net.topo.node, &site);
+    let user_data = seeded_repo_user_data(harness::repo::URL, &armored);
+    let mut c = seeded_container("cirepo", &user_data);
+    c.remove("/etc/apt/sources.list");
+    c.remove("/etc/apt/sources.list.d/debian.sources");
+    boot_and_check(&mut c, &net, &[LINK_LOCAL]);
+    assert!(
+        server.requests().contains("GET /apt/pool/main/l/localdns/"),
+        "the package did not come from the repository:\n{}",
+        server.requests()
+    );
+    let source = c.ok(&["cat", "/etc/apt/sources.list.d/localdns.list"]);
+    assert!(
+        source.contains("signed-by=") && source.contains(harness::repo::URL),
+        "{source}"
+    );
+    // apt takes localdns from that source (and no other: it is the only one).
+    let policy = c.ok(&["apt-cache", "policy", "localdns"]);
+    assert!(policy.contains(harness::repo::URL), "{policy}");
 }
 
 /// `image-bake.sh` in the image tree (no systemd running, as in an image build), then the
@@ -710,7 +815,7 @@ fn a_baked_image_gets_its_cluster_config_from_cloud_init() {
     assert!(conf_d.is_empty(), "cluster config in the image: {conf_d:?}");
     assert!(!c.path("/var/lib/localdns/last-good.toml").exists());
 
-    boot_and_check(&mut c, &net);
+    boot_and_check(&mut c, &net, BOTH);
     // Until the drop-in existed, the baked unit did not start on the package's config.
     let journal = c.journal_text("localdns.service", 200);
     if journal.contains("unmet condition check") {

@@ -15,9 +15,11 @@ use std::sync::OnceLock;
 const PACKAGES: &str = "systemd,systemd-sysv,dbus,iptables,iproute2,conntrack,procps,\
                         libnss-systemd,bind9-dnsutils,rpm,nftables";
 /// What the cloud-init image adds (tests/provisioning.rs): cloud-init itself, curl for the
-/// user-data's package download, and systemd-resolved, as Ubuntu and Amazon Linux nodes
-/// have it (the node-resolver opt-in is tested against it).
-pub const CLOUD_INIT_PACKAGES: &str = "cloud-init,curl,systemd-resolved";
+/// user-data's package download, systemd-resolved, as Ubuntu and Amazon Linux nodes have it
+/// (the node-resolver opt-in is tested against it), and gpg, which cloud-init's apt module
+/// runs to dearmor an apt source's `key:` (cloud images have it; without it the source is
+/// added with no key and apt refuses the repository).
+pub const CLOUD_INIT_PACKAGES: &str = "cloud-init,curl,systemd-resolved,gpg";
 const SUITE: &str = "bookworm";
 const MIRROR: &str = "http://deb.debian.org/debian";
 
